@@ -1,0 +1,213 @@
+"""``dlmskip demo``: a tiny LLaDA, its tokenizer and two lm-eval tasks, all offline, then two runs.
+
+The checkpoint is written exactly as upstream lays one out (``config.json`` with upstream field
+names, sharded safetensors with ``model.safetensors.index.json``, keys ``model.transformer.*``, a
+``tokenizer.json``), so the demo exercises the real loading path. The model is trained for a few
+seconds with LLaDA's masked-diffusion objective on a toy language (reverse a list of words), so
+that accuracy, and what skipping costs, mean something.
+
+Tasks: ``demo_reverse_mc`` (pick the reversed list: loglikelihood, like PIQA) and
+``demo_reverse_gen`` (write it: generate_until, like GSM8K).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .model import LLaDA, LLaDAConfig
+
+WORDS = [f"w{i}" for i in range(24)]
+SPECIALS = ["<|mdm_mask|>", "<|endoftext|>", "<|startoftext|>", "<|eot_id|>"]
+PUNCT = ["reverse", ":", "."]
+LIST_LENGTH = 4  # every list has 4 words, so an answer is always 5 tokens (4 words and ".")
+ANSWER_TOKENS = LIST_LENGTH + 1
+DEMO_CONFIG = {
+    "architectures": ["LLaDAModelLM"],
+    "model_type": "llada",
+    "block_type": "llama",
+    "activation_type": "silu",
+    "layer_norm_type": "rms",
+    "rope": True,
+    "alibi": False,
+    "weight_tying": False,
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "attention_layer_norm": False,
+    "block_group_size": 1,
+    "d_model": 64,
+    "n_layers": 8,
+    "n_heads": 4,
+    "n_kv_heads": 4,
+    "mlp_hidden_size": 192,
+    "max_sequence_length": 128,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-5,
+    "torch_dtype": "float32",
+}
+
+
+def vocabulary() -> list[str]:
+    return WORDS + PUNCT + SPECIALS
+
+
+def write_tokenizer(out: Path, vocab: list[str], max_length: int) -> None:
+    """A word-level tokenizer that AutoTokenizer loads: words split on spaces, no BOS added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        mask_token="<|mdm_mask|>",
+        additional_special_tokens=["<|eot_id|>"],
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(str(out))
+
+
+def write_checkpoint(out: Path, raw_config: dict, model: LLaDA, shards: int = 2) -> None:
+    """Save in the upstream layout: config.json, model-0000i-of-0000n.safetensors and an index."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(raw_config, indent=2))
+    state = {f"model.transformer.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    keys = sorted(state)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[i * per : (i + 1) * per]}
+        save_file(part, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+def reverse_example(rng: random.Random) -> tuple[str, str]:
+    """('w3 w7 w1 w5 reverse :', ' w5 w1 w7 w3 .')"""
+    items = [rng.choice(WORDS) for _ in range(LIST_LENGTH)]
+    return " ".join(items) + " reverse :", " " + " ".join(reversed(items)) + " ."
+
+
+def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int = 0) -> LLaDA:
+    """LLaDA's SFT objective on the toy language: mask a random share of the answer, CE / p_mask."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    index = {w: i for i, w in enumerate(vocab)}
+    model = LLaDA(cfg)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    pad, mask = index["<|endoftext|>"], cfg.mask_token_id
+    for _ in range(steps):
+        rows, prompt_lens = [], []
+        for _ in range(64):
+            prompt, answer = reverse_example(rng)
+            p, a = [index[w] for w in prompt.split()], [index[w] for w in answer.split()]
+            rows.append(p + a)
+            prompt_lens.append(len(p))
+        L = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows])
+        position = torch.arange(L)[None, :]
+        answer = (position >= torch.tensor(prompt_lens)[:, None]) & (position < torch.tensor([len(r) for r in rows])[:, None])
+        p_mask = torch.rand(len(rows), 1).clamp(min=0.05)
+        masked = answer & (torch.rand(ids.shape) < p_mask)
+        logits, _ = model(torch.where(masked, mask, ids))
+        loss = (F.cross_entropy(logits[masked], ids[masked], reduction="none") / p_mask.expand_as(ids)[masked]).sum() / answer.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def write_tasks(out: Path, n_docs: int = 40, seed: int = 1) -> Path:
+    """Two lm-eval tasks over local JSONL files (no dataset hub)."""
+    rng = random.Random(seed)
+    tasks = out / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for _ in range(n_docs):
+        prompt, answer = reverse_example(rng)
+        items = prompt.split()[:-2]
+        wrong = [" " + " ".join(items) + " .", " " + " ".join(rng.sample(items, len(items))) + " .", " " + " ".join(rng.choice(WORDS) for _ in items) + " ."]
+        choices = [answer] + [w for w in wrong if w != answer][:2]
+        while len(choices) < 3:
+            choices.append(" " + " ".join(rng.choice(WORDS) for _ in items) + " .")
+        order = list(range(3))
+        rng.shuffle(order)
+        docs.append({"prompt": prompt, "answer": answer.strip(" ."), "choices": [choices[i] for i in order], "label": order.index(0)})
+    data = tasks / "reverse.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\ndoc_to_text: \"{{{{prompt}}}}\"\n"
+    (tasks / "demo_reverse_mc.yaml").write_text(
+        "task: demo_reverse_mc\n" + common + "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: label\ntarget_delimiter: \"\"\nmetric_list:\n  - metric: acc\n"
+    )
+    (tasks / "demo_reverse_gen.yaml").write_text(
+        "task: demo_reverse_gen\n" + common + "output_type: generate_until\ndoc_to_target: \"{{answer}}\"\n"
+        f"generation_kwargs:\n  until: [\".\"]\n  max_gen_toks: {ANSWER_TOKENS}\n  steps: {ANSWER_TOKENS}\n  block_length: {ANSWER_TOKENS}\n"
+        "filter_list:\n  - name: strip\n    filter:\n      - function: regex\n        regex_pattern: \"^\\\\s*(.*?)\\\\s*$\"\n"
+        "      - function: take_first\nmetric_list:\n  - metric: exact_match\n    ignore_punctuation: true\n"
+    )
+    return tasks
+
+
+def build_demo(out: str | Path, train_steps: int = 400) -> Path:
+    """The checkpoint directory (reused if it exists) and the tasks."""
+    out = Path(out)
+    checkpoint = out / "llada-demo"
+    vocab = vocabulary()
+    raw = {**DEMO_CONFIG, "vocab_size": len(vocab), "embedding_size": len(vocab),
+           "mask_token_id": vocab.index("<|mdm_mask|>"), "eos_token_id": vocab.index("<|endoftext|>"),
+           "pad_token_id": vocab.index("<|endoftext|>")}
+    if not (checkpoint / "model.safetensors.index.json").exists():
+        model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps)
+        tmp = out / "llada-demo.tmp"
+        write_checkpoint(tmp, raw, model)
+        write_tokenizer(tmp, vocab, raw["max_sequence_length"])
+        os.replace(tmp, checkpoint)
+    write_tasks(out)
+    return checkpoint
+
+
+def run_demo(out: str, skip_layers: str) -> int:
+    """Build everything, then evaluate the demo model with and without skipping through lm_eval."""
+    start = time.time()
+    checkpoint = build_demo(out)
+    print(f"demo checkpoint: {checkpoint} ({time.time() - start:.0f}s)")
+    for name, extra in (("base", ""), ("skip", f",skip_layers={skip_layers}")):
+        results = Path(out) / "results" / name
+        cmd = [
+            sys.executable, "-m", "lm_eval", "--model", "llada_skip",
+            "--model_args", f"pretrained={checkpoint},mc_num=8,dtype=float32{extra}",
+            "--tasks", "demo_reverse_mc,demo_reverse_gen", "--include_path", str(Path(out) / "tasks"),
+            "--device", "cpu", "--batch_size", "8", "--output_path", str(results),
+        ]
+        print("$ " + " ".join(cmd), flush=True)
+        done = subprocess.run(cmd, text=True, capture_output=True)
+        if done.returncode:
+            print(done.stdout + done.stderr)
+            return done.returncode
+        print(done.stdout)
+        for file in sorted(results.rglob("results_*.json"))[-1:]:
+            flops = json.loads(file.read_text())["config"]["dlmskip"]["flops"]
+            for task, f in flops.items():
+                print(f"  {task}: normalized FLOPs {f['normalized_flops_papers']:.4f} (papers), "
+                      f"{f['normalized_flops_whole_model']:.4f} (whole model), {f['mean_executed_blocks']:.2f} blocks")
+    print(f"demo finished in {time.time() - start:.0f}s; results under {Path(out) / 'results'}")
+    return 0

@@ -1,0 +1,125 @@
+"""Diffusion decoding as upstream LLaDA ``generate()`` does it, batched.
+
+Start from the prompt followed by ``gen_length`` mask tokens; split the answer into semi-
+autoregressive blocks; in each block spend ``steps / num_blocks`` denoising steps, each of which
+predicts every masked position and commits the most confident ones (``low_confidence``) or
+random ones (``random``). Every row commits the same number of tokens per step, so one ``topk``
+over the batch replaces upstream's per-row loop with the same result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+REMASKING = ("low_confidence", "random")
+
+
+class Denoiser(Protocol):
+    def __call__(self, ids: Tensor, attention_mask: Tensor | None, logits_at: slice | Tensor | None) -> Tensor:
+        """Logits at ``logits_at`` (None: [B, L, V]; a slice of columns: [B, W, V])."""
+        ...
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    gen_length: int = 256
+    steps: int = 256
+    block_length: int = 256
+    cfg: float = 0.0
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+
+    def check(self) -> None:
+        """Reject settings upstream would assert on, naming the argument and the fix."""
+        for name in ("gen_length", "steps", "block_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}; "
+                "choose block_length dividing gen_length"
+            )
+        num_blocks = self.gen_length // self.block_length
+        if self.steps % num_blocks:
+            raise ValueError(
+                f"steps={self.steps} cannot be split evenly over {num_blocks} blocks "
+                f"(gen_length {self.gen_length} / block_length {self.block_length}); use a multiple of {num_blocks}"
+            )
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking={self.remasking!r}; use one of {', '.join(REMASKING)}")
+        if self.cfg < 0 or self.temperature < 0:
+            raise ValueError(f"cfg={self.cfg} and temperature={self.temperature} must be >= 0")
+
+
+def transfer_schedule(block_length: int, steps: int) -> list[int]:
+    """Tokens committed at each step of a block: equal shares, the remainder spread over the
+    first steps (upstream get_num_transfer_tokens; LLaDA's linear noise schedule)."""
+    base, remainder = divmod(block_length, steps)
+    return [base + (1 if i < remainder else 0) for i in range(steps)]
+
+
+def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """Gumbel-max sampling in float64 (low precision hurts generation quality, arXiv:2409.02908)."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+@torch.no_grad()
+def generate(
+    denoise: Denoiser,
+    prompt: Tensor,
+    attention_mask: Tensor | None,
+    settings: GenerationSettings,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """[B, P + gen_length] ids: the (left-padded) prompt followed by the decoded answer."""
+    settings.check()
+    B, P = prompt.shape
+    G, block_length = settings.gen_length, settings.block_length
+    x = torch.full((B, P + G), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :P] = prompt
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, G)], dim=1)
+    prompt_index = x != mask_id
+    # Positions before the current block are final unless the prompt itself holds mask tokens;
+    # then (as upstream) they stay candidates and the logits window starts at 0.
+    prompt_has_masks = bool((prompt == mask_id).any())  # sync: once per call
+    num_blocks = G // block_length
+    schedule = transfer_schedule(block_length, settings.steps // num_blocks)
+    cfg = settings.cfg
+    for block in range(num_blocks):
+        start, end = P + block * block_length, P + (block + 1) * block_length
+        window = slice(0 if prompt_has_masks else start, end)
+        for num_transfer in schedule:
+            masked = x == mask_id
+            if cfg > 0:
+                unconditional = torch.where(prompt_index, mask_id, x)
+                both_mask = None if attention_mask is None else attention_mask.repeat(2, 1)
+                logits, un_logits = denoise(torch.cat([x, unconditional]), both_mask, window).chunk(2)
+                logits = un_logits + (cfg + 1) * (logits - un_logits)
+            else:
+                logits = denoise(x, attention_mask, window)  # [B, W, V]
+            x0_window = add_gumbel_noise(logits, settings.temperature, generator).argmax(-1)
+            if settings.remasking == "low_confidence":
+                p = F.softmax(logits, dim=-1)
+                conf_window = p.gather(-1, x0_window.unsqueeze(-1)).squeeze(-1)
+            else:
+                conf_window = torch.rand(x0_window.shape, device=x.device, generator=generator)
+            x0 = x.clone()
+            x0[:, window] = x0_window
+            confidence = torch.full(x.shape, -torch.inf, dtype=conf_window.dtype, device=x.device)
+            confidence[:, window] = conf_window
+            confidence = torch.where(masked, confidence, -torch.inf)
+            chosen = confidence.topk(num_transfer, dim=1).indices  # [B, k]: same k for every row
+            x.scatter_(1, chosen, x0.gather(1, chosen))
+    return x

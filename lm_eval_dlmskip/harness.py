@@ -1,0 +1,471 @@
+"""``lm_eval --model llada_skip``: LLaDA scored and decoded by diffusion, with blocks skipped.
+
+Requests are batched across requests (longest first, generation grouped by gen_kwargs, as lm-eval's
+HFLM does), handed to the diffusion algorithms as a ``denoise(ids, attention_mask, logits_at)``
+callable, and every forward's skip trace is charged to the request's task. The per-task FLOPs
+figures and every skipping and sampling setting come back through ``get_model_info()``, which
+lm-eval merges into ``results["config"]``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import logging
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import CacheHook, TemplateLM
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
+
+from .flops import FlopsMeter, FlopsModel
+from .generation import GenerationSettings, generate
+from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
+from .loading import load_llada, load_tokenizer, merge_lora
+from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers
+
+log = logging.getLogger(__name__)
+
+# Generation settings a task's generation_kwargs may set (they override model_args).
+_GEN_KEYS = {"gen_length", "steps", "block_length", "cfg", "remasking", "temperature"}
+# lm-eval generation kwargs that mean nothing to diffusion decoding.
+_IGNORED_GEN_KEYS = {"do_sample", "top_p", "top_k", "num_beams", "repetition_penalty", "min_p"}
+
+
+class LLaDASkipLM(TemplateLM):
+    """LLaDA in lm-eval: Monte-Carlo likelihood, diffusion generation, static/random skipping.
+
+    Block indices in ``skip_layers`` are 0-based (the papers number blocks 1..32: their k=3 set
+    {5,7,9} is ``skip_layers=[4,6,8]``).
+    """
+
+    backend = "causal"  # context and continuation are encoded together, then split
+
+    def __init__(
+        self,
+        pretrained: str,
+        revision: str = "main",
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = 64,
+        max_length: int | None = None,
+        mc_num: int = 128,
+        mc_batch: int = 16,
+        cfg: float = 0.0,
+        check_greedy: bool = False,
+        gen_length: int | None = None,
+        steps: int | None = None,
+        block_length: int | None = None,
+        remasking: str = "low_confidence",
+        temperature: float = 0.0,
+        skip_layers: list[int] | int | str | None = None,
+        skip_random: int | None = None,
+        seed: int = 1234,
+        peft: str | None = None,
+        trust_remote_code: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if trust_remote_code:
+            log.info("trust_remote_code is not needed: llada_skip runs its own LLaDA code and executes none from the hub")
+        self._setup_distributed(device)
+        checkpoint = load_llada(pretrained, revision=str(revision), dtype=dtype, device=self._device)
+        self.checkpoint = checkpoint
+        self.model = merge_lora(checkpoint.model, peft, str(revision)) if peft else checkpoint.model
+        self.cfg = checkpoint.model.cfg
+        self.tokenizer = load_tokenizer(checkpoint.path if tokenizer is None else tokenizer, self.cfg.mask_token_id)
+        self.mask_id = self.cfg.mask_token_id
+        self._max_length = max_length or self.cfg.max_sequence_length
+        self.batch_size_arg = str(batch_size)
+        self.max_batch_size = max_batch_size or 64
+        self.seed = int(seed)
+        self.check_greedy = bool(check_greedy)
+        self.likelihood = LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=float(cfg))
+        self.likelihood.check()
+        self.gen_defaults = {"gen_length": gen_length, "steps": steps, "block_length": block_length}
+        self.generation = GenerationSettings(cfg=float(cfg), remasking=remasking, temperature=float(temperature))
+        self.policy = build_policy(self.cfg.n_layers, skip_layers, skip_random, self.seed)
+        self.settings = {
+            "pretrained": pretrained,
+            "revision": str(revision),
+            "peft": peft,
+            "fingerprint": checkpoint.fingerprint,
+            "skip": describe_policy(self.policy),
+            "likelihood": asdict(self.likelihood),
+            "check_greedy": self.check_greedy,
+            "generation": {**self.gen_defaults, "cfg": float(cfg), "remasking": remasking, "temperature": float(temperature)},
+            "seed": self.seed,
+            "max_length": self._max_length,
+        }
+        self.meter = FlopsMeter(FlopsModel.of(self.cfg), self._device)
+
+    # ---- lm-eval conventions -------------------------------------------------------------
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
+        check_model_args(arg_dict)
+        return super().create_from_arg_obj(arg_dict, additional_config)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        check_model_args(simple_parse_args_string(arg_string))
+        return super().create_from_arg_string(arg_string, additional_config)
+
+    def _setup_distributed(self, device: str | None) -> None:
+        """Data parallel under ``accelerate launch``: one model per process, requests split by lm-eval."""
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        self.accelerator = accelerator if accelerator.num_processes > 1 else None
+        if self.accelerator is not None:
+            self._device = accelerator.device
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+            return
+        wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if wanted.startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device=%s requested but CUDA is not available; running on cpu", wanted)
+            wanted = "cpu"
+        self._device = torch.device(wanted)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """LLaDA's convention: no BOS is added; special tokens written in the text are kept."""
+        return self.tokenizer.encode(string, add_special_tokens=False)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.accelerator is None else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.world_size == 1:
+            return [obj]
+        result = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj=obj, object_gather_list=result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def set_cache_hook(self, cache_hook: CacheHook) -> None:
+        """lm-eval's --use_cache keys ignore model_args: refuse a cache written by other settings."""
+        db = cache_hook.dbdict
+        if db is not None:
+            key = "__llada_skip_settings__"
+            mine = json.dumps(self.cache_identity(), sort_keys=True)
+            theirs = db.get(key)
+            if theirs is not None and theirs != mine:
+                raise ValueError(
+                    "--use_cache: this cache was written by llada_skip with other settings "
+                    f"({theirs}); lm-eval's cache keys ignore model_args, so its answers would be reused "
+                    f"for {mine}. Give each configuration its own --use_cache path."
+                )
+            db[key] = mine
+            db.commit()
+        super().set_cache_hook(cache_hook)
+
+    def cache_identity(self) -> dict:
+        """The settings that change answers (all of them but the batch layout)."""
+        return {k: v for k, v in self.settings.items() if k != "max_length"}
+
+    def get_model_info(self) -> dict:
+        flops = self.meter.summary()
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(self.model.dtype),
+            "model_revision": self.settings["revision"],
+            "model_sha": "",
+            "dlmskip": {**self.settings, "n_layers": self.cfg.n_layers, "flops": flops},
+        }
+
+    # ---- batching helpers ------------------------------------------------------------------
+    def _batch_size(self, rows_per_request: int, seq_len: int) -> int:
+        """``batch_size`` as an int; ``auto`` probes the largest request batch that fits in memory."""
+        if not self.batch_size_arg.startswith("auto"):
+            size = int(self.batch_size_arg)
+            if size < 1:
+                raise ValueError(f"batch_size={size} must be >= 1 or 'auto'")
+            return size
+        from accelerate.utils import find_executable_batch_size
+
+        @find_executable_batch_size(starting_batch_size=self.max_batch_size)
+        def probe(batch_size: int) -> int:
+            ids = torch.full((batch_size * rows_per_request, seq_len), self.mask_id, device=self._device)
+            with torch.no_grad():
+                self.model(ids, policy=self.policy)
+            return batch_size
+
+        size = probe()
+        if self.world_size > 1:
+            size = int(self.all_gather(torch.tensor([size], device=self._device)).min())
+        log.info("batch_size=auto: %d requests per batch", size)
+        return size
+
+    def _denoiser(self, row_tasks: torch.Tensor):
+        """A ``denoise(ids, attention_mask, logits_at)`` that charges every forward to its tasks."""
+        state = {"row_tasks": row_tasks}
+
+        def denoise(ids, attention_mask, logits_at):
+            logits, trace = self.model(ids, attention_mask, policy=self.policy, logits_at=logits_at)
+            tasks = state["row_tasks"]
+            self.meter.record(trace, tasks.repeat(len(ids) // len(tasks)))
+            return logits
+
+        denoise.state = state
+        return denoise
+
+    def _finish_call(self, kind: str) -> None:
+        """Read the device sums, merge other ranks' (a collective), and log this call's figures."""
+        added = self.meter.flush()
+        if self.world_size > 1:
+            gathered = self.gather_object(added)
+            if self.rank == 0:
+                self.meter.merge(gathered[1:])
+        if self.rank == 0:
+            for task, summary in self.meter.summary().items():
+                log.info(
+                    "llada_skip %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), "
+                    "%.2f of %d blocks executed on average over %d forwards",
+                    kind, task, summary["normalized_flops_papers"], summary["normalized_flops_whole_model"],
+                    summary["mean_executed_blocks"], self.cfg.n_layers, summary["forwards"],
+                )
+
+    # ---- loglikelihood -----------------------------------------------------------------------
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        encoded = []
+        for context, continuation in (req.args for req in requests):
+            if context == "":
+                cont = self.tok_encode(continuation)
+                ctx, cont = ([self.prefix_token_id], cont) if cont[:1] != [self.prefix_token_id] else (cont[:1], cont[1:])
+            else:
+                ctx, cont = self._encode_pair(context, continuation)
+            encoded.append(((context, continuation), ctx, cont))
+        return self._loglikelihood_tokens(encoded, tasks=[req.task_name for req in requests], disable_tqdm=disable_tqdm)
+
+    def _loglikelihood_tokens(self, requests, tasks: list[str | None] | None = None, disable_tqdm: bool = False, **kwargs):
+        tasks = tasks or [None] * len(requests)
+        task_index = self.meter.start([str(t) for t in tasks])
+        items = [(req, str(task)) for req, task in zip(requests, tasks)]
+        for (strings, ctx, cont), _ in items:
+            if not cont:
+                raise ValueError(f"loglikelihood: continuation {strings[1]!r} encodes to no tokens")
+        collator = Collator(items, sort_fn=lambda item: (-len(item[0][1]) - len(item[0][2]), item[0][1]))
+        longest = max(len(c) + len(a) for (_, c, a), _ in items) if items else 1
+        rows = self.likelihood.mc_num if self.likelihood.mc_num == 1 else self.likelihood.group_size
+        batch_size = self._batch_size(rows * (2 if self.likelihood.cfg else 1), min(longest, self.max_length))
+        results = []
+        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip loglikelihood")
+        for chunk in collator.get_batched(n=batch_size):
+            prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _ in chunk))
+            owners = torch.tensor([task_index[task] for _, task in chunk], device=self._device)
+            denoise = self._denoiser(owners)
+            generators = [request_generator(self.seed, p, a) for p, a in zip(prompts, answers)]
+            scores = mc_loglikelihood(
+                denoise, list(prompts), list(answers), self.likelihood, self.mask_id, self.tokenizer.pad_token_id,
+                generators, self._device, on_rows=lambda row_owner: denoise.state.update(row_tasks=owners[row_owner]),
+            )
+            if self.check_greedy:
+                denoise.state["row_tasks"] = owners
+                greedy = greedy_matches(
+                    denoise, list(prompts), list(answers), self.likelihood.cfg, self.mask_id,
+                    self.tokenizer.pad_token_id, self._device,
+                )
+            else:
+                greedy = [False] * len(scores)
+            for ((strings, _, _), _), score, is_greedy in zip(chunk, scores, greedy):
+                results.append((score, bool(is_greedy)))
+                self.cache_hook.add_partial("loglikelihood", strings, (score, bool(is_greedy)))
+            bar.update(len(chunk))
+        bar.close()
+        self._finish_call("loglikelihood")
+        return collator.get_original(results)
+
+    def _fit(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
+        """Left-truncate the context so context + continuation fit ``max_length`` (with a warning)."""
+        if len(cont) >= self.max_length:
+            raise ValueError(
+                f"loglikelihood: a continuation of {len(cont)} tokens does not fit max_length={self.max_length}; "
+                "raise max_length (up to the model's max_sequence_length)"
+            )
+        excess = len(ctx) + len(cont) - self.max_length
+        if excess > 0:
+            log.warning("context of %d tokens left-truncated by %d to fit max_length=%d", len(ctx), excess, self.max_length)
+            ctx = ctx[excess:]
+        return ctx, cont
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents for perplexity tasks.
+
+        The token stream is cut into disjoint windows of at most ``max_length - 1`` tokens (lm-eval's
+        rolling windows with one token of context); each window is scored by the Monte-Carlo
+        estimator conditioned on the token before it (the EOS token for the first), and the window
+        scores are summed. Being an ELBO, the result is a lower bound on the log-likelihood.
+        """
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows, owners, tasks = [], [], []
+        for i, req in enumerate(requests):
+            (text,) = req.args
+            for ctx, cont in map(
+                make_disjoint_window,
+                get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self.max_length - 1, 1),
+            ):
+                windows.append(((text, ""), ctx, cont))
+                owners.append(i)
+                tasks.append(req.task_name)
+        scores = [0.0] * len(requests)
+        cache_hook, self.cache_hook = self.cache_hook, CacheHook(None)  # windows are not lm-eval requests
+        try:
+            window_scores = self._loglikelihood_tokens(windows, tasks=tasks, disable_tqdm=disable_tqdm) if windows else []
+        finally:
+            self.cache_hook = cache_hook
+        for owner, (score, _) in zip(owners, window_scores):
+            scores[owner] += score
+        for req, score in zip(requests, scores):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, score)
+        return scores
+
+    # ---- generate_until ----------------------------------------------------------------------
+    def generation_settings(self, gen_kwargs: dict) -> tuple[GenerationSettings, list[str]]:
+        """Task generation_kwargs override model_args; gen_length defaults to max_gen_toks."""
+        unknown = set(gen_kwargs) - _GEN_KEYS - _IGNORED_GEN_KEYS - {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}
+        if unknown:
+            raise ValueError(
+                f"generation_kwargs {sorted(unknown)} are not understood by llada_skip; "
+                f"it takes {sorted(_GEN_KEYS)} plus until/max_gen_toks"
+            )
+        normalized = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=256)
+        until = handle_stop_sequences(normalized.get("until"), eos=None)
+        gen_length = gen_kwargs.get("gen_length", self.gen_defaults["gen_length"] or normalized["max_gen_toks"])
+        explicit = {k: gen_kwargs[k] for k in _GEN_KEYS - {"gen_length"} if k in gen_kwargs}
+        settings = replace(
+            self.generation,
+            gen_length=int(gen_length),
+            steps=int(explicit.pop("steps", self.gen_defaults["steps"] or gen_length)),
+            block_length=int(explicit.pop("block_length", self.gen_defaults["block_length"] or gen_length)),
+            **{k: (v if k == "remasking" else float(v)) for k, v in explicit.items()},
+        )
+        settings.check()
+        return settings, until
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        task_index = self.meter.start([str(req.task_name) for req in requests])
+        items = [(req.args[0], req.args[1], str(req.task_name)) for req in requests]
+        collator = Collator(
+            items, sort_fn=lambda item: (-len(self.tok_encode(item[0])), item[0]), group_by="gen_kwargs", group_fn=lambda item: item[1]
+        )
+        results = []
+        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip generate_until")
+        for chunk in collator.get_batched(n=self._generation_batch_size(items)):
+            contexts, all_kwargs, chunk_tasks = zip(*chunk)
+            settings, until = self.generation_settings(dict(all_kwargs[0]))
+            ids, attention_mask = self._encode_prompts(list(contexts), self.max_length - settings.gen_length)
+            owners = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
+            generator = torch.Generator(self._device).manual_seed(self.seed) if settings.temperature > 0 or settings.remasking == "random" else None
+            out = generate(self._denoiser(owners), ids, attention_mask, settings, self.mask_id, generator)
+            for context, kwargs, answer in zip(contexts, all_kwargs, out[:, ids.shape[1] :].tolist()):
+                text = postprocess_generated_text(self.tokenizer.decode(answer, skip_special_tokens=False), until, None)
+                text = self.tokenizer.decode(self.tok_encode(text), skip_special_tokens=True)  # drop special tokens
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, kwargs), text)
+            bar.update(len(chunk))
+        bar.close()
+        self._finish_call("generate_until")
+        return collator.get_original(results)
+
+    def _generation_batch_size(self, items) -> int:
+        if not self.batch_size_arg.startswith("auto"):
+            return self._batch_size(1, 1)
+        longest = max(len(self.tok_encode(c)) for c, _, _ in items)
+        settings, _ = self.generation_settings(dict(items[0][1]))
+        return self._batch_size(2 if settings.cfg else 1, min(longest + settings.gen_length, self.max_length))
+
+    def _encode_prompts(self, contexts: list[str], max_prompt: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Left-padded prompt ids [B, P] and attention mask (None when no row is padded)."""
+        if max_prompt < 1:
+            raise ValueError(f"gen_length leaves no room for a prompt within max_length={self.max_length}")
+        encoded = [self.tok_encode(c) for c in contexts]
+        for i, enc in enumerate(encoded):
+            if len(enc) > max_prompt:
+                log.warning("prompt of %d tokens left-truncated to %d to leave room for the answer", len(enc), max_prompt)
+                encoded[i] = enc[-max_prompt:]
+        P = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), P), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros(len(encoded), P, dtype=torch.long)
+        for i, enc in enumerate(encoded):
+            ids[i, P - len(enc) :] = torch.tensor(enc, dtype=torch.long)
+            attention[i, P - len(enc) :] = 1
+        padded = not bool(attention.all())
+        return ids.to(self._device), attention.to(self._device) if padded else None
+
+
+def parse_layers(value: Any, name: str) -> list[int]:
+    """A block list from model_args: ``[4,6,8]`` (a list), one integer, or a JSON list string."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{name}={value!r}: write a list as {name}=[4,6,8] (0-based block indices)") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name}={value!r}: write a list as {name}=[4,6,8] (0-based block indices)")
+    return list(value)
+
+
+def build_policy(n_layers: int, skip_layers: Any, skip_random: Any, seed: int) -> SkipPolicy:
+    """The skip policy the model_args ask for; conflicting requests are an error."""
+    if skip_layers is not None and skip_random is not None:
+        raise ValueError("skip_layers and skip_random both given: choose a fixed set or random skipping, not both")
+    if skip_layers is not None:
+        layers = parse_layers(skip_layers, "skip_layers")
+        check_layers(layers, n_layers, "skip_layers")
+        return StaticSkip(layers) if layers else NO_SKIP
+    if skip_random is not None:
+        policy = RandomSkip(skip_random, n_layers, seed)
+        policy.check(n_layers)
+        return policy
+    return NO_SKIP
+
+
+def describe_policy(policy: SkipPolicy) -> dict:
+    if isinstance(policy, StaticSkip):
+        return {"method": "static", "skip_layers": sorted(policy.layers), "k": len(policy.layers)}
+    if isinstance(policy, RandomSkip):
+        return {"method": "random", "k": policy.k, "seed": policy.seed}
+    return {"method": "none"}
+
+
+def check_model_args(args: dict[str, Any]) -> None:
+    """Name an unknown model_args key and suggest the closest known one."""
+    known = set(inspect.signature(LLaDASkipLM.__init__).parameters) - {"self"}
+    for key in args:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"llada_skip: unknown model_args key {key!r}.{hint} Known keys: {', '.join(sorted(known))}")

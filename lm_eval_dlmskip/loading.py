@@ -1,0 +1,218 @@
+"""From a hub id or a local directory to a ready LLaDA: config, sharded safetensors, tokenizer.
+
+Weights are read with safetensors only (no pickle, no code from the checkpoint); the model is
+built on the meta device and the tensors are assigned name for name after stripping the
+upstream prefix ``model.transformer.``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .model import LLaDA, LLaDAConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+_KEY_PREFIXES = ("model.transformer.", "transformer.")
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded model and where it came from (its identity goes into results and router files)."""
+
+    model: LLaDA
+    path: Path
+    name: str  # what the user asked for: hub id or directory
+    revision: str
+    fingerprint: str  # sha256 over a sample of every weight, independent of the load dtype
+
+
+def resolve_checkpoint(pretrained: str, revision: str = "main") -> Path:
+    """A local directory as is, otherwise a hub id fetched (or found in the cache) by huggingface_hub."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"pretrained={pretrained!r} is a file; give the checkpoint directory that holds config.json")
+    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+        raise ValueError(
+            f"pretrained={pretrained!r}: no such directory, and it is not a hub id of the form 'org/name'"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(pretrained, revision=revision, allow_patterns=_HUB_FILES))
+    except Exception as err:  # the hub client raises many types; all mean "not available here"
+        raise ValueError(
+            f"pretrained={pretrained!r} (revision {revision!r}) could not be fetched from the Hugging Face hub "
+            f"or its local cache ({type(err).__name__}: {err}). Download it where the hub is reachable "
+            f"(huggingface-cli download {pretrained}) or pass a local directory."
+        ) from err
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards of the index, or model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise ValueError(f"{index}: not a valid safetensors index ({err}); re-download the checkpoint") from err
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise ValueError(f"{path}: shard(s) {', '.join(missing)} named in {index.name} are missing; re-download")
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(p.name for p in path.iterdir())
+    hint = " Only safetensors weights are loaded (no pickle); convert .bin files first." if any(
+        n.endswith((".bin", ".pt", ".pth")) for n in found
+    ) else ""
+    raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (found: {found}).{hint}")
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: LLaDAConfig, files: list[Path]) -> torch.dtype:
+    """'auto' takes the checkpoint's declared dtype, else the dtype its tensors are stored in."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; use auto, bfloat16, float16 or float32")
+        return DTYPES[dtype]
+    if cfg.dtype in DTYPES:
+        return DTYPES[cfg.dtype]
+    with _open(files[0], "cpu") as f:
+        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+
+
+def _open(file: Path, device: str):
+    try:
+        return safe_open(str(file), framework="pt", device=device)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: not a readable safetensors file ({err}); re-download it") from err
+
+
+def read_state_dict(files: list[Path], device: torch.device, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], str]:
+    """Tensors with the upstream prefix stripped, in ``dtype`` on ``device``; and a weight fingerprint."""
+    state: dict[str, torch.Tensor] = {}
+    digest = hashlib.sha256()
+    for file in files:
+        with _open(file, str(device)) as f:
+            for key in sorted(f.keys()):
+                try:
+                    tensor = f.get_tensor(key)
+                except (SafetensorError, OSError, RuntimeError) as err:
+                    raise ValueError(f"{file}: tensor {key!r} cannot be read ({err}); the file is corrupt") from err
+                name = next((key[len(p) :] for p in _KEY_PREFIXES if key.startswith(p)), key)
+                if tensor.is_floating_point():
+                    sample = tensor.flatten()[:: max(1, tensor.numel() // 256)].float().cpu()
+                    digest.update(name.encode() + sample.numpy().tobytes())
+                    tensor = tensor.to(dtype)
+                state[name] = tensor
+    return state, digest.hexdigest()[:16]
+
+
+def load_llada(
+    pretrained: str,
+    revision: str = "main",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Load an upstream LLaDA checkpoint into the native model, in eval mode."""
+    path = resolve_checkpoint(pretrained, revision)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ValueError(f"{path}: config.json is missing; this is not a model checkpoint directory")
+    try:
+        cfg = LLaDAConfig.from_json(config_file)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from err
+    files = weight_files(path)
+    torch_dtype = resolve_dtype(dtype, cfg, files)
+    device = torch.device(device)
+    state, fingerprint = read_state_dict(files, device, torch_dtype)
+    with torch.device("meta"):
+        model = LLaDA(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if missing or unexpected or wrong:
+        lines = [f"{path}: the weights do not match config.json"]
+        lines += [f"  missing: {k} {expected[k]}" for k in missing[:10]]
+        lines += [f"  unexpected: {k} {got[k]}" for k in unexpected[:10]]
+        lines += [f"  shape: {k} is {got[k]}, config says {expected[k]}" for k in wrong[:10]]
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=True, assign=True)
+    log.info("loaded %s (%d blocks, %s, %s) fingerprint %s", pretrained, cfg.n_layers, torch_dtype, device, fingerprint)
+    return Checkpoint(model.eval(), path, pretrained, revision, fingerprint)
+
+
+def load_tokenizer(path: Path, mask_id: int):
+    """The checkpoint's own tokenizer; LLaDA adds no BOS and needs a pad id that is not the mask id."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: no usable tokenizer ({err}); the checkpoint needs tokenizer.json") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has neither a pad nor an eos token; set pad_token in tokenizer_config.json")
+    if tokenizer.pad_token_id == mask_id:
+        raise ValueError(
+            f"{path}: the tokenizer's pad id {tokenizer.pad_token_id} equals the mask id {mask_id}; padding would read "
+            "as masked positions. Set a different pad_token in tokenizer_config.json (LLaDA uses <|endoftext|>)."
+        )
+    return tokenizer
+
+
+def merge_lora(model: LLaDA, adapter: str, revision: str = "main") -> LLaDA:
+    """Merge a PEFT LoRA adapter (upstream or our key names) into the weights, via peft."""
+    from peft import PeftConfig, PeftModel
+
+    path = resolve_adapter(adapter, revision)
+    config = PeftConfig.from_pretrained(str(path))
+    if config.peft_type != "LORA":
+        raise ValueError(f"peft={adapter!r}: only LoRA adapters can be merged, this one is {config.peft_type}")
+    peft_model = PeftModel(model, config)
+    result = peft_model.load_adapter(
+        str(path), adapter_name="default", key_mapping={r"^model\.transformer\.": "", r"^transformer\.": ""}
+    )
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"peft={adapter!r} does not fit this model: missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}"
+        )
+    return peft_model.merge_and_unload()
+
+
+def resolve_adapter(adapter: str, revision: str) -> Path:
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        if not (path / "adapter_config.json").exists():
+            raise ValueError(f"peft={adapter!r}: adapter_config.json is missing")
+        return path
+    return resolve_checkpoint(adapter, revision)

@@ -1,0 +1,295 @@
+"""LLaDA in one file: config, RMSNorm, rotary embedding, attention + SwiGLU block, and the model.
+
+The same function as the upstream Hugging Face code (GSAI-ML/LLaDA-8B-Base, ``modeling_llada.py``):
+a bidirectional Llama-style encoder with no causal mask. Attribute names follow the upstream
+state-dict keys (``blocks.3.q_proj``, ``attn_out``, ``ff_proj``, ``up_proj``, ``ff_out``, ``wte``,
+``ln_f``), so loading a checkpoint is a prefix strip. A skip policy is an argument of ``forward``:
+
+    logits, trace = model(ids, attention_mask, policy=StaticSkip({4, 6, 8}))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .policies import NO_SKIP, Decision, ForwardBatch, SkipPolicy, SkipTrace
+
+# Upstream config fields whose other values this implementation does not compute.
+_REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
+    "block_type": ("llama",),
+    "layer_norm_type": ("rms",),
+    "activation_type": ("silu",),
+    "alibi": (False,),
+    "rope": (True,),
+    "attention_layer_norm": (False,),
+    "block_group_size": (1,),
+}
+
+
+@dataclass(frozen=True)
+class LLaDAConfig:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    mlp_hidden_size: int
+    vocab_size: int  # rows of the embedding and of the LM head (upstream `embedding_size`)
+    max_sequence_length: int
+    mask_token_id: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    include_bias: bool = False
+    include_qkv_bias: bool = False
+    weight_tying: bool = False
+    input_emb_norm: bool = False
+    scale_logits: bool = False
+    layer_norm_with_affine: bool = True
+    rope_full_precision: bool = True
+    dtype: str | None = None  # the checkpoint's declared dtype, used by dtype="auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "LLaDAConfig":
+        """Map an upstream ``config.json`` and name every field this implementation cannot honour."""
+        for name, allowed in _REQUIRED_VALUES.items():
+            if name in raw and raw[name] not in allowed:
+                raise ValueError(
+                    f"config.json: {name}={raw[name]!r} is not supported by lm_eval_dlmskip's LLaDA "
+                    f"(supported: {', '.join(map(repr, allowed))})"
+                )
+        include_bias = bool(raw.get("include_bias", False))
+        norm_bias = raw.get("bias_for_layer_norm")
+        if (include_bias if norm_bias is None else norm_bias):
+            raise ValueError("config.json: layer norms with a bias (bias_for_layer_norm) are not supported")
+        for name in ("d_model", "n_layers", "n_heads"):
+            if name not in raw:
+                raise ValueError(f"config.json: required field '{name}' is missing; is this a LLaDA checkpoint?")
+        if raw.get("mask_token_id") is None:
+            raise ValueError(
+                "config.json: 'mask_token_id' is missing; LLaDA checkpoints declare it (126336 for LLaDA-8B)"
+            )
+        if raw["d_model"] % raw["n_heads"]:
+            raise ValueError(f"config.json: d_model={raw['d_model']} is not divisible by n_heads={raw['n_heads']}")
+        n_kv_heads = raw.get("n_kv_heads") or (1 if raw.get("multi_query_attention") else raw["n_heads"])
+        if raw["n_heads"] % n_kv_heads:
+            raise ValueError(f"config.json: n_heads={raw['n_heads']} is not a multiple of n_kv_heads={n_kv_heads}")
+        mlp_hidden = raw.get("mlp_hidden_size") or raw.get("mlp_ratio", 4) * raw["d_model"]
+        return cls(
+            d_model=raw["d_model"],
+            n_layers=raw["n_layers"],
+            n_heads=raw["n_heads"],
+            n_kv_heads=n_kv_heads,
+            mlp_hidden_size=int(mlp_hidden),
+            vocab_size=raw.get("embedding_size") or raw["vocab_size"],
+            max_sequence_length=raw.get("max_sequence_length", 4096),
+            mask_token_id=raw["mask_token_id"],
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            eos_token_id=raw.get("eos_token_id"),
+            pad_token_id=raw.get("pad_token_id"),
+            include_bias=include_bias,
+            include_qkv_bias=bool(raw.get("include_qkv_bias", False)),
+            weight_tying=bool(raw.get("weight_tying", False)),
+            input_emb_norm=bool(raw.get("input_emb_norm", False)),
+            scale_logits=bool(raw.get("scale_logits", False)),
+            layer_norm_with_affine=bool(raw.get("layer_norm_with_affine", True)),
+            rope_full_precision=bool(raw.get("rope_full_precision", True)),
+            dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LLaDAConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class RMSNorm(nn.Module):
+    """Upstream RMSLayerNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float()
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y if self.weight is None else self.weight * y
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin [L, head_dim] in float32 for absolute positions 0..L-1 (upstream's tables)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float), inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool) -> Tensor:
+    """x [B, H, L, hd]: rotate the two halves of each head (upstream's rotate_half convention)."""
+    t = x.float() if full_precision else x
+    half = t.shape[-1] // 2
+    rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+    return (t * cos.type_as(t) + rotated * sin.type_as(t)).to(x.dtype)
+
+
+class Block(nn.Module):
+    """x + Attention(RMSNorm(x)), then + SwiGLU-MLP(RMSNorm(.)); upstream LLaDALlamaBlock."""
+
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+        qkv_bias = cfg.include_bias or cfg.include_qkv_bias
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.layer_norm_with_affine)
+        self.q_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, kv, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, kv, bias=qkv_bias)
+        self.attn_out = nn.Linear(d, d, bias=cfg.include_bias)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.layer_norm_with_affine)
+        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=cfg.include_bias)  # gate (SiLU)
+        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=cfg.include_bias)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=cfg.include_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None) -> Tensor:
+        cfg = self.cfg
+        B, L, d = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(B, L, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin, cfg.rope_full_precision)
+        k = apply_rotary(k, cos, sin, cfg.rope_full_precision)
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask, enable_gqa=cfg.n_kv_heads != cfg.n_heads
+        )  # bidirectional: no causal mask; key_mask [B, 1, 1, L] hides padding
+        x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, d))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+LogitPositions = slice | Tensor | None  # None: all; slice: columns; Tensor: flat indices into B*L
+
+
+class LLaDA(nn.Module):
+    """Embedding -> blocks (each asked of the skip policy) -> final norm -> LM head."""
+
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.layer_norm_with_affine)
+        self.ff_out = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.include_bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def forward(
+        self,
+        ids: Tensor,
+        attention_mask: Tensor | None = None,
+        policy: SkipPolicy = NO_SKIP,
+        logits_at: LogitPositions = None,
+    ) -> tuple[Tensor, SkipTrace]:
+        """Logits [B, L, V] (or at ``logits_at`` only) and the trace of the blocks each row ran.
+
+        ``attention_mask`` [B, L] marks real tokens with 1; pass None when no row is padded, so
+        attention can take its fastest kernel.
+        """
+        h, trace = self.trunk(ids, attention_mask, policy)
+        logits = self.head(h, logits_at)
+        B, L = ids.shape
+        if logits_at is None:
+            trace.head_positions = torch.full((B,), L, device=ids.device)
+        elif isinstance(logits_at, slice):
+            trace.head_positions = torch.full((B,), len(range(L)[logits_at]), device=ids.device)
+        else:
+            trace.head_positions = torch.bincount(logits_at // L, minlength=B)
+        return logits, trace
+
+    def trunk(
+        self,
+        ids: Tensor,
+        attention_mask: Tensor | None = None,
+        policy: SkipPolicy = NO_SKIP,
+        hidden_states: list[Tensor] | None = None,
+    ) -> tuple[Tensor, SkipTrace]:
+        """Hidden states after the last block (before ``ln_f``); appends each block's input to
+        ``hidden_states`` when given."""
+        cfg = self.cfg
+        B, L = ids.shape
+        x = self.wte(ids)
+        if cfg.input_emb_norm:
+            x = x * cfg.d_model**0.5
+        cos, sin = rotary_tables(L, cfg.head_dim, cfg.rope_theta, ids.device)
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        batch = ForwardBatch(ids, attention_mask, cfg.mask_token_id)
+        decisions: list[Decision] = []
+        for i, block in enumerate(self.blocks):
+            if hidden_states is not None:
+                hidden_states.append(x)
+            run = policy.rows_to_run(i, x, batch)
+            x = _run_block(block, x, run, cos, sin, key_mask)
+            decisions.append(run)
+        seq_lens = torch.full((B,), L, device=ids.device) if attention_mask is None else attention_mask.sum(1)
+        executed = SkipTrace.from_decisions(decisions, B, ids.device)
+        routed = getattr(policy, "routed_layers", 0)
+        return x, SkipTrace(executed, seq_lens, head_positions=seq_lens, routed_layers=routed)
+
+    def head(self, h: Tensor, logits_at: LogitPositions = None) -> Tensor:
+        """Final norm and LM head, only at the positions whose logits are used."""
+        if isinstance(logits_at, slice):
+            h = h[:, logits_at]
+        elif logits_at is not None:
+            h = h.flatten(0, 1).index_select(0, logits_at)
+        h = self.ln_f(h)
+        logits = F.linear(h, self.wte.weight) if self.ff_out is None else self.ff_out(h)
+        return logits * (1 / math.sqrt(self.cfg.d_model)) if self.cfg.scale_logits else logits
+
+    @torch.no_grad()
+    def hidden_states(
+        self, ids: Tensor, attention_mask: Tensor | None = None, policy: SkipPolicy = NO_SKIP
+    ) -> list[Tensor]:
+        """Upstream ``output_hidden_states``: [embeddings, input of block 1, ..., ln_f(last output)]."""
+        states: list[Tensor] = []
+        h, _ = self.trunk(ids, attention_mask, policy, hidden_states=states)
+        states.append(self.ln_f(h))
+        return states
+
+
+def _run_block(block: Block, x: Tensor, run: Decision, cos: Tensor, sin: Tensor, key_mask: Tensor | None) -> Tensor:
+    """Run ``block`` for the rows the policy chose; a skipped row keeps its input unchanged."""
+    if run is True:
+        return block(x, cos, sin, key_mask)
+    if run is False:
+        return x
+    if run.dtype.is_floating_point:  # a differentiable gate in [0, 1] (router training)
+        return x + run.to(x.dtype)[:, None, None] * (block(x, cos, sin, key_mask) - x)
+    rows = run.nonzero().squeeze(1)  # sync: the size of the row subset decides the shapes
+    if rows.numel() == x.shape[0]:
+        return block(x, cos, sin, key_mask)
+    if rows.numel() == 0:
+        return x
+    sub_mask = None if key_mask is None else key_mask.index_select(0, rows)
+    return x.index_copy(0, rows, block(x.index_select(0, rows), cos, sin, sub_mask))
