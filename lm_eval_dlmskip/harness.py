@@ -28,7 +28,7 @@ from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, re
 from .loading import load_llada, load_tokenizer, merge_lora
 from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
 
 # Generation settings a task's generation_kwargs may set (they override model_args).
 _GEN_KEYS = {"gen_length", "steps", "block_length", "cfg", "remasking", "temperature"}
@@ -112,10 +112,11 @@ class LLaDASkipLM(TemplateLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        from lm_eval.utils import simple_parse_args_string
+        """Parse as the ``lm_eval`` command line does, so ``skip_layers=[4,6,8]`` stays one list
+        (lm-eval's own string parser for Python callers would split it at every comma)."""
+        from lm_eval._cli.utils import key_val_to_dict
 
-        check_model_args(simple_parse_args_string(arg_string))
-        return super().create_from_arg_string(arg_string, additional_config)
+        return cls.create_from_arg_obj(key_val_to_dict(arg_string), additional_config)
 
     def _setup_distributed(self, device: str | None) -> None:
         """Data parallel under ``accelerate launch``: one model per process, requests split by lm-eval."""
@@ -322,9 +323,10 @@ class LLaDASkipLM(TemplateLM):
         """Log-likelihood of whole documents for perplexity tasks.
 
         The token stream is cut into disjoint windows of at most ``max_length - 1`` tokens (lm-eval's
-        rolling windows with one token of context); each window is scored by the Monte-Carlo
-        estimator conditioned on the token before it (the EOS token for the first), and the window
-        scores are summed. Being an ELBO, the result is a lower bound on the log-likelihood.
+        rolling windows with one token of context, as its HF model uses): each window is scored by
+        the Monte-Carlo estimator conditioned on the token before it (EOS for the first; the last
+        window, which keeps a full-size input, on the tokens before it that fit), and the window
+        scores are summed. Each term is an ELBO, so the total is a lower bound on log p(document).
         """
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -389,14 +391,19 @@ class LLaDASkipLM(TemplateLM):
             generator = torch.Generator(self._device).manual_seed(self.seed) if settings.temperature > 0 or settings.remasking == "random" else None
             out = generate(self._denoiser(owners), ids, attention_mask, settings, self.mask_id, generator)
             for context, kwargs, answer in zip(contexts, all_kwargs, out[:, ids.shape[1] :].tolist()):
-                text = postprocess_generated_text(self.tokenizer.decode(answer, skip_special_tokens=False), until, None)
-                text = self.tokenizer.decode(self.tok_encode(text), skip_special_tokens=True)  # drop special tokens
+                text = self.decode_answer(answer, until)
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, kwargs), text)
             bar.update(len(chunk))
         bar.close()
         self._finish_call("generate_until")
         return collator.get_original(results)
+
+    def decode_answer(self, answer: list[int], until: list[str]) -> str:
+        """As upstream's evaluation: decode, cut at the first stop string, then drop special tokens
+        by re-tokenizing (EOS is not a stop string there; text after it survives, minus the token)."""
+        text = postprocess_generated_text(self.tokenizer.decode(answer, skip_special_tokens=False), until, None)
+        return self.tokenizer.decode(self.tok_encode(text), skip_special_tokens=True)
 
     def _generation_batch_size(self, items) -> int:
         if not self.batch_size_arg.startswith("auto"):

@@ -172,11 +172,16 @@ def load_llada(
 def load_tokenizer(path: Path, mask_id: int):
     """The checkpoint's own tokenizer; LLaDA adds no BOS and needs a pad id that is not the mask id."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers does not know model_type "llada"; that is expected
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: no usable tokenizer ({err}); the checkpoint needs tokenizer.json") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id is None:

@@ -1,0 +1,88 @@
+"""Shared fixtures: the upstream golden data (copied into tests/fixtures) and tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lm_eval_dlmskip.loading import load_llada
+
+REFERENCE = Path(__file__).parent / "fixtures" / "llada-tiny-reference"
+MASK_ID, EOS_ID = 250, 251
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def ref_dir() -> Path:
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def ref() -> dict:
+    return json.loads((REFERENCE / "reference.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def ref_tensors() -> dict[str, torch.Tensor]:
+    return load_file(str(REFERENCE / "reference.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def ref_model():
+    return load_llada(str(REFERENCE), dtype="float32").model
+
+
+def model_denoiser(model, policy=None):
+    """A denoise(ids, attention_mask, logits_at) over a model, as the harness builds one."""
+    from lm_eval_dlmskip.policies import NO_SKIP
+
+    def denoise(ids, attention_mask, logits_at):
+        return model(ids, attention_mask, policy=policy or NO_SKIP, logits_at=logits_at)[0]
+
+    return denoise
+
+
+def words(ids: list[int]) -> str:
+    """Text for the reference tokenizer: token id 17 is the word t17."""
+    return " ".join(f"t{i}" for i in ids)
+
+
+def write_task(root: Path, name: str, docs: list[dict], body: str) -> Path:
+    """An lm-eval task over a local JSONL file; ``body`` holds the task-specific YAML lines."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n" + body
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def ref_tasks(tmp_path_factory, ref) -> Path:
+    """Two small tasks in the reference tokenizer's words: multiple choice and generation."""
+    root = tmp_path_factory.mktemp("tasks")
+    mc = []
+    for i, run in enumerate(ref["cases"]["loglikelihood"]["runs"][:4]):
+        answer = words(run["answer"])
+        other = words([(t + 1) % 240 for t in run["answer"]])
+        mc.append({"prompt": words(run["prompt"]), "choices": [" " + answer, " " + other], "label": i % 2})
+    write_task(
+        root, "ref_mc", mc,
+        'output_type: multiple_choice\ndoc_to_text: "{{prompt}}"\ndoc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\ntarget_delimiter: \"\"\nmetric_list:\n  - metric: acc\n",
+    )
+    gen = [{"prompt": words(run["prompt"]), "answer": "t1"} for run in ref["cases"]["generate"]["runs"][:4]]
+    write_task(
+        root, "ref_gen", gen,
+        'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+        "generation_kwargs:\n  until: [t248]\n  max_gen_toks: 8\n  steps: 8\n  block_length: 4\n"
+        "metric_list:\n  - metric: exact_match\n",
+    )
+    return root

@@ -1,0 +1,127 @@
+"""The installed product: the real ``lm_eval`` command finds ``llada_skip`` (and still ``hf``), the
+results file carries the FLOPs, the wheel ships the start-up hook, and the demo runs offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(cmd: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kwargs.pop("env", ENV), **kwargs)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+def lm_eval(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    return run([python, "-m", "lm_eval", *args])
+
+
+def test_importing_the_package_loads_neither_torch_nor_lm_eval():
+    code = "import sys, lm_eval_dlmskip; print('torch' in sys.modules, 'lm_eval' in sys.modules)"
+    assert run([sys.executable, "-c", code]).stdout.split() == ["False", "False"]
+    # The start-up hook ran in this interpreter (the .pth), still without importing them.
+    code = "import sys; print('lm_eval_dlmskip._hook' in sys.modules, 'torch' in sys.modules)"
+    assert run([sys.executable, "-c", code]).stdout.split() == ["True", "False"]
+
+
+def test_lm_eval_registry_knows_llada_skip_and_keeps_its_own_models():
+    code = (
+        "from lm_eval.api.registry import get_model, model_registry\n"
+        "print(get_model('llada_skip').__name__, get_model('hf').__name__, 'vllm' in model_registry)"
+    )
+    assert run([sys.executable, "-c", code]).stdout.split() == ["LLaDASkipLM", "HFLM", "True"]
+
+
+def test_unknown_model_lists_hf_and_llada_skip():
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "no_such_model", "--tasks", "piqa"],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert done.returncode != 0
+    names = done.stderr[done.stderr.index("Supported model names"):]
+    assert " hf," in names and "llada_skip" in names
+
+
+def test_lm_eval_cli_runs_llada_skip_and_writes_flops(tmp_path, ref_dir, ref_tasks):
+    out = tmp_path / "results"
+    done = lm_eval(
+        "--model", "llada_skip", "--model_args", f"pretrained={ref_dir},mc_num=16,skip_layers=[1,3]",
+        "--tasks", "ref_mc,ref_gen", "--include_path", str(ref_tasks), "--device", "cpu",
+        "--batch_size", "4", "--output_path", str(out),
+    )
+    assert "ref_mc" in done.stdout and "ref_gen" in done.stdout
+    assert "normalized FLOPs 0.6667 (papers)" in done.stderr
+    [results_file] = list(out.rglob("results_*.json"))
+    results = json.loads(results_file.read_text())
+    assert set(results["results"]) == {"ref_mc", "ref_gen"}
+    info = results["config"]["dlmskip"]
+    assert info["skip"]["skip_layers"] == [1, 3]
+    for task in ("ref_mc", "ref_gen"):
+        assert info["flops"][task]["normalized_flops_papers"] == pytest.approx(4 / 6)
+        assert info["flops"][task]["block_execution_ratio"] == [1, 0, 1, 0, 1, 1]
+    assert info["flops"]["ref_gen"]["forwards"] == 4 * 8  # four prompts x eight denoising steps
+
+
+def test_lm_eval_cli_still_runs_the_hf_model(tmp_path, ref_dir, ref_tasks):
+    """--model hf end to end, on a tiny GPT-2 that uses the reference tokenizer."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ckpt = tmp_path / "gpt2-tiny"
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(ckpt)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ref_dir / name, ckpt / name)
+    done = lm_eval(
+        "--model", "hf", "--model_args", f"pretrained={ckpt}", "--tasks", "ref_mc",
+        "--include_path", str(ref_tasks), "--device", "cpu", "--limit", "2",
+    )
+    assert "ref_mc" in done.stdout
+
+
+def test_wheel_ships_the_hook_and_entry_point_and_works_in_a_fresh_venv(tmp_path):
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)], timeout=600)
+    [wheel] = list(tmp_path.glob("lm_eval_dlmskip-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        assert "lm_eval_dlmskip.pth" in names
+        [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
+        text = z.read(entry_points).decode()
+    assert "[lm_eval.models]" in text and "llada_skip = lm_eval_dlmskip.harness:LLaDASkipLM" in text
+    assert "dlmskip = lm_eval_dlmskip.cli:main" in text
+    # A fresh venv that borrows the dependencies from this one (a plain path entry: the .pth hooks
+    # of this environment are not run there), then a regular install of the wheel.
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)])
+    python = str(venv / "bin" / "python")
+    venv_site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    outer_site = [p for p in sys.path if p.endswith("site-packages")][0]
+    Path(venv_site, "outer_dependencies.pth").write_text(outer_site + "\n")
+    run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], timeout=600)
+    code = (
+        "import lm_eval_dlmskip, sys; from lm_eval.api.registry import get_model\n"
+        "print(get_model('llada_skip').__module__, get_model('hf').__name__, lm_eval_dlmskip.__file__.startswith(sys.prefix))"
+    )
+    assert run([python, "-c", code], cwd=tmp_path).stdout.split() == ["lm_eval_dlmskip.harness", "HFLM", "True"]
+
+
+def test_demo_runs_offline_in_under_two_minutes(tmp_path):
+    start = time.time()
+    done = run([sys.executable, "-m", "lm_eval_dlmskip.cli", "demo", "--out", str(tmp_path / "demo")], timeout=600)
+    elapsed = time.time() - start
+    assert done.stdout.count("demo_reverse_mc") >= 4  # two tables and two FLOPs lines
+    assert "normalized FLOPs 0.7500 (papers)" in done.stdout
+    assert (tmp_path / "demo" / "llada-demo" / "model.safetensors.index.json").exists()
+    print(f"demo took {elapsed:.0f}s")
+    assert elapsed < 120

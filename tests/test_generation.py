@@ -1,0 +1,112 @@
+"""Diffusion decoding is token-identical with upstream generate() and independent of batch size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm_eval_dlmskip.generation import GenerationSettings, generate, transfer_schedule
+
+from .conftest import EOS_ID, MASK_ID, model_denoiser
+
+
+def _settings(raw: dict) -> GenerationSettings:
+    return GenerationSettings(
+        gen_length=raw["gen_length"], steps=raw["steps"], block_length=raw["block_length"], cfg=raw.get("cfg_scale", 0.0)
+    )
+
+
+def test_every_fixture_case_is_token_identical(ref, ref_model):
+    runs = ref["cases"]["generate"]["runs"]
+    denoise = model_denoiser(ref_model)
+    for run in runs:
+        if "prompt" in run:
+            out = generate(denoise, torch.tensor([run["prompt"]]), None, _settings(run["settings"]), MASK_ID)
+            assert out[0].tolist() == run["output"], run["settings"]
+        else:
+            out = generate(
+                denoise, torch.tensor(run["prompt_batch"]), torch.tensor(run["attention_mask"]),
+                _settings(run["settings"]), MASK_ID,
+            )
+            assert out.tolist() == run["output_batch"]
+
+
+def _left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[EOS_ID] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    return ids, None if bool(mask.all()) else mask
+
+
+@pytest.mark.parametrize("settings", [GenerationSettings(16, 16, 4), GenerationSettings(8, 4, 8, cfg=0.5)])
+def test_batch_of_four_equals_one_at_a_time(ref, ref_model, settings):
+    prompts = [run["prompt"] for run in ref["cases"]["generate"]["runs"] if "prompt" in run][:4]
+    assert len({len(p) for p in prompts}) > 1  # rows of different length: padding is exercised
+    denoise = model_denoiser(ref_model)
+    ids, mask = _left_pad(prompts)
+    batched = generate(denoise, ids, mask, settings, MASK_ID)
+    P = ids.shape[1]
+    for row, prompt in zip(batched, prompts):
+        alone = generate(denoise, torch.tensor([prompt]), None, settings, MASK_ID)
+        assert row[P:].tolist() == alone[0, len(prompt):].tolist()
+
+
+def test_transfer_schedule_spreads_the_remainder_first():
+    assert transfer_schedule(8, 8) == [1] * 8
+    assert transfer_schedule(10, 4) == [3, 3, 2, 2]
+    assert sum(transfer_schedule(256, 256)) == 256
+
+
+def test_fake_denoiser_commits_most_confident_first():
+    """A denoiser that is surest about the last position fills the block from the right."""
+    V, order = 10, []
+
+    def denoise(ids, attention_mask, logits_at):
+        order.append((ids[0] == MASK).nonzero().squeeze(1).tolist())
+        W = ids[:, logits_at].shape[1]
+        logits = torch.zeros(ids.shape[0], W, V)
+        logits[:, :, 3] = torch.arange(W, dtype=torch.float) + 1.0  # later columns more confident
+        return logits
+
+    MASK = 9
+    out = generate(denoise, torch.tensor([[1, 2]]), None, GenerationSettings(4, 4, 4), MASK)
+    assert out.tolist() == [[1, 2, 3, 3, 3, 3]]
+    assert order == [[2, 3, 4, 5], [2, 3, 4], [2, 3], [2]]
+
+
+def test_semi_autoregressive_blocks_never_touch_later_blocks():
+    seen = []
+
+    def denoise(ids, attention_mask, logits_at):
+        seen.append((logits_at, (ids == 9).sum().item()))
+        W = ids[:, logits_at].shape[1]
+        return torch.randn(ids.shape[0], W, 9)
+
+    out = generate(denoise, torch.tensor([[1, 2, 3]]), None, GenerationSettings(6, 6, 2), 9)
+    assert (out != 9).all()
+    windows = [w for w, _ in seen]
+    assert windows[:2] == [slice(3, 5)] * 2 and windows[2:4] == [slice(5, 7)] * 2 and windows[4:] == [slice(7, 9)] * 2
+    assert [m for _, m in seen] == [6, 5, 4, 3, 2, 1]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (GenerationSettings(gen_length=10, steps=10, block_length=4), "not a multiple of block_length=4"),
+        (GenerationSettings(gen_length=8, steps=3, block_length=4), "steps=3 cannot be split evenly over 2 blocks"),
+        (GenerationSettings(gen_length=8, steps=8, block_length=8, remasking="top_p"), "remasking='top_p'"),
+        (GenerationSettings(gen_length=0, steps=8, block_length=8), "gen_length=0"),
+    ],
+)
+def test_bad_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        settings.check()
+
+
+def test_random_remasking_and_temperature_are_seeded(ref_model):
+    denoise = model_denoiser(ref_model)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    settings = GenerationSettings(8, 8, 8, remasking="random", temperature=0.7)
+    first = generate(denoise, prompt, None, settings, MASK_ID, torch.Generator().manual_seed(3))
+    again = generate(denoise, prompt, None, settings, MASK_ID, torch.Generator().manual_seed(3))
+    assert torch.equal(first, again) and (first != MASK_ID).all()

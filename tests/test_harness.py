@@ -1,0 +1,234 @@
+"""The lm-eval adapter, in process: requests in, scores and text out, settings and FLOPs recorded,
+and every bad model_arg refused with a message that names it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import CachingLM
+
+from lm_eval_dlmskip.harness import LLaDASkipLM
+from lm_eval_dlmskip.likelihood import LikelihoodSettings, mc_loglikelihood, request_generator
+
+from .conftest import EOS_ID, MASK_ID, model_denoiser, words
+
+
+def make_lm(ref_dir, **kwargs) -> LLaDASkipLM:
+    args = {"pretrained": str(ref_dir), "device": "cpu", "mc_num": 16, **kwargs}
+    return LLaDASkipLM.create_from_arg_obj(args)
+
+
+def ll_requests(ref, task="task_a"):
+    return [
+        Instance("loglikelihood", {}, (words(r["prompt"]), " " + words(r["answer"])), i, (task, i, 1))
+        for i, r in enumerate(ref["cases"]["loglikelihood"]["runs"][:4])
+    ]
+
+
+def gen_requests(ref, gen_kwargs, task="task_g"):
+    prompts = [r["prompt"] for r in ref["cases"]["generate"]["runs"] if "prompt" in r]
+    return [Instance("generate_until", {}, (words(p), dict(gen_kwargs)), i, (task, i, 1)) for i, p in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def lm(ref_dir):
+    return make_lm(ref_dir, batch_size=4)
+
+
+def test_loglikelihood_is_the_estimator_on_the_tokenized_request(lm, ref, ref_model):
+    scores = lm.loglikelihood(ll_requests(ref))
+    runs = ref["cases"]["loglikelihood"]["runs"][:4]
+    for (score, greedy), run in zip(scores, runs):
+        settings = LikelihoodSettings(mc_num=16)
+        gen = [request_generator(lm.seed, run["prompt"], run["answer"])]
+        direct = mc_loglikelihood(model_denoiser(ref_model), [run["prompt"]], [run["answer"]], settings, MASK_ID, EOS_ID, gen, torch.device("cpu"))
+        assert score == pytest.approx(direct[0], abs=1e-4)
+        assert greedy is False  # not computed unless check_greedy=True
+    assert scores[0][0] == pytest.approx(runs[0]["expected_loglik"], abs=1e-4)  # one-token answer: exact
+
+
+def test_loglikelihood_does_not_depend_on_batch_size(ref_dir, ref):
+    one = make_lm(ref_dir, batch_size=1).loglikelihood(ll_requests(ref))
+    four = make_lm(ref_dir, batch_size=4).loglikelihood(ll_requests(ref))
+    assert [s for s, _ in one] == pytest.approx([s for s, _ in four], abs=1e-4)
+
+
+def test_check_greedy_runs_the_greedy_passes_only_when_asked(ref_dir, ref):
+    lm = make_lm(ref_dir, check_greedy=True)
+    results = lm.loglikelihood(ll_requests(ref))
+    assert all(isinstance(g, bool) for _, g in results)
+    assert lm.get_model_info()["dlmskip"]["check_greedy"] is True
+
+
+def test_generation_is_upstream_and_independent_of_batch_size(ref_dir, ref):
+    kwargs = {"until": [], "max_gen_toks": 16, "steps": 16, "block_length": 8}
+    one = make_lm(ref_dir, batch_size=1).generate_until(gen_requests(ref, kwargs))
+    four = make_lm(ref_dir, batch_size=4).generate_until(gen_requests(ref, kwargs))
+    assert one == four
+    run = ref["cases"]["generate"]["runs"][2]  # steps 16, gen_length 16, block_length 8
+    upstream = words(run["output"][len(run["prompt"]):])
+    assert one[2] == upstream
+
+
+def test_until_cuts_the_text(ref_dir, ref):
+    run = ref["cases"]["generate"]["runs"][1]  # steps 8, gen_length 16, block_length 4
+    answer = run["output"][len(run["prompt"]):]
+    lm = make_lm(ref_dir)
+    kwargs = {"until": [], "max_gen_toks": 16, "steps": 8, "block_length": 4}
+    [full] = lm.generate_until(gen_requests(ref, kwargs)[1:2])
+    assert full == words(answer)
+    [cut] = lm.generate_until(gen_requests(ref, {**kwargs, "until": ["t177"]})[1:2])
+    assert cut == words(answer[: answer.index(177)])  # the re-tokenizing drops the trailing space
+
+
+def test_special_tokens_are_removed_after_cutting(lm):
+    assert lm.decode_answer([5, 251, 251, 6, 253], []) == "t5 t6"
+    assert lm.decode_answer([5, 7, 251, 6], ["t7"]) == "t5"
+
+
+def test_task_generation_kwargs_override_model_args(ref_dir):
+    lm = make_lm(ref_dir, steps=4, block_length=4, gen_length=8)
+    settings, until = lm.generation_settings({"until": "t3", "max_gen_toks": 32})
+    assert (settings.gen_length, settings.steps, settings.block_length) == (8, 4, 4)
+    assert until == ["t3"]
+    settings, _ = lm.generation_settings({"until": [], "max_gen_toks": 32, "steps": 16, "block_length": 8, "gen_length": 16})
+    assert (settings.gen_length, settings.steps, settings.block_length) == (16, 16, 8)
+    default = make_lm(ref_dir)
+    settings, _ = default.generation_settings({"until": [], "max_gen_toks": 12, "do_sample": False})
+    assert (settings.gen_length, settings.steps, settings.block_length, settings.temperature) == (12, 12, 12, 0.0)
+
+
+def test_generation_kwargs_errors(ref_dir):
+    lm = make_lm(ref_dir)
+    with pytest.raises(ValueError, match="steps=5 cannot be split evenly over 2 blocks"):
+        lm.generation_settings({"max_gen_toks": 8, "steps": 5, "block_length": 4})
+    with pytest.raises(ValueError, match=r"\['top_q'\] are not understood"):
+        lm.generation_settings({"max_gen_toks": 8, "top_q": 0.5})
+
+
+def test_flops_per_task_reach_get_model_info(ref_dir, ref):
+    lm = make_lm(ref_dir, skip_layers=[1, 3])
+    lm.loglikelihood(ll_requests(ref, task="mc") + ll_requests(ref, task="mc2")[:1])
+    lm.generate_until(gen_requests(ref, {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 8}, task="gen"))
+    info = lm.get_model_info()["dlmskip"]
+    assert set(info["flops"]) == {"mc", "mc2", "gen"}
+    for task in info["flops"].values():
+        assert task["normalized_flops_papers"] == pytest.approx(4 / 6)
+        assert task["block_execution_ratio"] == [1, 0, 1, 0, 1, 1]
+    assert info["flops"]["gen"]["forwards"] == 5 * 8  # five prompts, eight denoising steps
+    assert info["flops"]["mc2"]["forwards"] == 1  # a one-token answer: one exact sample
+    assert info["skip"] == {"method": "static", "skip_layers": [1, 3], "k": 2}
+    assert info["likelihood"]["mc_num"] == 16 and info["fingerprint"]
+
+
+def test_cfg_doubles_the_forwards_and_counts_them(ref_dir, ref):
+    lm = make_lm(ref_dir, cfg=0.5)
+    lm.loglikelihood(ll_requests(ref)[:1])
+    assert lm.get_model_info()["dlmskip"]["flops"]["task_a"]["forwards"] == 2
+
+
+def test_loglikelihood_rolling_sums_windows(ref_dir, ref):
+    lm = make_lm(ref_dir, max_length=8)
+    text = words(list(range(20, 40)))
+    [total] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0, ("ppl", 0, 1))])
+    # Disjoint windows of max_length - 1 = 7 tokens, each conditioned on the token before it (EOS for
+    # the first); the last window keeps a full-size input, so its context is the two tokens before it.
+    t = list(range(20, 40))
+    windows = [([EOS_ID], t[0:7]), ([t[6]], t[7:14]), (t[12:14], t[14:20])]
+    expected = 0.0
+    for context, chunk in windows:
+        gen = [request_generator(lm.seed, context, chunk)]
+        expected += mc_loglikelihood(model_denoiser(lm.model), [context], [chunk], lm.likelihood, MASK_ID, EOS_ID, gen, torch.device("cpu"))[0]
+    assert total == pytest.approx(expected, abs=1e-3)
+
+
+def test_overlong_context_is_left_truncated_with_a_warning(ref_dir, caplog):
+    lm = make_lm(ref_dir, max_length=6)
+    request = Instance("loglikelihood", {}, (words(range(1, 11)), " t42"), 0, ("t", 0, 1))
+    with caplog.at_level(logging.WARNING):
+        [(score, _)] = lm.loglikelihood([request])
+    assert "left-truncated" in caplog.text
+    short = Instance("loglikelihood", {}, (words(range(6, 11)), " t42"), 0, ("t", 0, 1))
+    assert score == pytest.approx(make_lm(ref_dir, max_length=6).loglikelihood([short])[0][0], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"skip_layer": [1]}, "unknown model_args key 'skip_layer'. Did you mean 'skip_layers'"),
+        ({"skip_layers": [6]}, r"skip_layers: 6 is out of range; blocks are 0-based, 0\.\.5"),
+        ({"skip_layers": [2, 2]}, "skip_layers: block 2 is listed twice"),
+        ({"skip_layers": [1], "skip_random": 2}, "skip_layers and skip_random both given"),
+        ({"skip_random": 9}, "skip_random: 9 blocks cannot be drawn from 6"),
+        ({"skip_layers": "4,6"}, r"write a list as skip_layers=\[4,6,8\]"),
+        ({"mc_num": 100}, "mc_num=100 is not a multiple of mc_batch=16"),
+        ({"dtype": "int4"}, "dtype='int4' is not supported"),
+    ],
+)
+def test_bad_model_args_are_named(ref_dir, args, message):
+    with pytest.raises(ValueError, match=message):
+        make_lm(ref_dir, **args)
+
+
+def test_model_args_string_accepts_a_bracketed_list(ref_dir):
+    lm = LLaDASkipLM.create_from_arg_string(f"pretrained={ref_dir},skip_layers=[1,4],device=cpu")
+    assert lm.get_model_info()["dlmskip"]["skip"]["skip_layers"] == [1, 4]
+    with pytest.raises(ValueError, match="unknown model_args key 'gen_len'"):
+        LLaDASkipLM.create_from_arg_string(f"pretrained={ref_dir},gen_len=4")
+
+
+def test_pad_equal_to_mask_is_refused(tmp_path, ref_dir):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ref_dir, ckpt)
+    config = ckpt / "tokenizer_config.json"
+    config.chmod(0o644)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "pad_token": "<|mdm_mask|>"}))
+    with pytest.raises(ValueError, match="pad id 250 equals the mask id 250"):
+        make_lm(ckpt)
+
+
+def test_use_cache_refuses_a_cache_written_with_other_settings(tmp_path, ref_dir, ref):
+    cache = str(tmp_path / "cache.db")
+    base = CachingLM(make_lm(ref_dir), cache)
+    first = base.loglikelihood(ll_requests(ref)[:2])
+    assert CachingLM(make_lm(ref_dir), cache).loglikelihood(ll_requests(ref)[:2]) == first  # same settings: reused
+    with pytest.raises(ValueError, match="--use_cache: this cache was written by llada_skip with other settings"):
+        CachingLM(make_lm(ref_dir, skip_layers=[2]), cache)
+
+
+def test_chat_template_is_applied(tmp_path, ref_dir):
+    ckpt = tmp_path / "instruct"
+    shutil.copytree(ref_dir, ckpt)
+    config = ckpt / "tokenizer_config.json"
+    config.chmod(0o644)
+    template = "{% for m in messages %}<|startoftext|> {{ m['content'] }} <|eot_id|>{% endfor %}{% if add_generation_prompt %} t0{% endif %}"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
+    lm = make_lm(ckpt)
+    prompt = lm.apply_chat_template([{"role": "user", "content": "t5 t6"}])
+    assert prompt == "<|startoftext|> t5 t6 <|eot_id|> t0"
+    assert lm.tok_encode(prompt) == [252, 5, 6, 253, 0]
+    assert lm.chat_template(True) == template
+
+
+def test_lora_adapter_is_merged(tmp_path, ref_dir, ref_tensors):
+    """A PEFT LoRA adapter saved with upstream key names changes the logits exactly as merged weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from lm_eval_dlmskip.loading import load_llada
+
+    base = load_llada(str(ref_dir)).model
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        expected = peft_model(ref_tensors["forward.input_ids"])[0]
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    lm = make_lm(ref_dir, peft=str(adapter))
+    with torch.no_grad():
+        got = lm.model(ref_tensors["forward.input_ids"])[0]
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, ref_tensors["forward.logits"], atol=1e-3)

@@ -1,0 +1,133 @@
+"""The Monte-Carlo estimator agrees with the exact expectation of upstream's estimator, and it is
+reproducible and independent of how requests are batched."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from lm_eval_dlmskip.likelihood import (
+    LikelihoodSettings,
+    greedy_matches,
+    mc_loglikelihood,
+    request_generator,
+    sample_masks,
+    stratified_counts,
+)
+
+from .conftest import EOS_ID, MASK_ID, model_denoiser
+
+CPU = torch.device("cpu")
+
+
+def _estimate(model, prompts, answers, settings, seed=0):
+    generators = [request_generator(seed, p, a) for p, a in zip(prompts, answers)]
+    return mc_loglikelihood(model_denoiser(model), prompts, answers, settings, MASK_ID, EOS_ID, generators, CPU)
+
+
+def test_every_case_is_within_three_standard_errors(ref, ref_model):
+    """Independent groups of 16 stratified samples give an honest standard error."""
+    for run in ref["cases"]["loglikelihood"]["runs"]:
+        settings = LikelihoodSettings(mc_num=16, mc_batch=16, cfg=run["cfg_scale"])
+        groups = [_estimate(ref_model, [run["prompt"]], [run["answer"]], settings, seed)[0] for seed in range(48)]
+        mean = statistics.mean(groups)
+        se = statistics.stdev(groups) / len(groups) ** 0.5
+        expected = run["expected_loglik"]
+        if len(run["answer"]) == 1:
+            assert se == 0 and abs(mean - expected) < 1e-4
+        else:
+            assert abs(mean - expected) < 3 * se, (len(run["answer"]), mean, expected, se)
+
+
+def test_one_token_answer_is_exact_with_one_sample(ref, ref_model):
+    run = ref["cases"]["loglikelihood"]["runs"][0]
+    assert len(run["answer"]) == 1
+    for mc_num in (1, 128):
+        value = _estimate(ref_model, [run["prompt"]], [run["answer"]], LikelihoodSettings(mc_num=mc_num))[0]
+        assert abs(value - run["expected_loglik"]) < 1e-4
+
+
+def test_stratified_counts_have_a_uniform_marginal():
+    """For every slot of a group, l is uniform on 1..T over the group's random offset k.
+
+    (Upstream's round(k + i T/b) with half-to-even rounding is not: for T=3, b=16 slot 8 takes
+    l=2 for k=1 but l=1 for k=2 and k=3.)
+    """
+    for T in (2, 3, 4, 5, 7, 16, 40):
+        settings = LikelihoodSettings(mc_num=16, mc_batch=16)
+        by_k = {}
+        for seed in range(400):
+            counts = stratified_counts(T, settings, torch.Generator().manual_seed(seed))
+            by_k[int(counts[0])] = counts
+        assert sorted(by_k) == list(range(1, T + 1))
+        per_slot = torch.stack([by_k[k] for k in sorted(by_k)])  # [T, 16]
+        for slot in per_slot.T:
+            assert sorted(slot.tolist()) == list(range(1, T + 1))
+
+
+def test_masks_have_the_stratified_sizes_and_spare_the_prompt(ref_model):
+    settings = LikelihoodSettings(mc_num=32, mc_batch=16)
+    pattern, count = sample_masks(6, settings, torch.Generator().manual_seed(1))
+    assert pattern.shape == (32, 6) and torch.equal(pattern.sum(1), count)
+    assert count.min() >= 1 and count.max() <= 6
+    assert len(set(count[:16].tolist())) == 6  # one group spans every size
+
+
+def test_batched_requests_equal_requests_alone(ref, ref_model):
+    runs = ref["cases"]["loglikelihood"]["runs"][:4]
+    prompts, answers = [r["prompt"] for r in runs], [r["answer"] for r in runs]
+    settings = LikelihoodSettings(mc_num=32, mc_batch=16)
+    together = _estimate(ref_model, prompts, answers, settings)
+    alone = [_estimate(ref_model, [p], [a], settings)[0] for p, a in zip(prompts, answers)]
+    assert together == pytest.approx(alone, abs=1e-4)
+    assert _estimate(ref_model, prompts[::-1], answers[::-1], settings) == pytest.approx(together[::-1], abs=1e-4)
+
+
+def test_seeded_and_reproducible(ref, ref_model):
+    run = ref["cases"]["loglikelihood"]["runs"][2]
+    settings = LikelihoodSettings(mc_num=16)
+    first = _estimate(ref_model, [run["prompt"]], [run["answer"]], settings, seed=7)
+    assert _estimate(ref_model, [run["prompt"]], [run["answer"]], settings, seed=7) == first
+    assert _estimate(ref_model, [run["prompt"]], [run["answer"]], settings, seed=8) != first
+
+
+def test_forwards_carry_rows_of_many_requests(ref, ref_model):
+    runs = ref["cases"]["loglikelihood"]["runs"][:3]
+    shapes = []
+
+    def denoise(ids, attention_mask, logits_at):
+        shapes.append(ids.shape[0])
+        return ref_model(ids, attention_mask, logits_at=logits_at)[0]
+
+    prompts, answers = [r["prompt"] for r in runs], [r["answer"] for r in runs]
+    generators = [request_generator(0, p, a) for p, a in zip(prompts, answers)]
+    mc_loglikelihood(denoise, prompts, answers, LikelihoodSettings(mc_num=32, mc_batch=16), MASK_ID, EOS_ID, generators, CPU)
+    assert shapes == [1 + 16 + 16, 16 + 16]  # the one-token answer needs one row, once
+
+
+def test_settings_errors():
+    with pytest.raises(ValueError, match="mc_num=100 is not a multiple of mc_batch=16"):
+        LikelihoodSettings(mc_num=100).check()
+    with pytest.raises(ValueError, match="mc_num=0"):
+        LikelihoodSettings(mc_num=0).check()
+
+
+def test_greedy_check_recognises_the_models_own_greedy_answer(ref_model):
+    prompts = [[11, 12, 13, 14], [40, 41, 42]]
+    denoise = model_denoiser(ref_model)
+    # Build each greedy answer by the definition: unmask the single most confident position.
+    answers = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt + [MASK_ID] * 4])
+        for _ in range(4):
+            logits = denoise(ids, None, None)[0]
+            probs = logits.softmax(-1).max(-1)
+            masked = ids[0] == MASK_ID
+            pos = torch.where(masked, probs.values, -1.0).argmax()
+            ids[0, pos] = probs.indices[pos]
+        answers.append(ids[0, len(prompt):].tolist())
+    assert greedy_matches(denoise, prompts, answers, 0.0, MASK_ID, EOS_ID, CPU) == [True, True]
+    wrong = [answers[0], [(t + 1) % 240 for t in answers[1]]]
+    assert greedy_matches(denoise, prompts, wrong, 0.0, MASK_ID, EOS_ID, CPU) == [True, False]
