@@ -200,7 +200,7 @@ class LLaDASkipLM(TemplateLM):
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
             "model_dtype": str(self.model.dtype),
             "model_revision": self.settings["revision"],
-            "model_sha": "",
+            "model_sha": self.checkpoint.hub_commit,
             "dlmskip": {**self.settings, "n_layers": self.cfg.n_layers, "flops": flops},
         }
 
@@ -277,8 +277,8 @@ class LLaDASkipLM(TemplateLM):
                 raise ValueError(f"loglikelihood: continuation {strings[1]!r} encodes to no tokens")
         collator = Collator(items, sort_fn=lambda item: (-len(item[0][1]) - len(item[0][2]), item[0][1]))
         longest = max(len(c) + len(a) for (_, c, a), _ in items) if items else 1
-        rows = self.likelihood.mc_num if self.likelihood.mc_num == 1 else self.likelihood.group_size
-        batch_size = self._batch_size(rows * (2 if self.likelihood.cfg else 1), min(longest, self.max_length))
+        rows = self.likelihood.group_size * (2 if self.likelihood.cfg else 1)
+        batch_size = self._batch_size(rows, min(longest, self.max_length))
         results = []
         bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip loglikelihood")
         for chunk in collator.get_batched(n=batch_size):
@@ -376,6 +376,8 @@ class LLaDASkipLM(TemplateLM):
         return settings, until
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        if not requests:
+            return []
         task_index = self.meter.start([str(req.task_name) for req in requests])
         items = [(req.args[0], req.args[1], str(req.task_name)) for req in requests]
         collator = Collator(

@@ -44,6 +44,11 @@ class Checkpoint:
     revision: str
     fingerprint: str  # sha256 over a sample of every weight, independent of the load dtype
 
+    @property
+    def hub_commit(self) -> str:
+        """The commit of a hub download (its cache folder is snapshots/<commit>), else ''."""
+        return self.path.name if self.path.parent.name == "snapshots" else ""
+
 
 def resolve_checkpoint(pretrained: str, revision: str = "main") -> Path:
     """A local directory as is, otherwise a hub id fetched (or found in the cache) by huggingface_hub."""

@@ -73,6 +73,19 @@ def test_lm_eval_cli_runs_llada_skip_and_writes_flops(tmp_path, ref_dir, ref_tas
     assert info["flops"]["ref_gen"]["forwards"] == 4 * 8  # four prompts x eight denoising steps
 
 
+def test_data_parallel_under_accelerate_matches_one_process(tmp_path, ref_dir, ref_tasks):
+    """Two CPU processes (gloo) split the requests; scores and FLOPs totals equal one process."""
+    args = ["--model", "llada_skip", "--model_args", f"pretrained={ref_dir},mc_num=16,skip_layers=[1]",
+            "--tasks", "ref_mc", "--include_path", str(ref_tasks), "--batch_size", "2", "--device", "cpu"]
+    run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "lm_eval",
+         *args, "--output_path", str(tmp_path / "two")])
+    lm_eval(*args, "--output_path", str(tmp_path / "one"))
+    [two], [one] = (list((tmp_path / d).rglob("results_*.json")) for d in ("two", "one"))
+    two, one = json.loads(two.read_text()), json.loads(one.read_text())
+    assert two["results"]["ref_mc"]["acc,none"] == one["results"]["ref_mc"]["acc,none"]
+    assert two["config"]["dlmskip"]["flops"] == one["config"]["dlmskip"]["flops"]
+
+
 def test_lm_eval_cli_still_runs_the_hf_model(tmp_path, ref_dir, ref_tasks):
     """--model hf end to end, on a tiny GPT-2 that uses the reference tokenizer."""
     import shutil

@@ -58,6 +58,13 @@ def test_loglikelihood_does_not_depend_on_batch_size(ref_dir, ref):
     assert [s for s, _ in one] == pytest.approx([s for s, _ in four], abs=1e-4)
 
 
+def test_batch_size_auto_finds_a_size_and_keeps_the_scores(ref_dir, ref):
+    lm = make_lm(ref_dir, batch_size="auto", max_batch_size=3)
+    assert lm._batch_size(16, 12) == 3  # nothing runs out of memory on the CPU: the upper bound
+    auto = lm.loglikelihood(ll_requests(ref))
+    assert [s for s, _ in auto] == pytest.approx([s for s, _ in make_lm(ref_dir).loglikelihood(ll_requests(ref))], abs=1e-4)
+
+
 def test_check_greedy_runs_the_greedy_passes_only_when_asked(ref_dir, ref):
     lm = make_lm(ref_dir, check_greedy=True)
     results = lm.loglikelihood(ll_requests(ref))
