@@ -237,5 +237,5 @@ def test_lora_adapter_is_merged(tmp_path, ref_dir, ref_tensors):
     lm = make_lm(ref_dir, peft=str(adapter))
     with torch.no_grad():
         got = lm.model(ref_tensors["forward.input_ids"])[0]
-    assert torch.allclose(got, expected, atol=1e-5)
-    assert not torch.allclose(got, ref_tensors["forward.logits"], atol=1e-3)
+    assert (got - expected).abs().max() < 1e-4  # merged weights round differently from W x + B A x
+    assert (got - ref_tensors["forward.logits"]).abs().max() > 1e-2
