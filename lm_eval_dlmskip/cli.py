@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 
 
@@ -14,11 +16,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="dlmskip-demo", help="directory for the checkpoint, task and results")
     demo.add_argument("--skip-layers", default="[1,3]", help="0-based blocks to skip in the second run")
 
+    from .train import add_arguments
+
+    add_arguments(sub.add_parser("train", help="train router checkpoints that lm_eval's router= consumes"))
+
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo(args.out, args.skip_layers)
+    if args.command == "train":
+        from .train import config_from_args, train
+
+        print(json.dumps(train(config_from_args(args))))
+        return 0
     return 1
 
 

@@ -135,25 +135,18 @@ def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int =
     return model.eval()
 
 
-def write_tasks(out: Path, n_docs: int = 40, seed: int = 1) -> Path:
-    """Two lm-eval tasks over local JSONL files (no dataset hub)."""
+def write_tasks(out: Path, n_docs: int = 40, n_train: int = 200, seed: int = 1) -> Path:
+    """Two lm-eval tasks over local JSONL files (no dataset hub), with a training split for routers."""
     rng = random.Random(seed)
     tasks = out / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
-    docs = []
-    for _ in range(n_docs):
-        prompt, answer = reverse_example(rng)
-        items = prompt.split()[:-2]
-        wrong = [" " + " ".join(items) + " .", " " + " ".join(rng.sample(items, len(items))) + " .", " " + " ".join(rng.choice(WORDS) for _ in items) + " ."]
-        choices = [answer] + [w for w in wrong if w != answer][:2]
-        while len(choices) < 3:
-            choices.append(" " + " ".join(rng.choice(WORDS) for _ in items) + " .")
-        order = list(range(3))
-        rng.shuffle(order)
-        docs.append({"prompt": prompt, "answer": answer.strip(" ."), "choices": [choices[i] for i in order], "label": order.index(0)})
-    data = tasks / "reverse.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\ndoc_to_text: \"{{{{prompt}}}}\"\n"
+    splits = {"test": tasks / "reverse.jsonl", "train": tasks / "reverse_train.jsonl"}
+    for split, count in (("test", n_docs), ("train", n_train)):
+        splits[split].write_text("".join(json.dumps(d) + "\n" for d in _reverse_docs(rng, count)))
+    common = (
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {splits['test']}\n    train: {splits['train']}\n"
+        "test_split: test\ntraining_split: train\ndoc_to_text: \"{{prompt}}\"\n"
+    )
     (tasks / "demo_reverse_mc.yaml").write_text(
         "task: demo_reverse_mc\n" + common + "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\n"
         "doc_to_target: label\ntarget_delimiter: \"\"\nmetric_list:\n  - metric: acc\n"
@@ -165,6 +158,21 @@ def write_tasks(out: Path, n_docs: int = 40, seed: int = 1) -> Path:
         "      - function: take_first\nmetric_list:\n  - metric: exact_match\n    ignore_punctuation: true\n"
     )
     return tasks
+
+
+def _reverse_docs(rng: random.Random, count: int) -> list[dict]:
+    docs = []
+    for _ in range(count):
+        prompt, answer = reverse_example(rng)
+        items = prompt.split()[:-2]
+        wrong = [" " + " ".join(items) + " .", " " + " ".join(rng.sample(items, len(items))) + " .", " " + " ".join(rng.choice(WORDS) for _ in items) + " ."]
+        choices = [answer] + [w for w in wrong if w != answer][:2]
+        while len(choices) < 3:
+            choices.append(" " + " ".join(rng.choice(WORDS) for _ in items) + " .")
+        order = list(range(3))
+        rng.shuffle(order)
+        docs.append({"prompt": prompt, "answer": answer.strip(" ."), "choices": [choices[i] for i in order], "label": order.index(0)})
+    return docs
 
 
 def build_demo(out: str | Path, train_steps: int = 400) -> Path:

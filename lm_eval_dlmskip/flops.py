@@ -11,7 +11,11 @@ Two normalised figures, both 1.0 with nothing skipped:
 Per token, following Kaplan et al. 2020 (Table 1) and PaLM (Chowdhery et al. 2022, App. B),
 with no causal halving since LLaDA attends in both directions:
 embedding 4d; per block 2d(2d + 2 d_kv) for q,k,v,o, 4 n d for scores and values, 6 d d_ff for
-the MLP; LM head 2 d V per computed position; router 2(d h + 2 h) per evaluated block.
+the MLP; LM head 2 d V per computed position; router 2(d h + (depth-2) h^2 + 2 h) per evaluated
+block (routers read every position).
+
+Forwards are also binned by how much of the answer is still masked (10 buckets of the masked
+fraction), so one can see that later denoising steps (little left masked) run fewer blocks.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ class FlopsModel:
     mlp_hidden: int
     vocab: int
     router_hidden: int = 0  # 0: no router
+    router_depth: int = 2
 
     @classmethod
-    def of(cls, cfg: LLaDAConfig, router_hidden: int = 0) -> "FlopsModel":
-        return cls(cfg.d_model, cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, cfg.mlp_hidden_size, cfg.vocab_size, router_hidden)
+    def of(cls, cfg: LLaDAConfig, router_hidden: int = 0, router_depth: int = 2) -> "FlopsModel":
+        kv = cfg.n_kv_heads * cfg.head_dim
+        return cls(cfg.d_model, cfg.n_layers, kv, cfg.mlp_hidden_size, cfg.vocab_size, router_hidden, router_depth)
 
     def block(self, n: Tensor) -> Tensor:
         """One block over a sequence of n tokens."""
@@ -45,7 +51,7 @@ class FlopsModel:
 
     def router(self, n: Tensor) -> Tensor:
         h = self.router_hidden
-        return n * 2 * (self.d_model * h + 2 * h)
+        return n * 2 * (self.d_model * h + (self.router_depth - 2) * h * h + 2 * h)
 
     def forward(self, trace: SkipTrace) -> tuple[Tensor, Tensor]:
         """Per-row FLOPs [B] spent, and [B] for the same rows with no skipping (float64)."""
@@ -54,6 +60,13 @@ class FlopsModel:
         block = self.block(n)
         spent = fixed + trace.executed.sum(1).double() * block + trace.routed_layers * self.router(n)
         return spent, fixed + self.n_layers * block
+
+
+BUCKETS = 10  # masked-fraction bins: [0, 0.1), ..., [0.9, 1.0]
+
+
+def _add(a: list, b: list) -> list:
+    return [_add(x, y) if isinstance(x, list) else x + y for x, y in zip(a, b)] if a else b
 
 
 @dataclass
@@ -65,16 +78,30 @@ class TaskTotals:
     per_block: list[float] = field(default_factory=list)
     flops: float = 0.0
     flops_no_skip: float = 0.0
+    bucket_forwards: list[float] = field(default_factory=list)  # [BUCKETS]
+    bucket_blocks: list[list[float]] = field(default_factory=list)  # [BUCKETS][n_layers]
 
     def add(self, other: "TaskTotals") -> None:
         self.forwards += other.forwards
         self.executed_blocks += other.executed_blocks
-        self.per_block = [a + b for a, b in zip(self.per_block, other.per_block)] if self.per_block else list(other.per_block)
+        self.per_block = _add(self.per_block, other.per_block)
         self.flops += other.flops
         self.flops_no_skip += other.flops_no_skip
+        self.bucket_forwards = _add(self.bucket_forwards, other.bucket_forwards)
+        self.bucket_blocks = _add(self.bucket_blocks, other.bucket_blocks)
 
     def summary(self, n_layers: int) -> dict:
         rows = max(self.forwards, 1)
+        buckets = [
+            {
+                "masked_fraction": [b / BUCKETS, (b + 1) / BUCKETS],
+                "forwards": int(n),
+                "mean_executed_blocks": sum(self.bucket_blocks[b]) / n,
+                "block_execution_ratio": [c / n for c in self.bucket_blocks[b]],
+            }
+            for b, n in enumerate(self.bucket_forwards)
+            if n
+        ]
         return {
             "forwards": self.forwards,
             "normalized_flops_papers": self.executed_blocks / (rows * n_layers),
@@ -83,6 +110,7 @@ class TaskTotals:
             "block_execution_ratio": [c / rows for c in self.per_block],
             "tflops": self.flops / 1e12,
             "tflops_no_skip": self.flops_no_skip / 1e12,
+            "by_masked_fraction": buckets,
         }
 
 
@@ -106,6 +134,8 @@ class FlopsMeter:
         self._blocks = torch.zeros(n, L, dtype=torch.float64, device=self.device)
         self._spent = torch.zeros(n, dtype=torch.float64, device=self.device)
         self._full = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self._bucket_rows = torch.zeros(n * BUCKETS, dtype=torch.float64, device=self.device)
+        self._bucket_blocks = torch.zeros(n * BUCKETS, L, dtype=torch.float64, device=self.device)
 
     def start(self, tasks: list[str]) -> dict[str, int]:
         """Begin a harness call over ``tasks``; returns each task's index for ``record``."""
@@ -113,13 +143,20 @@ class FlopsMeter:
         self._open(tuple(dict.fromkeys(tasks)))
         return {t: i for i, t in enumerate(self.tasks)}
 
-    def record(self, trace: SkipTrace, row_task: Tensor) -> None:
-        """Add one forward pass; ``row_task`` [B] gives each row's task index."""
+    def record(self, trace: SkipTrace, row_task: Tensor, answer_len: Tensor | None = None) -> None:
+        """Add one forward pass; ``row_task`` [B] gives each row's task index and ``answer_len`` [B]
+        the answer length its masked fraction is measured against."""
         spent, full = self.flops.forward(trace)
+        executed = trace.executed.double()
         self._rows.index_add_(0, row_task, torch.ones_like(spent))
-        self._blocks.index_add_(0, row_task, trace.executed.double())
+        self._blocks.index_add_(0, row_task, executed)
         self._spent.index_add_(0, row_task, spent)
         self._full.index_add_(0, row_task, full)
+        if answer_len is not None:
+            fraction = (trace.masked.double() / answer_len.clamp(min=1)).clamp(0, 1)
+            bucket = row_task * BUCKETS + (fraction * BUCKETS).long().clamp(max=BUCKETS - 1)
+            self._bucket_rows.index_add_(0, bucket, torch.ones_like(spent))
+            self._bucket_blocks.index_add_(0, bucket, executed)
 
     def flush(self) -> dict[str, TaskTotals]:
         """Move the device sums into ``totals`` (one sync); returns this call's totals."""
@@ -127,10 +164,12 @@ class FlopsMeter:
             return {}
         rows, blocks = self._rows.tolist(), self._blocks.tolist()
         spent, full = self._spent.tolist(), self._full.tolist()
+        bucket_rows = self._bucket_rows.view(len(self.tasks), BUCKETS).tolist()
+        bucket_blocks = self._bucket_blocks.view(len(self.tasks), BUCKETS, -1).tolist()
         added = {}
         for i, task in enumerate(self.tasks):
             if rows[i]:
-                part = TaskTotals(int(rows[i]), sum(blocks[i]), blocks[i], spent[i], full[i])
+                part = TaskTotals(int(rows[i]), sum(blocks[i]), blocks[i], spent[i], full[i], bucket_rows[i], bucket_blocks[i])
                 self.totals.setdefault(task, TaskTotals()).add(part)
                 added[task] = part
         self._open(())

@@ -27,6 +27,7 @@ from .generation import GenerationSettings, generate
 from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
 from .loading import load_llada, load_tokenizer, merge_lora
 from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers
+from .router import RoutedSkip, RouterCheckpoint, load_routers
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
 
@@ -66,6 +67,9 @@ class LLaDASkipLM(TemplateLM):
         temperature: float = 0.0,
         skip_layers: list[int] | int | str | None = None,
         skip_random: int | None = None,
+        router: str | None = None,
+        router_tau: float | None = None,
+        allow_mismatch: bool = False,
         seed: int = 1234,
         peft: str | None = None,
         trust_remote_code: bool | None = None,
@@ -89,20 +93,34 @@ class LLaDASkipLM(TemplateLM):
         self.likelihood.check()
         self.gen_defaults = {"gen_length": gen_length, "steps": steps, "block_length": block_length}
         self.generation = GenerationSettings(cfg=float(cfg), remasking=remasking, temperature=float(temperature))
-        self.policy = build_policy(self.cfg.n_layers, skip_layers, skip_random, self.seed)
+        flops = FlopsModel.of(self.cfg)
+        if router is not None:
+            if skip_layers is not None or skip_random is not None:
+                raise ValueError("router and skip_layers/skip_random both given: choose one way of skipping")
+            routed = load_routers(router, self.cfg, checkpoint.fingerprint, router_tau, bool(allow_mismatch), self._device)
+            if routed.adapter is not None:
+                self.model = merge_lora(self.model, str(routed.adapter))
+            self.policy: SkipPolicy = RoutedSkip(routed.routers, routed.routers.cfg.tau)
+            flops = FlopsModel.of(self.cfg, routed.routers.cfg.hidden, routed.routers.cfg.depth)
+            skip = describe_router(routed)
+        elif router_tau is not None:
+            raise ValueError("router_tau is given without router=PATH")
+        else:
+            self.policy = build_policy(self.cfg.n_layers, skip_layers, skip_random, self.seed)
+            skip = describe_policy(self.policy)
         self.settings = {
             "pretrained": pretrained,
             "revision": str(revision),
             "peft": peft,
             "fingerprint": checkpoint.fingerprint,
-            "skip": describe_policy(self.policy),
+            "skip": skip,
             "likelihood": asdict(self.likelihood),
             "check_greedy": self.check_greedy,
             "generation": {**self.gen_defaults, "cfg": float(cfg), "remasking": remasking, "temperature": float(temperature)},
             "seed": self.seed,
             "max_length": self._max_length,
         }
-        self.meter = FlopsMeter(FlopsModel.of(self.cfg), self._device)
+        self.meter = FlopsMeter(flops, self._device)
 
     # ---- lm-eval conventions -------------------------------------------------------------
     @classmethod
@@ -227,14 +245,17 @@ class LLaDASkipLM(TemplateLM):
         log.info("batch_size=auto: %d requests per batch", size)
         return size
 
-    def _denoiser(self, row_tasks: torch.Tensor):
-        """A ``denoise(ids, attention_mask, logits_at)`` that charges every forward to its tasks."""
-        state = {"row_tasks": row_tasks}
+    def _denoiser(self, row_tasks: torch.Tensor, answer_len: torch.Tensor):
+        """A ``denoise(ids, attention_mask, logits_at)`` that charges every forward to its tasks.
+
+        ``state`` holds each row's task and answer length; CFG doubles the rows, so both repeat."""
+        state = {"row_tasks": row_tasks, "answer_len": answer_len}
 
         def denoise(ids, attention_mask, logits_at):
             logits, trace = self.model(ids, attention_mask, policy=self.policy, logits_at=logits_at)
-            tasks = state["row_tasks"]
-            self.meter.record(trace, tasks.repeat(len(ids) // len(tasks)))
+            tasks, lengths = state["row_tasks"], state["answer_len"]
+            repeat = len(ids) // len(tasks)
+            self.meter.record(trace, tasks.repeat(repeat), lengths.repeat(repeat))
             return logits
 
         denoise.state = state
@@ -248,7 +269,9 @@ class LLaDASkipLM(TemplateLM):
             if self.rank == 0:
                 self.meter.merge(gathered[1:])
         if self.rank == 0:
-            for task, summary in self.meter.summary().items():
+            summaries = self.meter.summary()
+            for task in sorted(added):
+                summary = summaries[task]
                 log.info(
                     "llada_skip %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), "
                     "%.2f of %d blocks executed on average over %d forwards",
@@ -284,14 +307,19 @@ class LLaDASkipLM(TemplateLM):
         for chunk in collator.get_batched(n=batch_size):
             prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _ in chunk))
             owners = torch.tensor([task_index[task] for _, task in chunk], device=self._device)
-            denoise = self._denoiser(owners)
+            lengths = torch.tensor([len(a) for a in answers], device=self._device)
+            denoise = self._denoiser(owners, lengths)
             generators = [request_generator(self.seed, p, a) for p, a in zip(prompts, answers)]
+
+            def on_rows(row_owner: torch.Tensor) -> None:
+                denoise.state.update(row_tasks=owners[row_owner], answer_len=lengths[row_owner])
+
             scores = mc_loglikelihood(
                 denoise, list(prompts), list(answers), self.likelihood, self.mask_id, self.tokenizer.pad_token_id,
-                generators, self._device, on_rows=lambda row_owner: denoise.state.update(row_tasks=owners[row_owner]),
+                generators, self._device, on_rows=on_rows,
             )
             if self.check_greedy:
-                denoise.state["row_tasks"] = owners
+                denoise.state.update(row_tasks=owners, answer_len=lengths)
                 greedy = greedy_matches(
                     denoise, list(prompts), list(answers), self.likelihood.cfg, self.mask_id,
                     self.tokenizer.pad_token_id, self._device,
@@ -391,7 +419,8 @@ class LLaDASkipLM(TemplateLM):
             ids, attention_mask = self._encode_prompts(list(contexts), self.max_length - settings.gen_length)
             owners = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
             generator = torch.Generator(self._device).manual_seed(self.seed) if settings.temperature > 0 or settings.remasking == "random" else None
-            out = generate(self._denoiser(owners), ids, attention_mask, settings, self.mask_id, generator)
+            answer_len = torch.full_like(owners, settings.gen_length)
+            out = generate(self._denoiser(owners, answer_len), ids, attention_mask, settings, self.mask_id, generator)
             for context, kwargs, answer in zip(contexts, all_kwargs, out[:, ids.shape[1] :].tolist()):
                 text = self.decode_answer(answer, until)
                 results.append(text)
@@ -460,6 +489,19 @@ def build_policy(n_layers: int, skip_layers: Any, skip_random: Any, seed: int) -
         policy.check(n_layers)
         return policy
     return NO_SKIP
+
+
+def describe_router(routed: RouterCheckpoint) -> dict:
+    meta = routed.meta
+    return {
+        "method": "routed",
+        "router": str(routed.path),
+        "tau": routed.routers.cfg.tau,
+        **{k: meta.get(k) for k in ("lambda", "alpha_target", "mask_scaling")},
+        "router_shape": meta["router"],
+        "trained_on": meta.get("training", {}).get("source"),
+        "trained_for": meta["base_model"]["name"],
+    }
 
 
 def describe_policy(policy: SkipPolicy) -> dict:

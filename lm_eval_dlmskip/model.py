@@ -255,7 +255,7 @@ class LLaDA(nn.Module):
         seq_lens = torch.full((B,), L, device=ids.device) if attention_mask is None else attention_mask.sum(1)
         executed = SkipTrace.from_decisions(decisions, B, ids.device)
         routed = getattr(policy, "routed_layers", 0)
-        return x, SkipTrace(executed, seq_lens, head_positions=seq_lens, routed_layers=routed)
+        return x, SkipTrace(executed, seq_lens, seq_lens, batch.masked.sum(1), routed)
 
     def head(self, h: Tensor, logits_at: LogitPositions = None) -> Tensor:
         """Final norm and LM head, only at the positions whose logits are used."""

@@ -154,6 +154,7 @@ class SkipTrace:
     executed: Tensor  # [B, n_layers] bool: block l ran for row b
     seq_lens: Tensor  # [B] real (non-padding) tokens per row
     head_positions: Tensor  # [B] positions whose logits the LM head computed
+    masked: Tensor  # [B] masked positions per row (how far denoising has come)
     routed_layers: int = 0  # blocks whose router was evaluated (its cost goes into FLOPs)
 
     @staticmethod

@@ -86,6 +86,31 @@ def test_data_parallel_under_accelerate_matches_one_process(tmp_path, ref_dir, r
     assert two["config"]["dlmskip"]["flops"] == one["config"]["dlmskip"]["flops"]
 
 
+def test_router_training_in_two_processes_equals_one(tmp_path, ref_dir):
+    """accelerate launch with 2 CPU processes (gloo): same micro-batches and seeds as one process,
+    gradients synchronised on the router parameters only; the routers agree to float rounding."""
+    import random
+
+    from safetensors.torch import load_file
+
+    rng = random.Random(0)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(
+        json.dumps({"prompt": " ".join(f"t{rng.randrange(240)}" for _ in range(5)),
+                    "target": " " + " ".join(f"t{rng.randrange(240)}" for _ in range(3))}) + "\n"
+        for _ in range(40)
+    ))
+    args = ["--model", str(ref_dir), "--data", str(data), "--router-hidden", "16", "--batch-size", "4",
+            "--effective-batch-size", "16", "--lr", "1e-2", "--warmup-steps", "2", "--max-steps", "8",
+            "--lambda", "5", "--dtype", "float32", "--device", "cpu", "--eval-every", "4", "--log-every", "4"]
+    run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+         "-m", "lm_eval_dlmskip.train", *args, "--output", str(tmp_path / "two")])
+    run([sys.executable, "-m", "lm_eval_dlmskip.cli", "train", *args, "--output", str(tmp_path / "one")])
+    one, two = (load_file(str(tmp_path / d / "router.safetensors")) for d in ("one", "two"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert json.loads((tmp_path / "two" / "router.json").read_text())["training"]["effective_batch_size"] == 16
+
+
 def test_lm_eval_cli_still_runs_the_hf_model(tmp_path, ref_dir, ref_tasks):
     """--model hf end to end, on a tiny GPT-2 that uses the reference tokenizer."""
     import shutil

@@ -85,7 +85,7 @@ LLADA_8B = LLaDAConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp
 
 def _trace(executed_row, batch=1, n=512, head=256):
     executed = torch.tensor([executed_row] * batch)
-    return SkipTrace(executed, torch.full((batch,), n), torch.full((batch,), head))
+    return SkipTrace(executed, torch.full((batch,), n), torch.full((batch,), head), torch.full((batch,), head))
 
 
 def test_one_of_32_blocks_skipped_is_0_96875_on_the_papers_figure():

@@ -1,0 +1,291 @@
+"""Learned routers, the dynamic method (router paper, Sec. 3.2 and Alg. 1), and their checkpoints.
+
+One small MLP in front of every block reads the hidden states entering it and gives each token two
+logits, [skip, execute]. At inference every currently masked position votes by argmax; a row skips
+the block when its share of skip votes exceeds ``tau`` (default 0.1). Decisions are per row
+(sequence level); a row with no masked position runs every block. The MLP is applied densely to
+all positions and the votes are then read at the masked ones (the paper's App. A.3 layout).
+
+Default MLP, as the public D-LLM router the paper builds on:
+``Linear(d, 512) -> RMSNorm(512) -> SiLU -> Linear(512, 2)``; ``norm_first`` gives
+``RMSNorm(d) -> Linear -> SiLU -> Linear``. The last bias starts with execute ``init_bias`` above
+skip, so at the start of training almost no token votes skip and every block runs.
+
+A checkpoint is a directory: ``router.safetensors`` (weights, no pickle) and ``router.json``
+(format, the base model's identity, router shape, training settings and metrics), plus
+``adapter/`` when LoRA adapters were trained with it. It is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .model import LLaDAConfig, RMSNorm
+from .policies import Decision, ForwardBatch
+
+FORMAT_VERSION = 1
+SKIP, EXECUTE = 0, 1  # logit order, as in the paper and D-LLM
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    d_model: int
+    n_layers: int
+    hidden: int = 512
+    depth: int = 2  # linear layers per router (the paper also tried 4)
+    norm_first: bool = False
+    init_bias: float = 4.0  # execute logit minus skip logit at initialisation
+    tau: float = 0.1
+    eps: float = 1e-5
+
+    def check(self) -> None:
+        if self.depth < 2:
+            raise ValueError(f"router depth={self.depth}: a router has at least 2 linear layers")
+        if not 0 <= self.tau < 1:
+            raise ValueError(f"tau={self.tau} must be in [0, 1)")
+
+
+class Router(nn.Module):
+    """Token logits [.., 2] (skip, execute) for the hidden states entering one block."""
+
+    def __init__(self, cfg: RouterConfig) -> None:
+        super().__init__()
+        d, h = cfg.d_model, cfg.hidden
+        if cfg.norm_first:
+            layers: list[nn.Module] = [RMSNorm(d, cfg.eps), nn.Linear(d, h), nn.SiLU()]
+            layers += [m for _ in range(cfg.depth - 2) for m in (nn.Linear(h, h), nn.SiLU())]
+        else:
+            layers = [nn.Linear(d, h), RMSNorm(h, cfg.eps), nn.SiLU()]
+            layers += [m for _ in range(cfg.depth - 2) for m in (nn.Linear(h, h), RMSNorm(h, cfg.eps), nn.SiLU())]
+        self.net = nn.Sequential(*layers, nn.Linear(h, 2))
+        with torch.no_grad():
+            self.net[-1].bias.copy_(torch.tensor([0.0, cfg.init_bias]))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h.to(self.net[-1].weight.dtype))
+
+
+class Routers(nn.Module):
+    """One router per block."""
+
+    def __init__(self, cfg: RouterConfig) -> None:
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        self.routers = nn.ModuleList(Router(cfg) for _ in range(cfg.n_layers))
+
+    def forward(self, layer: int, h: Tensor) -> Tensor:
+        return self.routers[layer](h)
+
+
+def skip_share(votes_skip: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
+    """Share [B] of skip votes over each row's masked positions, and whether the row has any."""
+    count = masked.sum(1)
+    share = (votes_skip * masked).sum(1) / count.clamp(min=1)
+    return share, count > 0
+
+
+@dataclass(frozen=True)
+class RoutedSkip:
+    """Inference policy: argmax votes at masked positions; skip when their skip share > tau."""
+
+    routers: Routers
+    tau: float
+
+    @property
+    def routed_layers(self) -> int:
+        return self.routers.cfg.n_layers  # every block consults its router (its FLOPs are counted)
+
+    def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision:
+        logits = self.routers(layer, h)  # [B, L, 2], dense over every position
+        votes_skip = (logits.argmax(-1) == SKIP).float()
+        share, has_masked = skip_share(votes_skip, batch.masked.float())
+        return ~((share > self.tau) & has_masked)  # [B] True: run the block
+
+    def check(self, n_layers: int) -> None:
+        if self.routers.cfg.n_layers != n_layers:
+            raise ValueError(f"router: trained for {self.routers.cfg.n_layers} blocks, the model has {n_layers}")
+
+
+class GumbelRouting:
+    """Training policy for one forward pass: Gumbel-softmax votes (hard, straight-through), their
+    mean over masked positions, a hard gate at tau with the straight-through estimator. Returns
+    the execute gate e1 in {0, 1} (differentiable) and keeps each block's skip gate e0 for the
+    skip loss (alpha = mean of e0 over blocks)."""
+
+    def __init__(self, routers: Routers, temperature: float, generator: torch.Generator | None) -> None:
+        self.routers = routers
+        self.tau = routers.cfg.tau
+        self.temperature = temperature
+        self.generator = generator
+        self.skip_gates: list[Tensor] = []  # [B] per block
+
+    def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision:
+        logits = self.routers(layer, h).float()
+        uniform = torch.rand(logits.shape, device=logits.device, generator=self.generator)
+        exponential = -torch.log(uniform.clamp(min=1e-20))
+        gumbel = -torch.log(exponential.clamp(min=1e-20))
+        soft = F.softmax((logits + gumbel) / self.temperature, dim=-1)
+        hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
+        votes = hard + (soft - soft.detach())  # exactly one-hot forward, softmax gradient
+        share, has_masked = skip_share(votes[..., SKIP], batch.masked.float())
+        gate = ((share > self.tau) & has_masked).to(share.dtype)
+        skip = gate + (share - share.detach())  # exactly 0 or 1 forward, gradient to the share
+        self.skip_gates.append(skip)
+        return 1.0 - skip  # execute gate: h + e1 (f(h) - h)
+
+    def alpha(self) -> Tensor:
+        """[B] share of skipped blocks per row (the paper's alpha)."""
+        return torch.stack(self.skip_gates, 1).mean(1)
+
+    def check(self, n_layers: int) -> None:
+        return None
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+def model_identity(cfg: LLaDAConfig, name: str, fingerprint: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "fingerprint": fingerprint,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "mlp_hidden_size": cfg.mlp_hidden_size,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def write_atomic_dir(target: Path, fill) -> None:
+    """Build a directory beside ``target`` with ``fill(tmp)``, then swap it in: a crash leaves
+    either the old complete directory or the new one, never a half-written one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    fill(tmp)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_routers(
+    path: str | Path,
+    routers: Routers,
+    identity: dict[str, Any],
+    settings: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    lora_model: nn.Module | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> None:
+    """Write a router checkpoint directory atomically; ``extra(tmp)`` adds files to it (the
+    trainer's resumable state and logs)."""
+    meta = {
+        "format": FORMAT_VERSION,
+        "kind": "lm_eval_dlmskip.router",
+        "base_model": identity,
+        "router": {k: v for k, v in asdict(routers.cfg).items() if k not in ("d_model", "n_layers")},
+        "n_layers": routers.cfg.n_layers,
+        "d_model": routers.cfg.d_model,
+        "tau": routers.cfg.tau,
+        **settings,
+        "metrics": metrics or {},
+        "lora": lora_model is not None,
+    }
+    state = {k: v.detach().float().contiguous().cpu() for k, v in routers.state_dict().items()}
+
+    def fill(tmp: Path) -> None:
+        save_file(state, str(tmp / "router.safetensors"), metadata={"format": "pt"})
+        (tmp / "router.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if lora_model is not None:
+            lora_model.save_pretrained(str(tmp / "adapter"))
+        if extra is not None:
+            extra(tmp)
+
+    write_atomic_dir(Path(path), fill)
+
+
+@dataclass(frozen=True)
+class RouterCheckpoint:
+    routers: Routers
+    meta: dict[str, Any]
+    path: Path
+
+    @property
+    def adapter(self) -> Path | None:
+        return self.path / "adapter" if self.meta.get("lora") else None
+
+
+def resolve_router(router: str) -> Path:
+    """A checkpoint directory, or a bare name looked up under ./router_ckpts/."""
+    path = Path(router).expanduser()
+    if path.is_dir():
+        return path
+    named = Path("router_ckpts") / router
+    if named.is_dir():
+        return named
+    raise ValueError(f"router={router!r}: no such checkpoint directory (also looked for {named}/)")
+
+
+def load_routers(
+    router: str | Path,
+    cfg: LLaDAConfig,
+    fingerprint: str,
+    tau: float | None = None,
+    allow_mismatch: bool = False,
+    device: torch.device | str = "cpu",
+) -> RouterCheckpoint:
+    """Read a router checkpoint and check it was trained for this model."""
+    path = resolve_router(str(router))
+    meta_file, weights = path / "router.json", path / "router.safetensors"
+    for needed in (meta_file, weights):
+        if not needed.exists():
+            raise ValueError(f"router={str(router)!r}: {needed.name} is missing; is this a router checkpoint?")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_file}: not valid JSON ({err}); the checkpoint is damaged, retrain or re-copy it") from err
+    if meta.get("kind") != "lm_eval_dlmskip.router" or meta.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_file}: not a router checkpoint of format {FORMAT_VERSION} "
+            f"(kind={meta.get('kind')!r}, format={meta.get('format')!r})"
+        )
+    base = meta["base_model"]
+    trained_for = f"{base['name']} (n_layers={base['n_layers']}, d_model={base['d_model']}, fingerprint {base['fingerprint']})"
+    if (base["n_layers"], base["d_model"]) != (cfg.n_layers, cfg.d_model):
+        raise ValueError(
+            f"router={str(router)!r} was trained for {trained_for}; this model has "
+            f"n_layers={cfg.n_layers}, d_model={cfg.d_model}"
+        )
+    if base["fingerprint"] != fingerprint and not allow_mismatch:
+        raise ValueError(
+            f"router={str(router)!r} was trained for {trained_for}; this model's weights have fingerprint "
+            f"{fingerprint}. Use the model it was trained for, or pass allow_mismatch=True to use it anyway."
+        )
+    rcfg = RouterConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, **{**meta["router"], **({"tau": tau} if tau is not None else {})})
+    routers = Routers(rcfg)
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights}: not a readable safetensors file ({err}); the checkpoint is damaged") from err
+    expected = {k: tuple(v.shape) for k, v in routers.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))[:5]
+        unexpected = sorted(set(got) - set(expected))[:5]
+        raise ValueError(f"{weights}: weights do not match router.json (missing {missing}, unexpected {unexpected})")
+    routers.load_state_dict(state, strict=True)
+    return RouterCheckpoint(routers.to(device).eval(), meta, path)

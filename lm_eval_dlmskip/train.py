@@ -1,0 +1,481 @@
+"""``dlmskip train`` / ``python -m lm_eval_dlmskip.train``: learn the routers of a frozen LLaDA.
+
+The router paper's objective (Sec. 3.3, App. A.2): the prompt is never masked; each example's
+target is masked with its own ratio p_mask ~ U(eps, 1); every block's router votes by
+Gumbel-softmax over the masked tokens and the row's gate is hard at tau (straight-through);
+alpha = mean skip gate over blocks, and
+
+    loss = (CE_masked + lambda * |alpha - alpha_target|) / p_mask      (CE / p_mask + lambda |..|
+                                                                        with --no-mask-scaling)
+
+with CE_masked the summed cross-entropy of the masked target tokens over the target length (LLaDA's
+SFT normalisation). Only router parameters (and LoRA adapters with --lora) learn. AdamW (0.9, 0.95),
+weight decay 0.02, grad-norm clip 1.0, peak lr 5e-5, linear warmup then half-cosine, bf16 autocast,
+gradient accumulation to the effective batch size; data parallel under ``accelerate launch``.
+
+Every random draw of a step comes from a generator seeded by (seed, step, micro-batch of the step),
+and the data order by (seed, epoch), so a resumed run repeats an uninterrupted one exactly and N
+processes see the same micro-batches as one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .loading import load_llada, load_tokenizer
+from .model import LLaDA
+from .router import GumbelRouting, RoutedSkip, RouterConfig, Routers, model_identity, save_routers
+from .train_data import Pair, encode_pairs, jsonl_texts, split_validation, task_texts
+
+log = logging.getLogger("lm_eval_dlmskip.train")
+
+# Settings a resumed run may change; any other difference is refused.
+_RESUMABLE_CHANGES = {"epochs", "max_steps", "save_every", "eval_every", "log_every", "resume"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    output: str
+    task: str | None = None
+    include_path: str | None = None
+    data: str | None = None
+    revision: str = "main"
+    lam: float = 0.1
+    alpha_target: float = 0.5
+    tau: float = 0.1
+    mask_scaling: bool = True
+    gumbel_temperature: float = 1.0
+    router_hidden: int = 512
+    router_depth: int = 2
+    norm_first: bool = False
+    init_bias: float = 4.0
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    epochs: float = 10.0
+    max_steps: int | None = None
+    batch_size: int = 4  # examples per micro-batch and process
+    effective_batch_size: int = 64
+    lr: float = 5e-5
+    warmup_epochs: float = 2.0
+    warmup_steps: int | None = None
+    weight_decay: float = 0.02
+    grad_clip: float = 1.0
+    max_length: int = 1024
+    min_mask_ratio: float = 1e-3  # LLaDA's eps: p_mask = (1 - eps) t + eps
+    seed: int = 0
+    val_fraction: float = 0.05
+    eval_every: int = 100
+    save_every: int = 500
+    log_every: int = 10
+    dtype: str = "bfloat16"
+    device: str | None = None
+    resume: bool = False
+
+    def check(self) -> None:
+        if (self.task is None) == (self.data is None):
+            raise ValueError("give exactly one of --task NAME or --data FILE.jsonl")
+        if not 0 <= self.alpha_target <= 1:
+            raise ValueError(f"--alpha-target {self.alpha_target} must be in [0, 1]")
+        if self.lam < 0:
+            raise ValueError(f"--lambda {self.lam} must be >= 0")
+        if self.effective_batch_size % self.batch_size:
+            raise ValueError(f"--effective-batch-size {self.effective_batch_size} is not a multiple of --batch-size {self.batch_size}")
+
+
+# ---- the objective ---------------------------------------------------------------------------
+@dataclass
+class Batch:
+    ids: Tensor  # [b, L] prompt + target, right-padded
+    attention_mask: Tensor | None
+    target: Tensor  # [b, L] bool: target positions
+    target_len: Tensor  # [b]
+
+
+def collate(pairs: list[Pair], pad_id: int) -> Batch:
+    L = max(len(p.prompt) + len(p.target) for p in pairs)
+    ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)
+    target = torch.zeros(len(pairs), L, dtype=torch.bool)
+    attention = torch.zeros(len(pairs), L, dtype=torch.long)
+    for i, p in enumerate(pairs):
+        n = len(p.prompt) + len(p.target)
+        ids[i, :n] = torch.tensor(p.prompt + p.target)
+        target[i, len(p.prompt) : n] = True
+        attention[i, :n] = 1
+    return Batch(ids, None if bool(attention.all()) else attention, target, target.sum(1))
+
+
+class RouterObjective(nn.Module):
+    """Frozen backbone + routers; forward gives the paper's loss for one micro-batch."""
+
+    def __init__(self, backbone: nn.Module, routers: Routers, cfg: TrainConfig, mask_id: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.routers = routers
+        self.cfg = cfg
+        self.mask_id = mask_id
+
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, device = self.cfg, batch.ids.device
+        b = batch.ids.shape[0]
+        t = torch.rand(b, 1, device=device, generator=generator)
+        p_mask = (1 - cfg.min_mask_ratio) * t + cfg.min_mask_ratio
+        masked = batch.target & (torch.rand(batch.ids.shape, device=device, generator=generator) < p_mask)
+        noisy = torch.where(masked, self.mask_id, batch.ids)
+        positions = masked.flatten().nonzero().squeeze(1)  # sync: the count sizes the LM head
+        routing = GumbelRouting(self.routers, cfg.gumbel_temperature, generator)
+        logits, _ = self.backbone(noisy, batch.attention_mask, policy=routing, logits_at=positions)
+        ce = F.cross_entropy(logits.float(), batch.ids.flatten()[positions], reduction="none")
+        ce_row = torch.zeros(b, device=device).index_add_(0, positions // batch.ids.shape[1], ce) / batch.target_len
+        alpha = routing.alpha()
+        skip_loss = (alpha - cfg.alpha_target).abs()
+        p = p_mask.squeeze(1)
+        if cfg.mask_scaling:
+            loss = (ce_row + cfg.lam * skip_loss) / p
+        else:
+            loss = ce_row / p + cfg.lam * skip_loss
+        stats = {"ce": ce_row.mean().detach(), "skip_loss": skip_loss.mean().detach(), "alpha": alpha.mean().detach()}
+        return loss.mean(), stats
+
+
+@torch.no_grad()
+def validate(backbone: LLaDA, routers: Routers, pairs: list[Pair], cfg: TrainConfig, mask_id: int, pad_id: int, device) -> dict:
+    """Masked CE and execution ratio with the inference decisions (argmax votes, hard tau), at
+    mask ratios 0.25, 0.5, 0.75 and 1.0 of every held-out example (fixed masks)."""
+    if not pairs:
+        return {}
+    policy = RoutedSkip(routers, routers.cfg.tau)
+    ce_sum, tokens, executed, forwards = 0.0, 0, 0.0, 0
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    for start in range(0, len(pairs), cfg.batch_size):
+        batch = collate(pairs[start : start + cfg.batch_size], pad_id)
+        for ratio in (0.25, 0.5, 0.75, 1.0):
+            masked = batch.target & (torch.rand(batch.ids.shape, generator=generator) < ratio)
+            noisy = torch.where(masked, mask_id, batch.ids).to(device)
+            positions = masked.flatten().nonzero().squeeze(1).to(device)
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+            logits, trace = backbone(noisy, mask, policy=policy, logits_at=positions)
+            ce_sum += F.cross_entropy(logits.float(), batch.ids.flatten()[positions.cpu()].to(device), reduction="sum").item()
+            tokens += len(positions)
+            executed += trace.executed.float().mean(1).sum().item()
+            forwards += batch.ids.shape[0]
+    return {"val_ce": ce_sum / max(tokens, 1), "val_execution_ratio": executed / forwards}
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+@lru_cache(maxsize=4)
+def epoch_order(n: int, epoch: int, seed: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def step_examples(pairs: list[Pair], step: int, per_step: int, seed: int) -> list[Pair]:
+    """The examples of optimizer step ``step``: the next slice of the epoch permutations."""
+    n, chosen = len(pairs), []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, index = divmod(k, n)
+        chosen.append(pairs[epoch_order(n, epoch, seed)[index]] if n else None)
+    return chosen
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to the peak, then half a cosine down to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def trainable(objective: RouterObjective) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+
+
+def save_train_state(out: Path, step: int, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Optimizer moments as safetensors (no pickle) and the position as JSON."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"optimizer.{index}.{key}": value.detach().cpu().contiguous()
+        for index, moments in state["state"].items()
+        for key, value in moments.items()
+        if isinstance(value, Tensor)
+    }
+    save_file(tensors, str(out / "train_state.safetensors"))
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    (out / "train_state.json").write_text(json.dumps({"step": step, "param_groups": groups, "config": asdict(cfg)}, indent=2))
+
+
+def load_train_state(out: Path, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> int:
+    meta = json.loads((out / "train_state.json").read_text())
+    differ = [f for f, v in meta["config"].items() if f not in _RESUMABLE_CHANGES and getattr(cfg, f) != v]
+    if differ:
+        raise ValueError(f"--resume: {out} was trained with other settings ({', '.join(differ)}); resume with the same ones")
+    tensors = load_file(str(out / "train_state.safetensors"))
+    state = optimizer.state_dict()
+    moments: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".")
+        moments.setdefault(int(index), {})[name] = value
+    state["state"] = moments
+    for group, saved in zip(state["param_groups"], meta["param_groups"]):
+        group.update(saved)
+    optimizer.load_state_dict(state)
+    return int(meta["step"])
+
+
+def load_pairs(cfg: TrainConfig, tokenizer) -> tuple[list[Pair], str]:
+    if cfg.task is not None:
+        texts, source = task_texts(cfg.task, cfg.include_path)
+        source = f"task {cfg.task}: {source}"
+    else:
+        texts, source = jsonl_texts(cfg.data), f"data {cfg.data}"
+    return encode_pairs(texts, tokenizer, cfg.max_length), source
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train routers and write the checkpoint directory ``cfg.output``; returns the final metrics."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    cfg.check()
+    out = Path(cfg.output)
+    if out.exists() and not cfg.resume and any(out.iterdir()):
+        raise ValueError(f"--output {out} exists and is not empty; pass --resume to continue it or choose another path")
+    if cfg.resume and not (out / "train_state.json").exists():
+        raise ValueError(f"--resume: {out} holds no training state (train_state.json) to resume from")
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and cfg.dtype == "bfloat16" else "no")
+    world = accelerator.num_processes
+    per_step = cfg.effective_batch_size
+    if per_step % (cfg.batch_size * world):
+        raise ValueError(f"--effective-batch-size {per_step} is not a multiple of --batch-size x processes ({cfg.batch_size} x {world})")
+    accumulation = per_step // (cfg.batch_size * world)
+    device = accelerator.device
+
+    checkpoint = load_llada(cfg.model, cfg.revision, dtype=cfg.dtype if cuda else "float32", device=device)
+    backbone = checkpoint.model.requires_grad_(False)
+    mcfg = backbone.cfg
+    tokenizer = load_tokenizer(checkpoint.path, mcfg.mask_token_id)
+    pad_id = tokenizer.pad_token_id
+    pairs, source = load_pairs(cfg, tokenizer)
+    train_pairs, val_pairs = split_validation(pairs, cfg.val_fraction, cfg.seed)
+    if not train_pairs:
+        raise ValueError(f"no training examples from {source}")
+    steps_per_epoch = math.ceil(len(train_pairs) / per_step)
+    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
+    warmup = max(1, min(warmup, total))
+
+    torch.manual_seed(cfg.seed)  # router initialisation
+    routers = Routers(RouterConfig(mcfg.d_model, mcfg.n_layers, cfg.router_hidden, cfg.router_depth, cfg.norm_first, cfg.init_bias, cfg.tau)).to(device)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"]
+        backbone = get_peft_model(backbone, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=[f"blocks.{i}.{t}" for i in range(mcfg.n_layers) for t in targets]))
+    objective = RouterObjective(backbone, routers, cfg, mcfg.mask_token_id)
+    params = [p for _, p in trainable(objective)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    start = 0
+    if cfg.resume:
+        state = load_file(str(out / "router.safetensors"), device=str(device))
+        routers.load_state_dict(state)
+        if cfg.lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file as load_adapter
+
+            set_peft_model_state_dict(backbone, load_adapter(str(out / "adapter" / "adapter_model.safetensors"), device=str(device)))
+        start = load_train_state(out, optimizer, cfg)
+        log.info("resuming %s at step %d of %d", out, start, total)
+    objective = accelerator.prepare(objective)  # DDP syncs only parameters that require grad
+
+    identity = model_identity(mcfg, cfg.model, checkpoint.fingerprint)
+    settings = {
+        "lambda": cfg.lam,
+        "alpha_target": cfg.alpha_target,
+        "mask_scaling": cfg.mask_scaling,
+        "gumbel_temperature": cfg.gumbel_temperature,
+        "training": {
+            "source": source,
+            "task": cfg.task,
+            "include_path": cfg.include_path,
+            "data": cfg.data,
+            "n_train": len(train_pairs),
+            "n_val": len(val_pairs),
+            "epochs": cfg.epochs,
+            "steps": total,
+            "effective_batch_size": per_step,
+            "lr": cfg.lr,
+            "warmup_steps": warmup,
+            "seed": cfg.seed,
+            "max_length": cfg.max_length,
+            "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha} if cfg.lora else None,
+        },
+    }
+    log_lines = (out / "metrics.jsonl").read_text().splitlines() if cfg.resume else []
+    writer = _tensorboard(out) if accelerator.is_main_process else None
+    metrics: dict = {}
+
+    def save(step: int, final: bool) -> None:
+        if not accelerator.is_main_process:
+            return
+        unwrapped = accelerator.unwrap_model(objective)
+
+        def extra(tmp: Path) -> None:
+            save_train_state(tmp, step, optimizer, cfg)
+            (tmp / "metrics.jsonl").write_text("".join(line + "\n" for line in log_lines))
+            if (out / "tensorboard").exists():
+                shutil.move(str(out / "tensorboard"), str(tmp / "tensorboard"))
+
+        done = {**settings, "training": {**settings["training"], "completed_steps": step, "finished": final}}
+        save_routers(out, unwrapped.routers, identity, done, metrics, unwrapped.backbone if cfg.lora else None, extra)
+
+    def record(entry: dict) -> None:
+        if accelerator.is_main_process:
+            line = json.dumps(entry)
+            log_lines.append(line)
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(line + "\n")
+            if writer is not None:
+                for k, v in entry.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        writer.add_scalar(k, v, entry["step"])
+
+    if start == 0 and val_pairs:
+        record({"step": 0, **validate(backbone, routers, val_pairs, cfg, mcfg.mask_token_id, pad_id, device)})
+    bar = tqdm(total=total, initial=start, disable=not accelerator.is_main_process, desc="dlmskip train")
+    tic, seen = time.time(), 0
+    for step in range(start, total):
+        examples = step_examples(train_pairs, step, per_step, cfg.seed)
+        first = accelerator.process_index * accumulation  # this rank's micro-batches of the step
+        mine = examples[first * cfg.batch_size : (first + accumulation) * cfg.batch_size]
+        lr = cfg.lr * lr_factor(step, warmup, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums = {"loss": 0.0, "ce": 0.0, "skip_loss": 0.0, "alpha": 0.0}
+        for micro in range(accumulation):
+            batch = collate(mine[micro * cfg.batch_size : (micro + 1) * cfg.batch_size], pad_id)
+            batch = Batch(*(None if t is None else t.to(device) for t in vars(batch).values()))
+            seed = (cfg.seed * 1_000_003 + step) * 100_003 + first + micro  # the same for any process count
+            generator = torch.Generator(device).manual_seed(seed)
+            last = micro == accumulation - 1
+            with (nullcontext() if last else accelerator.no_sync(objective)), accelerator.autocast():
+                loss, stats = objective(batch, generator)
+                accelerator.backward(loss / accumulation)  # gradients all-reduced on the last micro-batch
+            sums["loss"] += loss.item() / accumulation
+            for k in ("ce", "skip_loss", "alpha"):
+                sums[k] += stats[k].item() / accumulation
+        accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:  # log the mean over all processes
+            keys = sorted(sums)
+            mean = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=device), reduction="mean")
+            sums = dict(zip(keys, mean.tolist()))
+        seen += per_step
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            rate = seen / (time.time() - tic)
+            entry = {"step": step + 1, "epoch": (step + 1) * per_step / len(train_pairs), **sums,
+                     "execution_ratio": 1 - sums["alpha"], "lr": lr, "examples_per_s": rate}
+            record(entry)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", exec=f"{1 - sums['alpha']:.3f}", ex_s=f"{rate:.1f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
+            unwrapped = accelerator.unwrap_model(objective)
+            metrics = validate(unwrapped.backbone, unwrapped.routers, val_pairs, cfg, mcfg.mask_token_id, pad_id, device)
+            if metrics:
+                record({"step": step + 1, **metrics})
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save(step + 1, final=False)
+        bar.update(1)
+    bar.close()
+    save(total, final=True)
+    accelerator.wait_for_everyone()
+    if writer is not None:
+        writer.close()
+    return metrics
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+# ---- command line ------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", required=True, help="LLaDA hub id or checkpoint directory (the frozen backbone)")
+    a("--output", required=True, help="router checkpoint directory to write (e.g. router_ckpts/gsm8k-l0.3)")
+    a("--task", help="lm-eval task whose training split (else validation split) is the data")
+    a("--include-path", help="extra lm-eval task folder")
+    a("--data", help="JSONL file with prompt/target fields, instead of --task")
+    a("--revision", default="main")
+    a("--lambda", dest="lam", type=float, default=0.1, help="weight of the skip loss |alpha - alpha_target|")
+    a("--alpha-target", type=float, default=0.5, help="target share of skipped blocks")
+    a("--tau", type=float, default=0.1, help="skip a block when the share of skip votes exceeds tau")
+    a("--no-mask-scaling", dest="mask_scaling", action="store_false", help="do not divide the skip loss by p_mask (ablation)")
+    a("--gumbel-temperature", type=float, default=1.0)
+    a("--router-hidden", type=int, default=512)
+    a("--router-depth", type=int, default=2, help="linear layers per router (2 as in the paper; 4 also tried)")
+    a("--norm-first", action="store_true", help="RMSNorm(d) -> Linear -> SiLU -> Linear instead of D-LLM's order")
+    a("--init-bias", type=float, default=4.0, help="execute-minus-skip logit bias at start (all blocks run)")
+    a("--lora", action="store_true", help="also train LoRA adapters on the blocks (peft)")
+    a("--lora-rank", type=int, default=8)
+    a("--lora-alpha", type=int, default=16)
+    a("--epochs", type=float, default=10.0)
+    a("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    a("--batch-size", type=int, default=4, help="examples per micro-batch and process")
+    a("--effective-batch-size", type=int, default=64, help="examples per optimizer step, all processes together")
+    a("--lr", type=float, default=5e-5)
+    a("--warmup-epochs", type=float, default=2.0)
+    a("--warmup-steps", type=int)
+    a("--weight-decay", type=float, default=0.02)
+    a("--grad-clip", type=float, default=1.0)
+    a("--max-length", type=int, default=1024)
+    a("--seed", type=int, default=0)
+    a("--val-fraction", type=float, default=0.05)
+    a("--eval-every", type=int, default=100)
+    a("--save-every", type=int, default=500)
+    a("--log-every", type=int, default=10)
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    a("--device", choices=["cuda", "cpu"])
+    a("--resume", action="store_true", help="continue the run in --output from its last saved step")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dlmskip train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    metrics = train(config_from_args(args))
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
