@@ -144,6 +144,21 @@ def test_without_the_skip_loss_every_block_keeps_running(ref_dir, tmp_path):
     assert metrics["val_execution_ratio"] > 0.9 and min(ratios) > 0.85, ratios
 
 
+def test_lora_adapters_train_with_the_routers_and_are_merged_at_evaluation(ref_dir, tmp_path):
+    from lm_eval_dlmskip.loading import merge_lora
+
+    train(_config(ref_dir, tmp_path, "lora", lam=1.0, lr=1e-2, max_steps=4, lora=True, lora_rank=2))
+    ckpt = tmp_path / "lora"
+    assert json.loads((ckpt / "router.json").read_text())["lora"] is True
+    assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
+    lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", router=str(ckpt))
+    expected = merge_lora(load_llada(str(ref_dir)).model, str(ckpt / "adapter"))
+    ids = torch.randint(0, 240, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids)[0], expected(ids)[0], atol=1e-5)
+        assert (lm.model(ids)[0] - load_llada(str(ref_dir)).model(ids)[0]).abs().max() > 1e-3
+
+
 def test_backbone_gets_no_gradient(ref_dir, ref_model):
     from lm_eval_dlmskip.train import RouterObjective
 
