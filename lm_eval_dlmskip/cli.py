@@ -16,9 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="dlmskip-demo", help="directory for the checkpoint, task and results")
     demo.add_argument("--skip-layers", default="[1,3]", help="0-based blocks to skip in the second run")
 
+    from .report import analyze, calibrate, sweep
     from .train import add_arguments
 
     add_arguments(sub.add_parser("train", help="train router checkpoints that lm_eval's router= consumes"))
+    calibrate.add_arguments(sub.add_parser("calibrate", help="choose a static skip set from hidden-state similarity"))
+    analyze.add_arguments(sub.add_parser("analyze", help="plot hidden-state similarity and norms across blocks and steps"))
+    sweep.add_arguments(sub.add_parser("sweep", help="run base, static, random and routed configurations through lm-eval"))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -26,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(args.out, args.skip_layers)
+    if args.command == "sweep":
+        return sweep.run_sweep(args)
+    if args.command == "analyze":
+        return analyze.run_analyze(args)
+    if args.command == "calibrate":
+        return calibrate.run_calibrate(args)
     if args.command == "train":
         from .train import config_from_args, train
 

@@ -27,6 +27,7 @@ from .generation import GenerationSettings, generate
 from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
 from .loading import load_llada, load_tokenizer, merge_lora
 from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers
+from .report.calibrate import load_profile
 from .router import RoutedSkip, RouterCheckpoint, load_routers
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
@@ -67,6 +68,8 @@ class LLaDASkipLM(TemplateLM):
         temperature: float = 0.0,
         skip_layers: list[int] | int | str | None = None,
         skip_random: int | None = None,
+        skip_profile: str | None = None,
+        skip_k: int | None = None,
         router: str | None = None,
         router_tau: float | None = None,
         allow_mismatch: bool = False,
@@ -94,9 +97,13 @@ class LLaDASkipLM(TemplateLM):
         self.gen_defaults = {"gen_length": gen_length, "steps": steps, "block_length": block_length}
         self.generation = GenerationSettings(cfg=float(cfg), remasking=remasking, temperature=float(temperature))
         flops = FlopsModel.of(self.cfg)
+        chosen = [name for name, value in (("skip_layers", skip_layers), ("skip_random", skip_random),
+                                           ("skip_profile", skip_profile), ("router", router)) if value is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} both given: choose one way of skipping")
+        if skip_k is not None and skip_profile is None:
+            raise ValueError("skip_k is given without skip_profile=PATH")
         if router is not None:
-            if skip_layers is not None or skip_random is not None:
-                raise ValueError("router and skip_layers/skip_random both given: choose one way of skipping")
             routed = load_routers(router, self.cfg, checkpoint.fingerprint, router_tau, bool(allow_mismatch), self._device)
             if routed.adapter is not None:
                 self.model = merge_lora(self.model, str(routed.adapter))
@@ -105,6 +112,11 @@ class LLaDASkipLM(TemplateLM):
             skip = describe_router(routed)
         elif router_tau is not None:
             raise ValueError("router_tau is given without router=PATH")
+        elif skip_profile is not None:
+            layers, profile = load_profile(skip_profile, self.cfg.n_layers, self.cfg.d_model, checkpoint.fingerprint,
+                                           bool(allow_mismatch), skip_k)
+            self.policy = StaticSkip(layers) if layers else NO_SKIP
+            skip = {**describe_policy(self.policy), "skip_profile": str(skip_profile), "threshold": profile["threshold"]}
         else:
             self.policy = build_policy(self.cfg.n_layers, skip_layers, skip_random, self.seed)
             skip = describe_policy(self.policy)
@@ -477,9 +489,7 @@ def parse_layers(value: Any, name: str) -> list[int]:
 
 
 def build_policy(n_layers: int, skip_layers: Any, skip_random: Any, seed: int) -> SkipPolicy:
-    """The skip policy the model_args ask for; conflicting requests are an error."""
-    if skip_layers is not None and skip_random is not None:
-        raise ValueError("skip_layers and skip_random both given: choose a fixed set or random skipping, not both")
+    """The static or random skip policy the model_args ask for."""
     if skip_layers is not None:
         layers = parse_layers(skip_layers, "skip_layers")
         check_layers(layers, n_layers, "skip_layers")

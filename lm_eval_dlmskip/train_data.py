@@ -41,24 +41,28 @@ def _task_manager(task: str, include_path: str | None):
     return manager
 
 
-def task_texts(task: str, include_path: str | None = None) -> tuple[list[tuple[str, str]], str]:
-    """(prompt, target) texts of a task's training split, and a note saying which split was used.
-    A group (e.g. mmlu) gives the texts of all its tasks."""
+def task_texts(task: str, include_path: str | None = None, split: str = "train") -> tuple[list[tuple[str, str]], str]:
+    """(prompt, target) texts of a task's training split (``split="train"``; its validation split when
+    it has none, said in the log) or evaluation split (``"eval"``: test, else validation), and a note
+    saying which split was used. A group (e.g. mmlu) gives the texts of all its tasks."""
     texts, notes = [], []
     for t in _task_manager(task, include_path).load(task)["tasks"].values():
         name = t.config.task
-        if t.has_training_docs():
-            docs, split = t.training_docs(), "train"
+        if split == "train" and t.has_training_docs():
+            docs, used = t.training_docs(), "train"
+        elif split == "eval" and t.has_test_docs():
+            docs, used = t.test_docs(), "test"
         elif t.has_validation_docs():
-            docs, split = t.validation_docs(), "validation"
-            log.warning("%s has no training split; training on its validation split", name)
+            docs, used = t.validation_docs(), "validation"
+            if split == "train":
+                log.warning("%s has no training split; training on its validation split", name)
         else:
-            raise ValueError(f"task {name!r} has neither a training nor a validation split to train routers on")
+            raise ValueError(f"task {name!r} has no {'training' if split == 'train' else 'test'} or validation split")
         count = 0
         for doc in docs:
             texts.append((t.doc_to_text(doc), t.config.target_delimiter + _target_text(t, doc)))
             count += 1
-        notes.append(f"{name}:{split}[{count}]")
+        notes.append(f"{name}:{used}[{count}]")
     if not texts:
         raise ValueError(f"--task {task!r} has no documents")
     return texts, ", ".join(notes)

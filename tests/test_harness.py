@@ -171,6 +171,7 @@ def test_overlong_context_is_left_truncated_with_a_warning(ref_dir, caplog):
         ({"skip_layers": [6]}, r"skip_layers: 6 is out of range; blocks are 0-based, 0\.\.5"),
         ({"skip_layers": [2, 2]}, "skip_layers: block 2 is listed twice"),
         ({"skip_layers": [1], "skip_random": 2}, "skip_layers and skip_random both given"),
+        ({"skip_k": 2}, "skip_k is given without skip_profile"),
         ({"skip_random": 9}, "skip_random: 9 blocks cannot be drawn from 6"),
         ({"skip_layers": "4,6"}, r"write a list as skip_layers=\[4,6,8\]"),
         ({"mc_num": 100}, "mc_num=100 is not a multiple of mc_batch=16"),

@@ -314,7 +314,7 @@ def test_damaged_checkpoints_are_refused_cleanly(tmp_path, ref_dir):
 
 def test_router_conflicts_with_static_skipping(tmp_path, ref_dir):
     _, path = _saved_routers(tmp_path, ref_dir)
-    with pytest.raises(ValueError, match="router and skip_layers/skip_random both given"):
+    with pytest.raises(ValueError, match="skip_layers and router both given"):
         LLaDASkipLM(pretrained=str(ref_dir), device="cpu", router=str(path), skip_layers=[1])
     with pytest.raises(ValueError, match="router_tau is given without router"):
         LLaDASkipLM(pretrained=str(ref_dir), device="cpu", router_tau=0.2)

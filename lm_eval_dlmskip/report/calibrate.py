@@ -1,0 +1,255 @@
+"""``dlmskip calibrate``: choose a static skip set from hidden-state similarity (static paper, Alg. 1).
+
+Run the model on calibration prompts, take the hidden states entering every block (upstream's
+``output_hidden_states``: H_0 = embeddings, H_l = input of block l, H_N = ln_f(last output)), and
+measure at the prompt positions the mean cosine similarity S[l] = cos(H_l, H_{l+1}): how little
+block l changes the residual stream. Then pick blocks most similar first, each with S[l] >= the
+threshold, never two adjacent ones (unless allowed), up to ``max_skip``.
+
+Numbering: the paper's Algorithm 1 indexes S from 0 and returns ``l + 1``, "the later layer of each
+similar pair" — H_{l+1} is the output of the paper's layer l+1, i.e. of our block l. So the paper's
+output is 1-based layer numbers, and the block to skip is ``l`` in our 0-based numbering (LLaDA-8B's
+{5, 7, 9} in the papers is ``skip_layers=[4,6,8]``). The profile stores both.
+
+The diffusion model is measured at one or several denoising states: the prompt followed by an
+answer region of ``answer_length`` tokens of which a fraction is masked (1.0: fully masked, as
+at the first step; 0.5: half decoded, using the data's reference answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..loading import load_llada, load_tokenizer
+from ..model import LLaDA
+
+FORMAT_VERSION = 1
+KIND = "lm_eval_dlmskip.skip_profile"
+NUMBERING = (
+    "skip_layers and selection_order are 0-based block indices; the papers number blocks 1..N "
+    "(paper_layers = skip_layers + 1)"
+)
+
+
+def consecutive_similarity(states: list[Tensor], positions: Tensor) -> Tensor:
+    """[B, len(states) - 1]: per row, mean over ``positions`` ([B, L] bool) of cos(H_l, H_{l+1})."""
+    weight = positions.float()
+    count = weight.sum(1).clamp(min=1)
+    columns = [
+        (F.cosine_similarity(a.float(), b.float(), dim=-1) * weight).sum(1) / count
+        for a, b in zip(states[:-1], states[1:])
+    ]
+    return torch.stack(columns, 1)
+
+
+def select_blocks(similarity: list[float], threshold: float, max_skip: int, allow_adjacent: bool = False) -> list[int]:
+    """Algorithm 1: blocks (0-based) in the order chosen — most similar first, S >= threshold,
+    no neighbour of a chosen block unless ``allow_adjacent``, at most ``max_skip``."""
+    chosen: list[int] = []
+    for block in sorted(range(len(similarity)), key=lambda b: -similarity[b]):  # stable: ties keep index order
+        if len(chosen) >= max_skip:
+            break
+        if similarity[block] < threshold:
+            continue
+        if not allow_adjacent and (block - 1 in chosen or block + 1 in chosen):
+            continue
+        chosen.append(block)
+    return chosen
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: list[int]
+    answer: list[int]  # reference answer tokens (may be empty: fully masked states only)
+
+
+def build_states(
+    examples: list[Example], fraction: float, answer_length: int, mask_id: int, pad_id: int, eos_id: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Left-padded ids [B, L] = prompt + answer region with ``fraction`` of it masked; attention
+    mask, prompt positions and answer positions ([B, L] bool)."""
+    generator = torch.Generator().manual_seed(seed)
+    P = max(len(e.prompt) for e in examples)
+    L = P + answer_length
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(examples), L, dtype=torch.long)
+    prompt_pos = torch.zeros(len(examples), L, dtype=torch.bool)
+    answer_pos = torch.zeros(len(examples), L, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        if fraction < 1 and not e.answer:
+            raise ValueError("partly masked states (mask fraction < 1) need reference answers; use task or JSONL data")
+        answer = (e.answer + [eos_id] * answer_length)[:answer_length]  # EOS-padded, as LLaDA's SFT data
+        masked = torch.rand(answer_length, generator=generator).argsort().argsort() < round(fraction * answer_length)
+        start = P - len(e.prompt)
+        ids[i, start:P] = torch.tensor(e.prompt)
+        ids[i, P:] = torch.where(masked, mask_id, torch.tensor(answer))
+        attention[i, start:] = 1
+        prompt_pos[i, start:P] = True
+        answer_pos[i, P:] = True
+    return ids, attention, prompt_pos, answer_pos
+
+
+@torch.no_grad()
+def similarity_profile(
+    model: LLaDA, examples: list[Example], fractions: list[float], answer_length: int, pad_id: int, eos_id: int,
+    positions: str = "prompt", batch_size: int = 8, seed: int = 0,
+) -> dict[float, Tensor]:
+    """Per mask fraction, S [n_examples, n_layers] for every example."""
+    device = model.device
+    out: dict[float, Tensor] = {}
+    for fraction in fractions:
+        rows = []
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            ids, attention, prompt_pos, answer_pos = build_states(
+                batch, fraction, answer_length, model.cfg.mask_token_id, pad_id, eos_id, seed + start
+            )
+            where = {"prompt": prompt_pos, "answer": answer_pos, "all": attention.bool()}[positions]
+            mask = None if bool(attention.all()) else attention.to(device)
+            states = model.hidden_states(ids.to(device), mask)
+            rows.append(consecutive_similarity(states, where.to(device)).cpu())
+        out[fraction] = torch.cat(rows)
+    return out
+
+
+def load_examples(args: argparse.Namespace, tokenizer) -> tuple[list[Example], str]:
+    """Calibration prompts: an lm-eval task's evaluation documents (rendered with its prompt format),
+    a JSONL file of prompt/target pairs, or a text file of prompts (one per line)."""
+    from ..train_data import encode_pairs, jsonl_texts, task_texts
+
+    if args.task:
+        texts, note = task_texts(args.task, args.include_path, split="eval")
+        source = f"task {args.task}: {note}"
+    elif str(args.data).endswith(".jsonl"):
+        texts, source = jsonl_texts(args.data), f"data {args.data}"
+    else:
+        lines = [line for line in Path(args.data).read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"{args.data}: no prompts")
+        texts, source = [(line, "") for line in lines], f"prompts {args.data}"
+    texts = texts[: args.limit]
+    if texts and not texts[0][1]:
+        return [Example(tokenizer.encode(p, add_special_tokens=False), []) for p, _ in texts], source
+    pairs = encode_pairs(texts, tokenizer, max_length=10**9)
+    return [Example(p.prompt, p.target) for p in pairs], source
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def calibrate(args: argparse.Namespace) -> dict:
+    """Measure, select, and write the skip profile; returns it."""
+    from ..router import model_identity
+
+    checkpoint = load_llada(args.model, args.revision, dtype=args.dtype, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = checkpoint.model
+    tokenizer = load_tokenizer(checkpoint.path, model.cfg.mask_token_id)
+    examples, source = load_examples(args, tokenizer)
+    fractions = [float(f) for f in str(args.mask_fractions).split(",")]
+    by_fraction = similarity_profile(
+        model, examples, fractions, args.answer_length, tokenizer.pad_token_id, tokenizer.eos_token_id,
+        args.positions, args.batch_size, args.seed,
+    )
+    every = torch.cat(list(by_fraction.values()))  # [examples x states, n_layers]
+    mean = every.mean(0).tolist()
+    order = select_blocks(mean, args.threshold, args.max_skip, args.allow_adjacent)
+    profile = {
+        "format": FORMAT_VERSION,
+        "kind": KIND,
+        "numbering": NUMBERING,
+        "skip_layers": sorted(order),
+        "paper_layers": sorted(b + 1 for b in order),
+        "selection_order": order,
+        "threshold": args.threshold,
+        "max_skip": args.max_skip,
+        "allow_adjacent": args.allow_adjacent,
+        "similarity": {
+            "what": "mean cosine similarity between the input and the output of each block (0-based); "
+                    "the last block's output is taken after the final norm, as upstream output_hidden_states",
+            "mean": mean,
+            "std": every.std(0, unbiased=False).tolist(),
+            "by_mask_fraction": {str(f): s.mean(0).tolist() for f, s in by_fraction.items()},
+        },
+        "base_model": model_identity(model.cfg, args.model, checkpoint.fingerprint),
+        "data": {"source": source, "n_prompts": len(examples), "mask_fractions": fractions,
+                 "answer_length": args.answer_length, "positions": args.positions, "seed": args.seed},
+    }
+    write_json_atomic(Path(args.output), profile)
+    return profile
+
+
+def load_profile(path: str | Path, n_layers: int, d_model: int, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
+    """The blocks a skip profile selects (its first ``k`` choices when given), checked against the model."""
+    path = Path(path)
+    try:
+        profile = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"skip_profile={str(path)!r}: no such file; make one with dlmskip calibrate") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"skip_profile={str(path)!r}: not valid JSON ({err})") from err
+    if profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
+        raise ValueError(f"skip_profile={str(path)!r}: not a skip profile of format {FORMAT_VERSION}")
+    base = profile["base_model"]
+    if (base["n_layers"], base["d_model"]) != (n_layers, d_model):
+        raise ValueError(
+            f"skip_profile={str(path)!r} was measured on {base['name']} (n_layers={base['n_layers']}, "
+            f"d_model={base['d_model']}); this model has n_layers={n_layers}, d_model={d_model}"
+        )
+    if base["fingerprint"] != fingerprint and not allow_mismatch:
+        raise ValueError(
+            f"skip_profile={str(path)!r} was measured on {base['name']} (fingerprint {base['fingerprint']}), "
+            f"not on this model ({fingerprint}); pass allow_mismatch=True to use it anyway"
+        )
+    order = profile["selection_order"]
+    if k is not None:
+        if not 0 <= k <= len(order):
+            raise ValueError(f"skip_k={k}: the profile {str(path)!r} chose {len(order)} blocks; give 0..{len(order)}")
+        order = order[:k]
+    return sorted(order), profile
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", required=True, help="LLaDA hub id or checkpoint directory")
+    a("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH)")
+    a("--task", help="lm-eval task whose evaluation documents are the calibration prompts")
+    a("--include-path", help="extra lm-eval task folder")
+    a("--data", help="JSONL with prompt/target fields, or a text file with one prompt per line")
+    a("--limit", type=int, default=64, help="calibration prompts to use")
+    a("--threshold", type=float, default=0.95, help="minimum similarity of a skipped block")
+    a("--max-skip", type=int, default=4, help="at most this many blocks")
+    a("--allow-adjacent", action="store_true", help="allow neighbouring blocks (the paper's ablation)")
+    a("--mask-fractions", default="1.0", help="denoising states to measure, e.g. 1.0,0.5 (share of the answer masked)")
+    a("--answer-length", type=int, default=32, help="answer region after the prompt, in tokens")
+    a("--positions", default="prompt", choices=["prompt", "answer", "all"], help="where similarity is averaged (Alg. 1: prompt)")
+    a("--batch-size", type=int, default=8)
+    a("--revision", default="main")
+    a("--dtype", default="auto")
+    a("--device")
+    a("--seed", type=int, default=0)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    if (args.task is None) == (args.data is None):
+        raise ValueError("give exactly one of --task NAME or --data FILE")
+    profile = calibrate(args)
+    sims = profile["similarity"]["mean"]
+    print("block (0-based)  paper layer (1-based)  similarity")
+    for block, s in enumerate(sims):
+        mark = "  <- skip" if block in profile["skip_layers"] else ""
+        print(f"{block:>15}  {block + 1:>21}  {s:.4f}{mark}")
+    print(f"skip_layers={profile['skip_layers']} (0-based; the papers' numbering: {profile['paper_layers']}); "
+          f"written to {args.output}")
+    return 0
