@@ -9,39 +9,44 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .report import analyze, calibrate, compare, sweep
+    from .train import add_arguments as train_arguments
+
     parser = argparse.ArgumentParser(prog="dlmskip", description="Layer skipping for diffusion LMs in lm-eval")
     sub = parser.add_subparsers(dest="command", required=True)
-
     demo = sub.add_parser("demo", help="build a tiny offline LLaDA and task, then run lm_eval with and without skipping")
     demo.add_argument("--out", default="dlmskip-demo", help="directory for the checkpoint, task and results")
     demo.add_argument("--skip-layers", default="[1,3]", help="0-based blocks to skip in the second run")
-
-    from .report import analyze, calibrate, sweep
-    from .train import add_arguments
-
-    add_arguments(sub.add_parser("train", help="train router checkpoints that lm_eval's router= consumes"))
+    train_arguments(sub.add_parser("train", help="train router checkpoints that lm_eval's router= consumes"))
     calibrate.add_arguments(sub.add_parser("calibrate", help="choose a static skip set from hidden-state similarity"))
     analyze.add_arguments(sub.add_parser("analyze", help="plot hidden-state similarity and norms across blocks and steps"))
     sweep.add_arguments(sub.add_parser("sweep", help="run base, static, random and routed configurations through lm-eval"))
+    compare.add_arguments(sub.add_parser("compare", help="leaderboard (and plots) of llada_skip runs"))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"dlmskip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo(args.out, args.skip_layers)
-    if args.command == "sweep":
-        return sweep.run_sweep(args)
-    if args.command == "analyze":
-        return analyze.run_analyze(args)
-    if args.command == "calibrate":
-        return calibrate.run_calibrate(args)
     if args.command == "train":
         from .train import config_from_args, train
 
         print(json.dumps(train(config_from_args(args))))
         return 0
-    return 1
+    from .report import analyze, calibrate, compare, sweep
+
+    run = {"calibrate": calibrate.run_calibrate, "analyze": analyze.run_analyze,
+           "sweep": sweep.run_sweep, "compare": compare.run_compare}[args.command]
+    return run(args)
 
 
 if __name__ == "__main__":

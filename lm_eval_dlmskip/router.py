@@ -19,8 +19,6 @@ A checkpoint is a directory: ``router.safetensors`` (weights, no pickle) and ``r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .files import write_directory_atomically
 from .model import LLaDAConfig, RMSNorm
 from .policies import Decision, ForwardBatch
 
@@ -166,22 +165,6 @@ def model_identity(cfg: LLaDAConfig, name: str, fingerprint: str) -> dict[str, A
     }
 
 
-def write_atomic_dir(target: Path, fill) -> None:
-    """Build a directory beside ``target`` with ``fill(tmp)``, then swap it in: a crash leaves
-    either the old complete directory or the new one, never a half-written one."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    fill(tmp)
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_routers(
     path: str | Path,
     routers: Routers,
@@ -215,7 +198,7 @@ def save_routers(
         if extra is not None:
             extra(tmp)
 
-    write_atomic_dir(Path(path), fill)
+    write_directory_atomically(Path(path), fill)
 
 
 @dataclass(frozen=True)

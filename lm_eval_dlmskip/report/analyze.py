@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..files import write_json
 from ..generation import GenerationSettings, generate
 from ..loading import load_llada, load_tokenizer
 from ..model import LLaDA
-from .calibrate import consecutive_similarity, load_examples, write_json_atomic
+from .calibrate import consecutive_similarity, load_examples
 
 
 @torch.no_grad()
@@ -65,66 +66,6 @@ def record_trajectory(model: LLaDA, prompts: list[list[int]], settings: Generati
     }
 
 
-def plot_analysis(trace: dict, out: Path, title: str) -> list[Path]:
-    """The four PNG files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    trace = {k: v.numpy() for k, v in trace.items()}
-    sims = trace["similarity"]  # [steps, B, n_layers]
-    n_layers = sims.shape[-1]
-    blocks = list(range(n_layers))
-    flat = sims.reshape(-1, n_layers)
-    mean, std = flat.mean(0), flat.std(0)
-    files = []
-
-    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
-    ax.plot(blocks, mean, marker="o", label="mean")
-    ax.fill_between(blocks, mean - std, mean + std, alpha=0.25, label="± 1 std (prompts × steps)")
-    ax.axhline(0.95, color="grey", linestyle="--", linewidth=1, label="threshold 0.95")
-    ax.set(title=f"Block input/output cosine similarity — {title}", xlabel="block (0-based; paper layer = block + 1)",
-           ylabel="cosine similarity (1 = block changes nothing)")
-    ax.legend()
-    files.append(_save(fig, out / "similarity_profile.png"))
-
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    image = ax.imshow(sims.mean(1), aspect="auto", cmap="viridis", origin="upper")
-    ax.set(title=f"Block input/output similarity over denoising — {title}", xlabel="block (0-based)",
-           ylabel="denoising step (0 = all masked)")
-    fig.colorbar(image, ax=ax, label="cosine similarity")
-    files.append(_save(fig, out / "similarity_heatmap.png"))
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True, layout="constrained")
-    for ax, key, name in zip(axes, ("tokenwise_first", "tokenwise_last"), ("first step (all masked)", "last step")):
-        image = ax.imshow(trace[key], aspect="auto", cmap="magma", vmin=-1, vmax=1, origin="upper")
-        ax.set(title=f"Neighbouring-token similarity, {name}", xlabel="token pair (i, i+1), last columns of the sequence")
-    axes[0].set_ylabel("hidden state (0 = embeddings, l = input of block l, last = final norm)")
-    fig.colorbar(image, ax=axes, label="cosine similarity")
-    fig.suptitle(title)
-    files.append(_save(fig, out / "tokenwise_similarity.png"))
-
-    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
-    depth = list(range(len(trace["norm_mean"])))
-    ax.semilogy(depth, trace["norm_mean"], marker="o", label="mean over tokens")
-    ax.semilogy(depth, trace["norm_max"], marker="^", label="largest token (sink tokens)")
-    ax.set(title=f"Hidden-state norm by depth — {title}", xlabel="hidden state (0 = embeddings, l = input of block l)",
-           ylabel="L2 norm (log scale)")
-    ax.legend()
-    files.append(_save(fig, out / "hidden_norms.png"))
-    return files
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", required=True, help="LLaDA hub id or checkpoint directory")
@@ -150,8 +91,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     settings = GenerationSettings(args.gen_length, args.steps or args.gen_length, args.block_length or args.gen_length)
     trace = record_trajectory(checkpoint.model, [e.prompt for e in examples], settings, tokenizer.pad_token_id)
     out = Path(args.out)
+    from .plots import plot_analysis
+
     files = plot_analysis(trace, out, Path(args.model).name or args.model)
-    write_json_atomic(out / "analysis.json", {
+    write_json(out / "analysis.json", {
         "model": args.model, "source": source, "n_prompts": len(examples), "generation": vars(settings),
         "numbering": "similarity[step][prompt][block] with 0-based blocks; hidden states 0 = embeddings, l = input of block l",
         **{k: v.tolist() for k, v in trace.items()},

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..files import write_json
 from ..loading import load_llada, load_tokenizer
 from ..model import LLaDA
 
@@ -142,13 +142,6 @@ def load_examples(args: argparse.Namespace, tokenizer) -> tuple[list[Example], s
     return [Example(p.prompt, p.target) for p in pairs], source
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def calibrate(args: argparse.Namespace) -> dict:
     """Measure, select, and write the skip profile; returns it."""
     from ..router import model_identity
@@ -186,7 +179,7 @@ def calibrate(args: argparse.Namespace) -> dict:
         "data": {"source": source, "n_prompts": len(examples), "mask_fractions": fractions,
                  "answer_length": args.answer_length, "positions": args.positions, "seed": args.seed},
     }
-    write_json_atomic(Path(args.output), profile)
+    write_json(Path(args.output), profile)
     return profile
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .calibrate import write_json_atomic
+from ..files import write_json
 
 
 def plan_runs(args: argparse.Namespace) -> list[tuple[str, dict]]:
@@ -76,7 +76,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         if done.returncode:
             failed.append(name)
             print(f"[{name}] failed with exit code {done.returncode}", flush=True)
-    write_json_atomic(out / "sweep.json", {"tasks": args.tasks, "runs": manifest})
+    write_json(out / "sweep.json", {"tasks": args.tasks, "runs": manifest})
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to retry them")
         return 1

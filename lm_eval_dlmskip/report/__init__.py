@@ -1,0 +1,1 @@
+"""Reports over lm-eval results files: one module per ``dlmskip`` subcommand, plus their plots."""
