@@ -74,6 +74,7 @@ class LLaDASkipLM(TemplateLM):
         router_tau: float | None = None,
         allow_mismatch: bool = False,
         seed: int = 1234,
+        compile: bool = False,
         peft: str | None = None,
         trust_remote_code: bool | None = None,
     ) -> None:
@@ -84,6 +85,8 @@ class LLaDASkipLM(TemplateLM):
         checkpoint = load_llada(pretrained, revision=str(revision), dtype=dtype, device=self._device)
         self.checkpoint = checkpoint
         self.model = merge_lora(checkpoint.model, peft, str(revision)) if peft else checkpoint.model
+        if compile:
+            self.model.compile_blocks()
         self.cfg = checkpoint.model.cfg
         self.tokenizer = load_tokenizer(checkpoint.path if tokenizer is None else tokenizer, self.cfg.mask_token_id)
         self.mask_id = self.cfg.mask_token_id
@@ -104,7 +107,8 @@ class LLaDASkipLM(TemplateLM):
         if skip_k is not None and skip_profile is None:
             raise ValueError("skip_k is given without skip_profile=PATH")
         if router is not None:
-            routed = load_routers(router, self.cfg, checkpoint.fingerprint, router_tau, bool(allow_mismatch), self._device)
+            routed = load_routers(router, self.cfg, checkpoint.fingerprint, router_tau, bool(allow_mismatch), self._device,
+                                  dtype=self.model.dtype)
             if routed.adapter is not None:
                 self.model = merge_lora(self.model, str(routed.adapter))
             self.policy: SkipPolicy = RoutedSkip(routed.routers, routed.routers.cfg.tau)
@@ -130,6 +134,7 @@ class LLaDASkipLM(TemplateLM):
             "check_greedy": self.check_greedy,
             "generation": {**self.gen_defaults, "cfg": float(cfg), "remasking": remasking, "temperature": float(temperature)},
             "seed": self.seed,
+            "compile": bool(compile),
             "max_length": self._max_length,
         }
         self.meter = FlopsMeter(flops, self._device)
@@ -222,7 +227,7 @@ class LLaDASkipLM(TemplateLM):
 
     def cache_identity(self) -> dict:
         """The settings that change answers (all of them but the batch layout)."""
-        return {k: v for k, v in self.settings.items() if k != "max_length"}
+        return {k: v for k, v in self.settings.items() if k not in ("max_length", "compile")}
 
     def get_model_info(self) -> dict:
         flops = self.meter.summary()

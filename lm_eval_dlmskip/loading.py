@@ -170,6 +170,7 @@ def load_llada(
         lines += [f"  shape: {k} is {got[k]}, config says {expected[k]}" for k in wrong[:10]]
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True, assign=True)
+    model.fuse_projections()
     log.info("loaded %s (%d blocks, %s, %s) fingerprint %s", pretrained, cfg.n_layers, torch_dtype, device, fingerprint)
     return Checkpoint(model.eval(), path, pretrained, revision, fingerprint)
 
@@ -216,7 +217,7 @@ def merge_lora(model: LLaDA, adapter: str, revision: str = "main") -> LLaDA:
         raise ValueError(
             f"peft={adapter!r} does not fit this model: missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}"
         )
-    return peft_model.merge_and_unload()
+    return peft_model.merge_and_unload().fuse_projections()
 
 
 def resolve_adapter(adapter: str, revision: str) -> Path:

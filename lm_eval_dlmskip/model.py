@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,18 +118,21 @@ class LLaDAConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     """Upstream RMSLayerNorm: normalise in float32, cast back, then scale."""
+    y = x.float()
+    y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else weight * y
 
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, affine: bool = True) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x.float()
-        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return y if self.weight is None else self.weight * y
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -148,8 +151,56 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool) -> T
     return (t * cos.type_as(t) + rotated * sin.type_as(t)).to(x.dtype)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, cfg: LLaDAConfig) -> Tensor:
+    """Bidirectional attention of projected q, k, v [B, L, .] with rotary positions; [B, L, d]."""
+    B, L, _ = q.shape
+    q = q.view(B, L, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    k = k.view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = v.view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    q = apply_rotary(q, cos, sin, cfg.rope_full_precision)
+    k = apply_rotary(k, cos, sin, cfg.rope_full_precision)
+    att = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=key_mask, enable_gqa=cfg.n_kv_heads != cfg.n_heads
+    )  # no causal mask; key_mask [B, 1, 1, L] hides padding
+    return att.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim)
+
+
+def attention_residual(
+    x: Tensor, norm_w: Tensor, qkv_w: Tensor, out_w: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
+    cfg: LLaDAConfig,
+) -> Tensor:
+    """x + Attention(RMSNorm(x)) with q, k, v from one fused projection (the fast path)."""
+    kv = cfg.n_kv_heads * cfg.head_dim
+    q, k, v = F.linear(rms_norm(x, norm_w, cfg.rms_norm_eps), qkv_w).split((cfg.d_model, kv, kv), dim=-1)
+    return x + F.linear(attend(q, k, v, cos, sin, key_mask, cfg), out_w)
+
+
+def mlp_residual(x: Tensor, norm_w: Tensor, gate_up_w: Tensor, down_w: Tensor, cfg: LLaDAConfig) -> Tensor:
+    """x + SwiGLU(RMSNorm(x)) with gate and up from one fused projection (the fast path)."""
+    gate, up = F.linear(rms_norm(x, norm_w, cfg.rms_norm_eps), gate_up_w).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)
+
+
+@dataclass(frozen=True)
+class BlockKernels:
+    """The two halves of a block on the fast path: eager, or compiled once for every block."""
+
+    attention: Callable = attention_residual
+    mlp: Callable = mlp_residual
+
+
+EAGER = BlockKernels()
+_FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("ff_proj", "up_proj")}
+
+
 class Block(nn.Module):
-    """x + Attention(RMSNorm(x)), then + SwiGLU-MLP(RMSNorm(.)); upstream LLaDALlamaBlock."""
+    """x + Attention(RMSNorm(x)), then + SwiGLU-MLP(RMSNorm(.)); upstream LLaDALlamaBlock.
+
+    After ``fuse_projections`` the q/k/v and gate/up weights live in one buffer each, of which the
+    per-name parameters are views: the state-dict keys stay upstream's, and the forward runs one
+    matrix product per group. If anything replaces a projection (a LoRA wrapper, an unfused weight),
+    the block falls back to the plain per-module path by itself.
+    """
 
     def __init__(self, cfg: LLaDAConfig) -> None:
         super().__init__()
@@ -165,22 +216,54 @@ class Block(nn.Module):
         self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=cfg.include_bias)  # gate (SiLU)
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=cfg.include_bias)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=cfg.include_bias)
+        self.kernels = EAGER
+        self._fused: dict[str, Tensor] = {}
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None) -> Tensor:
-        cfg = self.cfg
-        B, L, d = x.shape
+        fused = self.fused_weights()
+        if fused is not None:
+            x = self.kernels.attention(x, self.attn_norm.weight, fused["qkv"], self.attn_out.weight, cos, sin, key_mask, self.cfg)
+            return self.kernels.mlp(x, self.ff_norm.weight, fused["gate_up"], self.ff_out.weight, self.cfg)
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, L, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin, cfg.rope_full_precision)
-        k = apply_rotary(k, cos, sin, cfg.rope_full_precision)
-        att = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, enable_gqa=cfg.n_kv_heads != cfg.n_heads
-        )  # bidirectional: no causal mask; key_mask [B, 1, 1, L] hides padding
-        x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, d))
+        x = x + self.attn_out(attend(self.q_proj(h), self.k_proj(h), self.v_proj(h), cos, sin, key_mask, self.cfg))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Put each group's weights in one contiguous buffer, the named parameters becoming views."""
+        cfg = self.cfg
+        if cfg.include_bias or cfg.include_qkv_bias or not cfg.layer_norm_with_affine:
+            return  # the fast path covers LLaDA's bias-free, affine-norm blocks only
+        for group, names in _FUSED_GROUPS.items():
+            modules = [getattr(self, n) for n in names]
+            if any(type(m) is not nn.Linear for m in modules):
+                return
+            buffer = torch.cat([m.weight for m in modules])
+            start = 0
+            for m in modules:
+                rows = m.weight.shape[0]
+                m.weight = nn.Parameter(buffer[start : start + rows], requires_grad=m.weight.requires_grad)
+                start += rows
+            self._fused[group] = buffer
+
+    def fused_weights(self) -> dict[str, Tensor] | None:
+        """The fused buffers, while every projection is still a plain Linear viewing its slice."""
+        if len(self._fused) != len(_FUSED_GROUPS):
+            return None
+        for group, names in _FUSED_GROUPS.items():
+            buffer = self._fused[group]
+            start = buffer.data_ptr()
+            for name in names:
+                m = getattr(self, name)
+                if type(m) is not nn.Linear or m.weight.data_ptr() != start:
+                    return None
+                start += m.weight.numel() * m.weight.element_size()
+        return self._fused
+
+    def _apply(self, fn, recurse: bool = True):
+        self._fused = {}  # moving or casting copies each parameter: the views no longer share a buffer
+        return super()._apply(fn, recurse)
 
 
 LogitPositions = slice | Tensor | None  # None: all; slice: columns; Tensor: flat indices into B*L
@@ -200,6 +283,19 @@ class LLaDA(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.wte.weight.device
+
+    def fuse_projections(self) -> "LLaDA":
+        """One matrix product for q/k/v and one for gate/up in every block (same weights, same keys)."""
+        for block in self.blocks:
+            block.fuse_projections()
+        return self
+
+    def compile_blocks(self) -> "LLaDA":
+        """torch.compile the two halves of the block once, shared by every block (opt-in)."""
+        kernels = BlockKernels(torch.compile(attention_residual), torch.compile(mlp_residual))
+        for block in self.blocks:
+            block.kernels = kernels
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -286,10 +382,11 @@ def _run_block(block: Block, x: Tensor, run: Decision, cos: Tensor, sin: Tensor,
         return x
     if run.dtype.is_floating_point:  # a differentiable gate in [0, 1] (router training)
         return x + run.to(x.dtype)[:, None, None] * (block(x, cos, sin, key_mask) - x)
-    rows = run.nonzero().squeeze(1)  # sync: the size of the row subset decides the shapes
-    if rows.numel() == x.shape[0]:
+    chosen = run.tolist()  # sync: one read per block, the decision of every row
+    if all(chosen):
         return block(x, cos, sin, key_mask)
-    if rows.numel() == 0:
+    if not any(chosen):
         return x
+    rows = torch.tensor([i for i, c in enumerate(chosen) if c], device=x.device)
     sub_mask = None if key_mask is None else key_mask.index_select(0, rows)
     return x.index_copy(0, rows, block(x.index_select(0, rows), cos, sin, sub_mask))

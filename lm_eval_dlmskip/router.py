@@ -230,8 +230,11 @@ def load_routers(
     tau: float | None = None,
     allow_mismatch: bool = False,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> RouterCheckpoint:
-    """Read a router checkpoint and check it was trained for this model."""
+    """Read a router checkpoint and check it was trained for this model. The routers run in the
+    model's dtype (as they were trained under bf16 autocast): a float32 router on bf16 hidden
+    states would cost as much as a small block on a GPU."""
     path = resolve_router(str(router))
     meta_file, weights = path / "router.json", path / "router.safetensors"
     for needed in (meta_file, weights):
@@ -271,4 +274,4 @@ def load_routers(
         unexpected = sorted(set(got) - set(expected))[:5]
         raise ValueError(f"{weights}: weights do not match router.json (missing {missing}, unexpected {unexpected})")
     routers.load_state_dict(state, strict=True)
-    return RouterCheckpoint(routers.to(device).eval(), meta, path)
+    return RouterCheckpoint(routers.to(device=device, dtype=dtype).eval(), meta, path)

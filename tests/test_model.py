@@ -215,3 +215,41 @@ def test_bias_and_tied_embeddings_are_supported():
     model = LLaDA(cfg)
     assert model.ff_out is None and model.blocks[0].q_proj.bias is not None
     assert model(torch.zeros(1, 3, dtype=torch.long))[0].shape == (1, 3, 20)
+
+
+def test_fast_path_is_taken_and_equals_the_plain_path(ref_dir, ref_tensors):
+    """Loading fuses q/k/v and gate/up into one buffer each; the keys and the function stay the same."""
+    fast = load_llada(str(ref_dir)).model
+    assert all(block.fused_weights() is not None for block in fast.blocks)
+    plain = LLaDA(fast.cfg)
+    plain.load_state_dict(fast.state_dict())
+    assert all(block.fused_weights() is None for block in plain.blocks)
+    assert sorted(plain.state_dict()) == sorted(fast.state_dict())
+    ids, mask = ref_tensors["forward.input_ids"], ref_tensors["padded.attention_mask"]
+    for kwargs in ({}, {"attention_mask": mask}, {"policy": StaticSkip({1, 3})}):
+        assert torch.allclose(fast(ids, **kwargs)[0], plain(ids, **kwargs)[0], atol=1e-5)
+
+
+def test_fast_path_steps_aside_when_a_projection_changes(ref_dir, ref_tensors):
+    fast = load_llada(str(ref_dir)).model
+    plain = LLaDA(fast.cfg)
+    plain.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        for model in (fast, plain):
+            model.blocks[2].v_proj.weight = torch.nn.Parameter(model.blocks[2].v_proj.weight * 2)
+    assert fast.blocks[2].fused_weights() is None and fast.blocks[1].fused_weights() is not None
+    ids = ref_tensors["forward.input_ids"]
+    assert torch.allclose(fast(ids)[0], plain(ids)[0], atol=1e-5)
+    fast.double()  # casting copies every parameter: no block may keep using its stale buffer
+    assert all(block.fused_weights() is None for block in fast.blocks)
+    assert torch.allclose(fast(ids)[0].float(), plain(ids)[0], atol=1e-4)
+    assert torch.allclose(fast.fuse_projections()(ids)[0].float(), plain(ids)[0], atol=1e-4)
+
+
+def test_compiled_blocks_give_the_same_logits(ref_dir, ref_tensors):
+    model = load_llada(str(ref_dir)).model
+    ids = ref_tensors["forward.input_ids"]
+    with torch.no_grad():
+        eager = model(ids, policy=StaticSkip({2}))[0]
+        compiled = model.compile_blocks()(ids, policy=StaticSkip({2}))[0]
+    assert torch.allclose(compiled, eager, atol=1e-4)
