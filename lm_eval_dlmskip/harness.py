@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .flops import FlopsMeter, FlopsModel
 from .generation import GenerationSettings, generate
+from .graphs import GraphRunner
 from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
 from .loading import load_llada, load_tokenizer, merge_lora
 from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers
@@ -75,6 +76,7 @@ class LLaDASkipLM(TemplateLM):
         allow_mismatch: bool = False,
         seed: int = 1234,
         compile: bool = False,
+        cuda_graphs: bool = True,
         peft: str | None = None,
         trust_remote_code: bool | None = None,
     ) -> None:
@@ -135,9 +137,13 @@ class LLaDASkipLM(TemplateLM):
             "generation": {**self.gen_defaults, "cfg": float(cfg), "remasking": remasking, "temperature": float(temperature)},
             "seed": self.seed,
             "compile": bool(compile),
+            "cuda_graphs": bool(cuda_graphs),
             "max_length": self._max_length,
         }
         self.meter = FlopsMeter(flops, self._device)
+        # Generation repeats one shape for every denoising step: replay it from CUDA graphs.
+        use_graphs = bool(cuda_graphs) and self._device.type == "cuda"
+        self.generation_forward = GraphRunner(self.model) if use_graphs else self.model
 
     # ---- lm-eval conventions -------------------------------------------------------------
     @classmethod
@@ -227,7 +233,7 @@ class LLaDASkipLM(TemplateLM):
 
     def cache_identity(self) -> dict:
         """The settings that change answers (all of them but the batch layout)."""
-        return {k: v for k, v in self.settings.items() if k not in ("max_length", "compile")}
+        return {k: v for k, v in self.settings.items() if k not in ("max_length", "compile", "cuda_graphs")}
 
     def get_model_info(self) -> dict:
         flops = self.meter.summary()
@@ -262,14 +268,15 @@ class LLaDASkipLM(TemplateLM):
         log.info("batch_size=auto: %d requests per batch", size)
         return size
 
-    def _denoiser(self, row_tasks: torch.Tensor, answer_len: torch.Tensor):
+    def _denoiser(self, row_tasks: torch.Tensor, answer_len: torch.Tensor, forward=None):
         """A ``denoise(ids, attention_mask, logits_at)`` that charges every forward to its tasks.
 
         ``state`` holds each row's task and answer length; CFG doubles the rows, so both repeat."""
         state = {"row_tasks": row_tasks, "answer_len": answer_len}
+        forward = forward or self.model
 
         def denoise(ids, attention_mask, logits_at):
-            logits, trace = self.model(ids, attention_mask, policy=self.policy, logits_at=logits_at)
+            logits, trace = forward(ids, attention_mask, policy=self.policy, logits_at=logits_at)
             tasks, lengths = state["row_tasks"], state["answer_len"]
             repeat = len(ids) // len(tasks)
             self.meter.record(trace, tasks.repeat(repeat), lengths.repeat(repeat))
@@ -437,7 +444,8 @@ class LLaDASkipLM(TemplateLM):
             owners = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
             generator = torch.Generator(self._device).manual_seed(self.seed) if settings.temperature > 0 or settings.remasking == "random" else None
             answer_len = torch.full_like(owners, settings.gen_length)
-            out = generate(self._denoiser(owners, answer_len), ids, attention_mask, settings, self.mask_id, generator)
+            denoise = self._denoiser(owners, answer_len, self.generation_forward)
+            out = generate(denoise, ids, attention_mask, settings, self.mask_id, generator)
             for context, kwargs, answer in zip(contexts, all_kwargs, out[:, ids.shape[1] :].tolist()):
                 text = self.decode_answer(answer, until)
                 results.append(text)

@@ -314,15 +314,8 @@ class LLaDA(nn.Module):
         attention can take its fastest kernel.
         """
         h, trace = self.trunk(ids, attention_mask, policy)
-        logits = self.head(h, logits_at)
-        B, L = ids.shape
-        if logits_at is None:
-            trace.head_positions = torch.full((B,), L, device=ids.device)
-        elif isinstance(logits_at, slice):
-            trace.head_positions = torch.full((B,), len(range(L)[logits_at]), device=ids.device)
-        else:
-            trace.head_positions = torch.bincount(logits_at // L, minlength=B)
-        return logits, trace
+        trace.head_positions = head_positions(logits_at, *ids.shape, ids.device)
+        return self.head(h, logits_at), trace
 
     def trunk(
         self,
@@ -334,13 +327,10 @@ class LLaDA(nn.Module):
         """Hidden states after the last block (before ``ln_f``); appends each block's input to
         ``hidden_states`` when given."""
         cfg = self.cfg
-        B, L = ids.shape
-        x = self.wte(ids)
-        if cfg.input_emb_norm:
-            x = x * cfg.d_model**0.5
-        cos, sin = rotary_tables(L, cfg.head_dim, cfg.rope_theta, ids.device)
+        x = self.embed(ids)
+        cos, sin = rotary_tables(ids.shape[1], cfg.head_dim, cfg.rope_theta, ids.device)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        batch = ForwardBatch(ids, attention_mask, cfg.mask_token_id)
+        batch = ForwardBatch.of(ids, attention_mask, cfg.mask_token_id)
         decisions: list[Decision] = []
         for i, block in enumerate(self.blocks):
             if hidden_states is not None:
@@ -348,10 +338,11 @@ class LLaDA(nn.Module):
             run = policy.rows_to_run(i, x, batch)
             x = _run_block(block, x, run, cos, sin, key_mask)
             decisions.append(run)
-        seq_lens = torch.full((B,), L, device=ids.device) if attention_mask is None else attention_mask.sum(1)
-        executed = SkipTrace.from_decisions(decisions, B, ids.device)
-        routed = getattr(policy, "routed_layers", 0)
-        return x, SkipTrace(executed, seq_lens, seq_lens, batch.masked.sum(1), routed)
+        return x, make_trace(decisions, batch, policy)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        x = self.wte(ids)
+        return x * self.cfg.d_model**0.5 if self.cfg.input_emb_norm else x
 
     def head(self, h: Tensor, logits_at: LogitPositions = None) -> Tensor:
         """Final norm and LM head, only at the positions whose logits are used."""
@@ -372,6 +363,24 @@ class LLaDA(nn.Module):
         h, _ = self.trunk(ids, attention_mask, policy, hidden_states=states)
         states.append(self.ln_f(h))
         return states
+
+
+def make_trace(decisions: list, batch: ForwardBatch, policy: SkipPolicy) -> SkipTrace:
+    """The trace of one forward (its head positions are filled in once the head has run)."""
+    B, L = batch.ids.shape
+    device = batch.ids.device
+    seq_lens = torch.full((B,), L, device=device) if batch.attention_mask is None else batch.attention_mask.sum(1)
+    executed = SkipTrace.from_decisions(decisions, B, device)
+    return SkipTrace(executed, seq_lens, seq_lens, batch.masked.sum(1), getattr(policy, "routed_layers", 0))
+
+
+def head_positions(logits_at: LogitPositions, B: int, L: int, device: torch.device) -> Tensor:
+    """[B] positions per row at which the LM head ran."""
+    if logits_at is None:
+        return torch.full((B,), L, device=device)
+    if isinstance(logits_at, slice):
+        return torch.full((B,), len(range(L)[logits_at]), device=device)
+    return torch.bincount(logits_at // L, minlength=B)
 
 
 def _run_block(block: Block, x: Tensor, run: Decision, cos: Tensor, sin: Tensor, key_mask: Tensor | None) -> Tensor:

@@ -8,7 +8,7 @@ h_{l+1} = h_l for that row. Blocks are numbered 0-based here; the papers number 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Protocol
 
 import torch
@@ -23,29 +23,25 @@ class ForwardBatch:
 
     ids: Tensor  # [B, L] token ids
     attention_mask: Tensor | None  # [B, L] 1 = real token, 0 = padding; None = no padding
-    mask_id: int
+    masked: Tensor  # [B, L] bool: mask tokens that are not padding (routers vote only here)
+    row_keys: Tensor  # [B] int64 hash of each row's real tokens (seeded random choices)
 
-    @cached_property
-    def masked(self) -> Tensor:
-        """[B, L] bool: positions that hold the mask token (and are not padding)."""
-        masked = self.ids == self.mask_id
-        return masked if self.attention_mask is None else masked & self.attention_mask.bool()
+    @classmethod
+    def of(cls, ids: Tensor, attention_mask: Tensor | None, mask_id: int) -> "ForwardBatch":
+        masked = ids == mask_id
+        if attention_mask is not None:
+            masked = masked & attention_mask.bool()
+        return cls(ids, attention_mask, masked, row_keys(ids, attention_mask))
 
-    @cached_property
-    def row_keys(self) -> Tensor:
-        """[B] int64: a hash of each row's real tokens, independent of padding and batch layout.
 
-        Lets seeded random choices depend on the row's content only, so a result never
-        depends on which other requests shared the batch.
-        """
-        ids = self.ids.long()
-        if self.attention_mask is None:
-            real = torch.ones_like(ids)
-        else:
-            real = self.attention_mask.long()
-        position = real.cumsum(1) - 1  # 0 at the first real token, whatever the left padding
-        weight = (position * 40503 + 1) % _PRIME
-        return ((((ids + 7) % _PRIME) * weight % _PRIME) * real).sum(1) % _PRIME
+def row_keys(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """[B] int64: a hash of each row's real tokens, independent of padding and batch layout, so
+    seeded random choices depend on the row's content only, never on which requests share a batch."""
+    ids = ids.long()
+    real = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
+    position = real.cumsum(1) - 1  # 0 at the first real token, whatever the left padding
+    weight = (position * 40503 + 1) % _PRIME
+    return ((((ids + 7) % _PRIME) * weight % _PRIME) * real).sum(1) % _PRIME
 
 
 _PRIME = 2_147_483_647  # 2^31 - 1: products of two residues fit in int64
@@ -158,12 +154,15 @@ class SkipTrace:
     routed_layers: int = 0  # blocks whose router was evaluated (its cost goes into FLOPs)
 
     @staticmethod
-    def from_decisions(decisions: list[Decision], batch_size: int, device: torch.device) -> Tensor:
-        """Stack per-block decisions into the [B, n_layers] executed table."""
+    def from_decisions(decisions: list[Decision | list[bool]], batch_size: int, device: torch.device) -> Tensor:
+        """Stack per-block decisions (bools, [B] tensors, or per-row lists read back to the host)
+        into the [B, n_layers] executed table."""
         if all(isinstance(d, bool) for d in decisions):
             return _constant_row(tuple(decisions), device).expand(batch_size, -1)
         columns = [
-            d.to(torch.bool) if isinstance(d, Tensor) else torch.full((batch_size,), d, device=device)
+            d.to(torch.bool) if isinstance(d, Tensor)
+            else torch.tensor(d, device=device) if isinstance(d, list)
+            else torch.full((batch_size,), d, device=device)
             for d in decisions
         ]
         return torch.stack(columns, dim=1)

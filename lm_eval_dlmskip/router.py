@@ -19,7 +19,7 @@ A checkpoint is a directory: ``router.safetensors`` (weights, no pickle) and ``r
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .files import write_directory_atomically
-from .model import LLaDAConfig, RMSNorm
+from .model import LLaDAConfig, RMSNorm, rms_norm
 from .policies import Decision, ForwardBatch
 
 FORMAT_VERSION = 1
@@ -60,6 +60,7 @@ class Router(nn.Module):
 
     def __init__(self, cfg: RouterConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         d, h = cfg.d_model, cfg.hidden
         if cfg.norm_first:
             layers: list[nn.Module] = [RMSNorm(d, cfg.eps), nn.Linear(d, h), nn.SiLU()]
@@ -72,7 +73,22 @@ class Router(nn.Module):
             self.net[-1].bias.copy_(torch.tensor([0.0, cfg.init_bias]))
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.net(h.to(self.net[-1].weight.dtype))
+        return router_logits(h.to(self.net[-1].weight.dtype), list(self.net.parameters()), self.cfg)
+
+
+def router_logits(h: Tensor, params: list[Tensor], cfg: RouterConfig) -> Tensor:
+    """The router MLP as a function of its parameters (in ``Router.net`` order), so one compiled
+    graph serves the routers of every block."""
+    p = iter(params)
+    x = h
+    if cfg.norm_first:
+        x = rms_norm(x, next(p), cfg.eps)
+        for _ in range(cfg.depth - 1):
+            x = F.silu(F.linear(x, next(p), next(p)))
+    else:
+        for _ in range(cfg.depth - 1):
+            x = F.silu(rms_norm(F.linear(x, next(p), next(p)), next(p), cfg.eps))
+    return F.linear(x, next(p), next(p))
 
 
 class Routers(nn.Module):
@@ -95,22 +111,33 @@ def skip_share(votes_skip: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
     return share, count > 0
 
 
+def routed_decision(h: Tensor, params: list[Tensor], masked: Tensor, tau: float, cfg: RouterConfig) -> Tensor:
+    """[B] bool, True = run the block: argmax votes at the masked positions, skip when their
+    skip share exceeds tau; a row without masked positions runs."""
+    votes_skip = (router_logits(h.to(params[0].dtype), params, cfg).argmax(-1) == SKIP).float()
+    share, has_masked = skip_share(votes_skip, masked.float())
+    return ~((share > tau) & has_masked)
+
+
 @dataclass(frozen=True)
 class RoutedSkip:
-    """Inference policy: argmax votes at masked positions; skip when their skip share > tau."""
+    """Inference policy: the routers' votes decide, per row, which blocks run."""
 
     routers: Routers
     tau: float
+    decide: Callable = routed_decision
 
     @property
     def routed_layers(self) -> int:
         return self.routers.cfg.n_layers  # every block consults its router (its FLOPs are counted)
 
+    def compiled(self) -> "RoutedSkip":
+        """The same decisions from one compiled graph (router MLP, votes and threshold fused)."""
+        return replace(self, decide=torch.compile(routed_decision))
+
     def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision:
-        logits = self.routers(layer, h)  # [B, L, 2], dense over every position
-        votes_skip = (logits.argmax(-1) == SKIP).float()
-        share, has_masked = skip_share(votes_skip, batch.masked.float())
-        return ~((share > self.tau) & has_masked)  # [B] True: run the block
+        params = list(self.routers.routers[layer].net.parameters())
+        return self.decide(h, params, batch.masked, self.tau, self.routers.cfg)
 
     def check(self, n_layers: int) -> None:
         if self.routers.cfg.n_layers != n_layers:

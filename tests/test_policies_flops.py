@@ -14,7 +14,7 @@ from .conftest import MASK_ID
 
 def test_static_skip_is_host_known():
     policy = StaticSkip([4, 6, 8])
-    batch = ForwardBatch(torch.zeros(2, 3, dtype=torch.long), None, MASK_ID)
+    batch = ForwardBatch.of(torch.zeros(2, 3, dtype=torch.long), None, MASK_ID)
     assert [policy.rows_to_run(i, None, batch) for i in range(10)] == [i not in (4, 6, 8) for i in range(10)]
 
 
@@ -52,7 +52,7 @@ def test_random_skip_does_not_depend_on_padding_or_batch(ref_model):
 
 
 def test_random_skip_is_roughly_uniform_over_blocks():
-    keys = ForwardBatch(torch.randint(0, 1000, (4000, 12), generator=torch.Generator().manual_seed(2)), None, MASK_ID)
+    keys = ForwardBatch.of(torch.randint(0, 1000, (4000, 12), generator=torch.Generator().manual_seed(2)), None, MASK_ID)
     policy = RandomSkip(3, 8, seed=0)
     skipped = torch.stack([~policy.rows_to_run(i, None, keys) for i in range(8)], 1)
     assert (skipped.sum(1) == 3).all()

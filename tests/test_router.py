@@ -49,16 +49,16 @@ def test_fresh_routers_run_every_block(ref_model, ref_tensors):
     assert trace.routed_layers == 6
 
 
-class _FixedVotes(torch.nn.Module):
-    """A router whose vote at each position is read from the token id (even: skip)."""
-
-    def __init__(self, ids: torch.Tensor):
-        super().__init__()
-        self.ids = ids
-
-    def forward(self, h):
-        skip = (self.ids % 2 == 0).float()
-        return torch.stack([skip, 1 - skip], -1)
+def _voting_routers() -> Routers:
+    """A 1-block router stack that votes skip where h[..., 0] > 0 and execute where it is < 0."""
+    routers = Routers(RouterConfig(d_model=4, n_layers=1, hidden=4))
+    first, last = routers.routers[0].net[0], routers.routers[0].net[-1]
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(4))
+        first.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+        last.weight.copy_(torch.tensor([[10.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+        last.bias.zero_()
+    return routers
 
 
 def test_votes_are_counted_over_masked_positions_and_compared_with_tau():
@@ -67,18 +67,28 @@ def test_votes_are_counted_over_masked_positions_and_compared_with_tau():
         [1, MASK_ID, MASK_ID, 3, 5],  # 2 masked
         [1, 3, 5, 7, 9],  # none masked: runs every block
     ])
-    votes = torch.tensor([[1, 2, 3, 5, 7], [2, 2, 4, 6, 8], [2, 2, 2, 2, 2]])  # even = skip vote
-    routers = Routers(RouterConfig(d_model=4, n_layers=1, hidden=4))
-    routers.routers[0] = _FixedVotes(votes)
-    batch = ForwardBatch(ids, None, MASK_ID)
+    votes = torch.tensor([[1, -1, 1, -1, -1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])  # +1: skip vote
     h = torch.zeros(3, 5, 4)
-    # row 0: masked positions 1..4 vote skip at 2 -> share 1/4; row 1: positions 1,2 both skip -> 1
+    h[..., 0] = votes
+    routers = _voting_routers()
+    batch = ForwardBatch.of(ids, None, MASK_ID)
+    # row 0: masked positions 1..4 vote skip once -> share 1/4; row 1: both masked positions skip -> 1
     assert RoutedSkip(routers, 0.1).rows_to_run(0, h, batch).tolist() == [False, False, True]
     assert RoutedSkip(routers, 0.25).rows_to_run(0, h, batch).tolist() == [True, False, True]  # 1/4 is not > 1/4
     assert RoutedSkip(routers, 0.99).rows_to_run(0, h, batch).tolist() == [True, False, True]
-    padded = ForwardBatch(ids, torch.tensor([[1] * 5, [1] * 5, [0, 0, 1, 1, 1]]), MASK_ID)
+    padded = ForwardBatch.of(ids, torch.tensor([[1] * 5, [1] * 5, [0, 0, 1, 1, 1]]), MASK_ID)
     assert RoutedSkip(routers, 0.1).rows_to_run(0, h, padded).tolist() == [False, False, True]
     assert (SKIP, EXECUTE) == (0, 1)
+
+
+def test_compiled_router_decides_as_the_eager_one():
+    routers = _voting_routers()
+    ids = torch.full((3, 5), MASK_ID)
+    h = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    batch = ForwardBatch.of(ids, None, MASK_ID)
+    for tau in (0.1, 0.5):
+        eager = RoutedSkip(routers, tau).rows_to_run(0, h, batch)
+        assert torch.equal(RoutedSkip(routers, tau).compiled().rows_to_run(0, h, batch), eager)
 
 
 def test_gumbel_routing_is_hard_forward_and_differentiable():
@@ -87,7 +97,7 @@ def test_gumbel_routing_is_hard_forward_and_differentiable():
     ids = torch.full((4, 6), MASK_ID)
     routing = GumbelRouting(routers, temperature=1.0, generator=torch.Generator().manual_seed(1))
     h = torch.randn(4, 6, 8)
-    gates = [routing.rows_to_run(layer, h, ForwardBatch(ids, None, MASK_ID)) for layer in range(3)]
+    gates = [routing.rows_to_run(layer, h, ForwardBatch.of(ids, None, MASK_ID)) for layer in range(3)]
     for gate in gates:
         assert set(gate.tolist()) <= {0.0, 1.0}
     routing.alpha().sum().backward()

@@ -1,0 +1,64 @@
+"""The CUDA-graph runner is the same function as the model, decisions and trace included. (On a CPU
+its graphs are their functions called directly: this checks the runner's control flow.)"""
+
+from __future__ import annotations
+
+import torch
+
+from lm_eval_dlmskip.graphs import GraphRunner
+from lm_eval_dlmskip.policies import NO_SKIP, RandomSkip, StaticSkip
+from lm_eval_dlmskip.router import RoutedSkip, RouterConfig, Routers
+
+from .conftest import MASK_ID
+
+
+def _routers(seed: int) -> Routers:
+    torch.manual_seed(seed)
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16, init_bias=0.0))
+    for r in routers.routers:
+        torch.nn.init.normal_(r.net[-1].weight, std=3.0)
+    return routers
+
+
+def test_runner_equals_the_model_for_every_policy(ref_model, ref_tensors):
+    runner = GraphRunner(ref_model)
+    ids = ref_tensors["forward.input_ids"].repeat(3, 1)
+    ids[2, 4:9] = MASK_ID
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    policies = [NO_SKIP, StaticSkip({1, 4}), RandomSkip(2, 6, seed=3), RoutedSkip(_routers(0), 0.1)]
+    for policy in policies:
+        for attention_mask in (None, mask):
+            for logits_at in (None, slice(5, 11)):
+                with torch.no_grad():
+                    expected, expected_trace = ref_model(ids, attention_mask, policy=policy, logits_at=logits_at)
+                for _ in range(2):  # the second call replays the graphs of the first
+                    got, trace = runner(ids, attention_mask, policy=policy, logits_at=logits_at)
+                    assert torch.allclose(got, expected, atol=1e-5), (policy, attention_mask is None, logits_at)
+                    assert torch.equal(trace.executed, expected_trace.executed)
+                    assert torch.equal(trace.head_positions, expected_trace.head_positions)
+                    assert torch.equal(trace.masked, expected_trace.masked)
+                    assert trace.routed_layers == expected_trace.routed_layers
+
+
+def test_runner_follows_new_inputs_of_the_same_shape(ref_model):
+    runner = GraphRunner(ref_model)
+    routed = RoutedSkip(_routers(1), 0.1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, 240, (4, 10), generator=generator)
+        ids[torch.rand(ids.shape, generator=generator) < 0.4] = MASK_ID
+        with torch.no_grad():
+            expected, expected_trace = ref_model(ids, policy=routed)
+        got, trace = runner(ids, policy=routed)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.equal(trace.executed, expected_trace.executed)
+    mixed = trace.executed.float().mean(0)
+    assert ((mixed > 0) & (mixed < 1)).any()  # rows disagreed somewhere: the subset path ran too
+
+
+def test_runner_keeps_a_few_shapes(ref_model):
+    runner = GraphRunner(ref_model, shapes=2)
+    for L in (6, 7, 8, 6):
+        runner(torch.randint(0, 240, (1, L)))
+    assert list(runner.cache) == [(1, 8, False), (1, 6, False)]
