@@ -16,6 +16,7 @@ the weights' addresses: build the runner after the model is final (LoRA merged, 
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Callable
 
@@ -25,9 +26,12 @@ from torch import Tensor
 from .model import LLaDA, LogitPositions, _run_block, head_positions, make_trace, rotary_tables
 from .policies import NO_SKIP, ForwardBatch, SkipPolicy, SkipTrace, row_keys
 
+log = logging.getLogger(__name__)
+
 
 class _Replay:
-    """``fn`` captured into a CUDA graph (after a warm-up run of ``warm``), or ``fn`` itself off the GPU."""
+    """``fn`` captured into a CUDA graph (after a warm-up run of ``warm``), or ``fn`` itself off the
+    GPU or where the capture fails (then a warning says so and the work runs eagerly)."""
 
     def __init__(self, fn: Callable[[], None], warm: Callable[[], object], device: torch.device, pool) -> None:
         self.fn, self.graph = fn, None
@@ -38,9 +42,15 @@ class _Replay:
         with torch.cuda.stream(side):
             warm()  # compiles kernels and creates library workspaces outside the capture
         torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            fn()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                fn()
+        except RuntimeError as err:  # torch.AcceleratorError is a RuntimeError
+            log.warning("CUDA graph capture failed (%s); this step runs eagerly", str(err).splitlines()[0])
+            torch.cuda.synchronize(device)
+            return
+        self.graph = graph
 
     def __call__(self) -> None:
         if self.graph is None:

@@ -114,6 +114,8 @@ class LLaDASkipLM(TemplateLM):
             if routed.adapter is not None:
                 self.model = merge_lora(self.model, str(routed.adapter))
             self.policy: SkipPolicy = RoutedSkip(routed.routers, routed.routers.cfg.tau)
+            if compile:
+                self.policy = self.policy.compiled()
             flops = FlopsModel.of(self.cfg, routed.routers.cfg.hidden, routed.routers.cfg.depth)
             skip = describe_router(routed)
         elif router_tau is not None:
