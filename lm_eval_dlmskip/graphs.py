@@ -29,43 +29,43 @@ from .policies import NO_SKIP, ForwardBatch, SkipPolicy, SkipTrace, row_keys
 log = logging.getLogger(__name__)
 
 
-class _Replay:
-    """``fn`` captured into a CUDA graph (after a warm-up run of ``warm``), or ``fn`` itself off the
-    GPU or where the capture fails (then a warning says so and the work runs eagerly)."""
+class _Capture:
+    """Captures functions into CUDA graphs sharing one memory pool, until a capture fails: a failed
+    capture leaves PyTorch's allocator unable to start another, so from then on work runs eagerly."""
 
-    def __init__(self, fn: Callable[[], None], warm: Callable[[], object], device: torch.device, pool) -> None:
-        self.fn, self.graph = fn, None
-        if device.type != "cuda":
-            return
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.enabled = device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
+
+    def __call__(self, fn: Callable[[], None], warm: Callable[[], object]) -> Callable[[], None]:
+        """A replay of ``fn`` (warmed up first with ``warm``), or ``fn`` itself."""
+        if not self.enabled:
+            return fn
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             warm()  # compiles kernels and creates library workspaces outside the capture
-        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 fn()
         except RuntimeError as err:  # torch.AcceleratorError is a RuntimeError
-            log.warning("CUDA graph capture failed (%s); this step runs eagerly", str(err).splitlines()[0])
-            torch.cuda.synchronize(device)
-            return
-        self.graph = graph
-
-    def __call__(self) -> None:
-        if self.graph is None:
-            self.fn()
-        else:
-            self.graph.replay()
+            log.warning("CUDA graph capture failed (%s); running eagerly from now on", str(err).splitlines()[0])
+            torch.cuda.synchronize(self.device)
+            self.enabled = False
+            return fn
+        return graph.replay
 
 
 class _ShapeGraphs:
     """Static buffers and graphs for one (batch, length, padded) shape."""
 
-    def __init__(self, model: LLaDA, ids: Tensor, attention_mask: Tensor | None, pool) -> None:
+    def __init__(self, model: LLaDA, ids: Tensor, attention_mask: Tensor | None, capture: _Capture) -> None:
         cfg, device = model.cfg, ids.device
         B, L = ids.shape
-        self.model, self.pool, self.device = model, pool, device
+        self.model, self.capture, self.device = model, capture, device
         self.ids = ids.clone()
         self.mask = None if attention_mask is None else attention_mask.clone()
         self.h = torch.empty(B, L, cfg.d_model, dtype=model.dtype, device=device)
@@ -75,9 +75,9 @@ class _ShapeGraphs:
         self.batch = ForwardBatch(self.ids, self.mask, probe.masked.clone(), probe.row_keys.clone())
         self.decision = torch.empty(B, dtype=torch.bool, device=device)
         self.host = torch.empty(B, dtype=torch.bool, pin_memory=device.type == "cuda")
-        self.embed = _Replay(self._embed, lambda: model.embed(self.ids), device, pool)
-        self.blocks: list[_Replay | None] = [None] * cfg.n_layers
-        self.routers: dict[tuple[int, int], _Replay | None] = {}  # (id(policy), block) -> graph, None: host-known
+        self.embed = capture(self._embed, lambda: model.embed(self.ids))
+        self.blocks: list[Callable[[], None] | None] = [None] * cfg.n_layers
+        self.routers: dict[tuple[int, int], Callable[[], None] | None] = {}  # (id(policy), block) -> replay; None: host-known
 
     def _embed(self) -> None:
         self.h.copy_(self.model.embed(self.ids))
@@ -85,12 +85,11 @@ class _ShapeGraphs:
         self.batch.masked.copy_(masked if self.mask is None else masked & self.mask.bool())
         self.batch.row_keys.copy_(row_keys(self.ids, self.mask))
 
-    def _block(self, i: int) -> _Replay:
+    def _block(self, i: int) -> Callable[[], None]:
         if self.blocks[i] is None:
             block = self.model.blocks[i]
             args = (self.cos, self.sin, self.key_mask)
-            self.blocks[i] = _Replay(lambda: self.h.copy_(block(self.h, *args)), lambda: block(self.h, *args),
-                                     self.device, self.pool)
+            self.blocks[i] = self.capture(lambda: self.h.copy_(block(self.h, *args)), lambda: block(self.h, *args))
         return self.blocks[i]
 
     def _decide(self, i: int, policy: SkipPolicy) -> bool | list[bool]:
@@ -105,7 +104,7 @@ class _ShapeGraphs:
                     self.decision.copy_(policy.rows_to_run(i, self.h, self.batch))
                     self.host.copy_(self.decision, non_blocking=True)
 
-                self.routers[key] = _Replay(decide, lambda: policy.rows_to_run(i, self.h, self.batch), self.device, self.pool)
+                self.routers[key] = self.capture(decide, lambda: policy.rows_to_run(i, self.h, self.batch))
         graph = self.routers[key]
         if graph is None:
             return policy.rows_to_run(i, self.h, self.batch)
@@ -135,7 +134,7 @@ class GraphRunner:
 
     def __init__(self, model: LLaDA, shapes: int = 4) -> None:
         self.model, self.shapes = model, shapes
-        self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
+        self.capture = _Capture(model.device)
         self.cache: OrderedDict[tuple, _ShapeGraphs] = OrderedDict()
 
     @torch.no_grad()
@@ -143,7 +142,7 @@ class GraphRunner:
         self, ids: Tensor, attention_mask: Tensor | None = None, policy: SkipPolicy = NO_SKIP, logits_at: LogitPositions = None
     ) -> tuple[Tensor, SkipTrace]:
         key = (*ids.shape, attention_mask is not None)
-        graphs = self.cache.pop(key, None) or _ShapeGraphs(self.model, ids, attention_mask, self.pool)
+        graphs = self.cache.pop(key, None) or _ShapeGraphs(self.model, ids, attention_mask, self.capture)
         self.cache[key] = graphs
         while len(self.cache) > self.shapes:
             self.cache.popitem(last=False)
