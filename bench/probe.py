@@ -11,23 +11,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_llada import timed as _timed
 from lm_eval_dlmskip.model import Block, LLaDAConfig, rotary_tables
 from lm_eval_dlmskip.router import RouterConfig, Routers
 
 
-def timed(fn, repeat=20, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+def timed(fn):
+    return _timed(fn, torch.device("cuda"), repeat=20, warmup=5)
 
 
 def main():

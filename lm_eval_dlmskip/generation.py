@@ -57,6 +57,21 @@ class GenerationSettings:
             raise ValueError(f"cfg={self.cfg} and temperature={self.temperature} must be >= 0")
 
 
+def guided_logits(
+    denoise: Denoiser, ids: Tensor, attention_mask: Tensor | None, prompt_mask: Tensor,
+    logits_at: slice | Tensor | None, cfg: float, mask_id: int,
+) -> Tensor:
+    """Logits, with LLaDA's unsupervised classifier-free guidance when cfg > 0: the same rows with the
+    prompt masked give the unconditional logits, mixed as un + (cfg + 1) (cond - un)."""
+    if cfg == 0:
+        return denoise(ids, attention_mask, logits_at)
+    unconditional = torch.where(prompt_mask, mask_id, ids)
+    both_mask = None if attention_mask is None else attention_mask.repeat(2, 1)
+    both_at = logits_at if not isinstance(logits_at, Tensor) else torch.cat([logits_at, logits_at + ids.numel()])
+    logits, un_logits = denoise(torch.cat([ids, unconditional]), both_mask, both_at).chunk(2)
+    return un_logits + (cfg + 1) * (logits - un_logits)
+
+
 def transfer_schedule(block_length: int, steps: int) -> list[int]:
     """Tokens committed at each step of a block: equal shares, the remainder spread over the
     first steps (upstream get_num_transfer_tokens; LLaDA's linear noise schedule)."""
@@ -96,19 +111,12 @@ def generate(
     prompt_has_masks = bool((prompt == mask_id).any())  # sync: once per call
     num_blocks = G // block_length
     schedule = transfer_schedule(block_length, settings.steps // num_blocks)
-    cfg = settings.cfg
     for block in range(num_blocks):
         start, end = P + block * block_length, P + (block + 1) * block_length
         window = slice(0 if prompt_has_masks else start, end)
         for num_transfer in schedule:
             masked = x == mask_id
-            if cfg > 0:
-                unconditional = torch.where(prompt_index, mask_id, x)
-                both_mask = None if attention_mask is None else attention_mask.repeat(2, 1)
-                logits, un_logits = denoise(torch.cat([x, unconditional]), both_mask, window).chunk(2)
-                logits = un_logits + (cfg + 1) * (logits - un_logits)
-            else:
-                logits = denoise(x, attention_mask, window)  # [B, W, V]
+            logits = guided_logits(denoise, x, attention_mask, prompt_index, window, settings.cfg, mask_id)  # [B, W, V]
             x0_window = add_gumbel_noise(logits, settings.temperature, generator).argmax(-1)
             if settings.remasking == "low_confidence":
                 p = F.softmax(logits, dim=-1)

@@ -121,8 +121,7 @@ class LLaDASkipLM(TemplateLM):
         elif router_tau is not None:
             raise ValueError("router_tau is given without router=PATH")
         elif skip_profile is not None:
-            layers, profile = load_profile(skip_profile, self.cfg.n_layers, self.cfg.d_model, checkpoint.fingerprint,
-                                           bool(allow_mismatch), skip_k)
+            layers, profile = load_profile(skip_profile, self.cfg, checkpoint.fingerprint, bool(allow_mismatch), skip_k)
             self.policy = StaticSkip(layers) if layers else NO_SKIP
             skip = {**describe_policy(self.policy), "skip_profile": str(skip_profile), "threshold": profile["threshold"]}
         else:

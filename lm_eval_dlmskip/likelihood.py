@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .generation import Denoiser
+from .generation import Denoiser, guided_logits
 
 
 @dataclass(frozen=True)
@@ -139,18 +139,6 @@ def _to(rows: _Rows, device: torch.device) -> _Rows:
     return _Rows(**{k: move(v) for k, v in vars(rows).items()})
 
 
-def masked_logits(denoise: Denoiser, rows: _Rows, cfg: float, mask_id: int) -> Tensor:
-    """Logits [M, V] at the masked positions, with unsupervised CFG when cfg > 0 (prompt masked)."""
-    if cfg == 0:
-        return denoise(rows.ids, rows.attention_mask, rows.positions)
-    unconditional = torch.where(rows.prompt_mask, mask_id, rows.ids)
-    ids = torch.cat([rows.ids, unconditional])
-    attention = None if rows.attention_mask is None else rows.attention_mask.repeat(2, 1)
-    both = torch.cat([rows.positions, rows.positions + rows.ids.numel()])
-    logits, un_logits = denoise(ids, attention, both).chunk(2)
-    return un_logits + (cfg + 1) * (logits - un_logits)
-
-
 @torch.no_grad()
 def mc_loglikelihood(
     denoise: Denoiser,
@@ -180,7 +168,7 @@ def mc_loglikelihood(
         rows = _to(built, device)
         if on_rows is not None:
             on_rows(rows.row_owner.repeat(2) if settings.cfg > 0 else rows.row_owner)
-        logits = masked_logits(denoise, rows, settings.cfg, mask_id)
+        logits = guided_logits(denoise, rows.ids, rows.attention_mask, rows.prompt_mask, rows.positions, settings.cfg, mask_id)
         loss = F.cross_entropy(logits.float(), rows.targets, reduction="none") * rows.weights
         totals.index_add_(0, rows.owner, loss)
     return (-totals / samples).tolist()  # sync: once per batch of requests
@@ -213,13 +201,7 @@ def greedy_matches(
     rows = torch.arange(N, device=device)
     for _ in range(max(len(a) for a in answers)):
         masked = ids == mask_id
-        if cfg > 0:
-            both = torch.cat([ids, torch.where(prompt_mask, mask_id, ids)])
-            both_mask = None if attention_mask is None else attention_mask.repeat(2, 1)
-            logits, un_logits = denoise(both, both_mask, None).chunk(2)
-            logits = un_logits + (cfg + 1) * (logits - un_logits)
-        else:
-            logits = denoise(ids, attention_mask, None)
+        logits = guided_logits(denoise, ids, attention_mask, prompt_mask, None, cfg, mask_id)
         x0 = logits.argmax(-1)
         confidence = F.softmax(logits.float(), dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
         best = torch.where(masked, confidence, -torch.inf).argmax(1)  # [N]

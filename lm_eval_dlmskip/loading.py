@@ -227,3 +227,29 @@ def resolve_adapter(adapter: str, revision: str) -> Path:
             raise ValueError(f"peft={adapter!r}: adapter_config.json is missing")
         return path
     return resolve_checkpoint(adapter, revision)
+
+
+def model_identity(cfg: LLaDAConfig, name: str, fingerprint: str) -> dict:
+    """What router checkpoints and skip profiles record about the model they were made on."""
+    return {
+        "name": name,
+        "fingerprint": fingerprint,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "mlp_hidden_size": cfg.mlp_hidden_size,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def check_identity(base: dict, cfg: LLaDAConfig, fingerprint: str, allow_mismatch: bool, subject: str) -> None:
+    """Refuse an artifact made on another model: other shapes always, other weights unless allowed.
+    ``subject`` begins the message, e.g. "router='x' was trained for"."""
+    made_on = f"{base['name']} (n_layers={base['n_layers']}, d_model={base['d_model']}, fingerprint {base['fingerprint']})"
+    if (base["n_layers"], base["d_model"]) != (cfg.n_layers, cfg.d_model):
+        raise ValueError(f"{subject} {made_on}; this model has n_layers={cfg.n_layers}, d_model={cfg.d_model}")
+    if base["fingerprint"] != fingerprint and not allow_mismatch:
+        raise ValueError(
+            f"{subject} {made_on}; this model's weights have fingerprint {fingerprint}. "
+            "Use the model it was made for, or pass allow_mismatch=True to use it anyway."
+        )

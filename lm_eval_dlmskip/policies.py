@@ -52,19 +52,12 @@ class SkipPolicy(Protocol):
 
     def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision: ...
 
-    def check(self, n_layers: int) -> None:
-        """Raise ValueError if the policy does not fit a model with ``n_layers`` blocks."""
-        ...
-
 
 class NoSkip:
     """Every row runs every block."""
 
     def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision:
         return True
-
-    def check(self, n_layers: int) -> None:
-        return None
 
     def __repr__(self) -> str:
         return "NoSkip()"
@@ -100,9 +93,6 @@ class StaticSkip:
 
     def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision:
         return layer not in self.layers
-
-    def check(self, n_layers: int) -> None:
-        check_layers(sorted(self.layers), n_layers, "skip_layers")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .files import write_directory_atomically
+from .loading import check_identity
 from .model import LLaDAConfig, RMSNorm, rms_norm
 from .policies import Decision, ForwardBatch
 
@@ -139,10 +140,6 @@ class RoutedSkip:
         params = list(self.routers.routers[layer].net.parameters())
         return self.decide(h, params, batch.masked, self.tau, self.routers.cfg)
 
-    def check(self, n_layers: int) -> None:
-        if self.routers.cfg.n_layers != n_layers:
-            raise ValueError(f"router: trained for {self.routers.cfg.n_layers} blocks, the model has {n_layers}")
-
 
 class GumbelRouting:
     """Training policy for one forward pass: Gumbel-softmax votes (hard, straight-through), their
@@ -175,23 +172,8 @@ class GumbelRouting:
         """[B] share of skipped blocks per row (the paper's alpha)."""
         return torch.stack(self.skip_gates, 1).mean(1)
 
-    def check(self, n_layers: int) -> None:
-        return None
-
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def model_identity(cfg: LLaDAConfig, name: str, fingerprint: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "fingerprint": fingerprint,
-        "n_layers": cfg.n_layers,
-        "d_model": cfg.d_model,
-        "n_heads": cfg.n_heads,
-        "mlp_hidden_size": cfg.mlp_hidden_size,
-        "vocab_size": cfg.vocab_size,
-    }
-
-
 def save_routers(
     path: str | Path,
     routers: Routers,
@@ -276,18 +258,7 @@ def load_routers(
             f"{meta_file}: not a router checkpoint of format {FORMAT_VERSION} "
             f"(kind={meta.get('kind')!r}, format={meta.get('format')!r})"
         )
-    base = meta["base_model"]
-    trained_for = f"{base['name']} (n_layers={base['n_layers']}, d_model={base['d_model']}, fingerprint {base['fingerprint']})"
-    if (base["n_layers"], base["d_model"]) != (cfg.n_layers, cfg.d_model):
-        raise ValueError(
-            f"router={str(router)!r} was trained for {trained_for}; this model has "
-            f"n_layers={cfg.n_layers}, d_model={cfg.d_model}"
-        )
-    if base["fingerprint"] != fingerprint and not allow_mismatch:
-        raise ValueError(
-            f"router={str(router)!r} was trained for {trained_for}; this model's weights have fingerprint "
-            f"{fingerprint}. Use the model it was trained for, or pass allow_mismatch=True to use it anyway."
-        )
+    check_identity(meta["base_model"], cfg, fingerprint, allow_mismatch, f"router={str(router)!r} was trained for")
     rcfg = RouterConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, **{**meta["router"], **({"tau": tau} if tau is not None else {})})
     routers = Routers(rcfg)
     try:

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .loading import load_llada, load_tokenizer
+from .loading import load_llada, load_tokenizer, model_identity
 from .model import LLaDA
-from .router import GumbelRouting, RoutedSkip, RouterConfig, Routers, model_identity, save_routers
-from .train_data import Pair, encode_pairs, jsonl_texts, split_validation, task_texts
+from .router import GumbelRouting, RoutedSkip, RouterConfig, Routers, save_routers
+from .train_data import Pair, add_source_arguments, encode_pairs, jsonl_texts, split_validation, task_texts
 
 log = logging.getLogger("lm_eval_dlmskip.train")
 
@@ -426,9 +426,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", required=True, help="LLaDA hub id or checkpoint directory (the frozen backbone)")
     a("--output", required=True, help="router checkpoint directory to write (e.g. router_ckpts/gsm8k-l0.3)")
-    a("--task", help="lm-eval task whose training split (else validation split) is the data")
-    a("--include-path", help="extra lm-eval task folder")
-    a("--data", help="JSONL file with prompt/target fields, instead of --task")
+    add_source_arguments(parser, "lm-eval task whose training split (else validation split) is the data",
+                         "JSONL file with prompt/target fields, instead of --task")
     a("--revision", default="main")
     a("--lambda", dest="lam", type=float, default=0.1, help="weight of the skip loss |alpha - alpha_target|")
     a("--alpha-target", type=float, default=0.5, help="target share of skipped blocks")

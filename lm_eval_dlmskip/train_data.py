@@ -10,6 +10,7 @@ together and split, with trailing spaces of the context moved into the continuat
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import random
@@ -121,3 +122,10 @@ def split_validation(pairs: list[Pair], fraction: float, seed: int, max_examples
     n_val = min(max_examples, max(1 if len(pairs) > 1 else 0, round(len(pairs) * fraction)))
     held = set(order[:n_val])
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in order[:n_val]]
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, task_help: str, data_help: str) -> None:
+    """--task / --include-path / --data, as ``train``, ``calibrate`` and ``analyze`` take them."""
+    parser.add_argument("--task", help=task_help)
+    parser.add_argument("--include-path", help="extra lm-eval task folder")
+    parser.add_argument("--data", help=data_help)

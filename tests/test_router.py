@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 from safetensors.torch import load_file
 
 from lm_eval_dlmskip.harness import LLaDASkipLM
-from lm_eval_dlmskip.loading import load_llada
+from lm_eval_dlmskip.loading import load_llada, model_identity
 from lm_eval_dlmskip.policies import ForwardBatch
 from lm_eval_dlmskip.router import (
     EXECUTE,
@@ -22,7 +22,6 @@ from lm_eval_dlmskip.router import (
     RouterConfig,
     Routers,
     load_routers,
-    model_identity,
     save_routers,
 )
 from lm_eval_dlmskip.train import TrainConfig, collate, lr_factor, train

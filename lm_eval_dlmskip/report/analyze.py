@@ -27,6 +27,7 @@ from ..files import write_json
 from ..generation import GenerationSettings, generate
 from ..loading import load_llada, load_tokenizer
 from ..model import LLaDA
+from ..train_data import add_source_arguments
 from .calibrate import consecutive_similarity, load_examples
 
 
@@ -70,9 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", required=True, help="LLaDA hub id or checkpoint directory")
     a("--out", required=True, help="directory for the PNG files and analysis.json")
-    a("--task", help="lm-eval task whose evaluation documents are the prompts")
-    a("--include-path", help="extra lm-eval task folder")
-    a("--data", help="JSONL with prompt/target fields, or a text file with one prompt per line")
+    add_source_arguments(parser, "lm-eval task whose evaluation documents are the prompts",
+                         "JSONL with prompt/target fields, or a text file with one prompt per line")
     a("--limit", type=int, default=16, help="prompts to decode")
     a("--gen-length", type=int, default=32, help="answer tokens to decode")
     a("--steps", type=int, help="denoising steps (default: gen-length)")

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..files import write_json
-from ..loading import load_llada, load_tokenizer
+from ..loading import check_identity, load_llada, load_tokenizer, model_identity
 from ..model import LLaDA
+from ..train_data import add_source_arguments
 
 FORMAT_VERSION = 1
 KIND = "lm_eval_dlmskip.skip_profile"
@@ -144,8 +145,6 @@ def load_examples(args: argparse.Namespace, tokenizer) -> tuple[list[Example], s
 
 def calibrate(args: argparse.Namespace) -> dict:
     """Measure, select, and write the skip profile; returns it."""
-    from ..router import model_identity
-
     checkpoint = load_llada(args.model, args.revision, dtype=args.dtype, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = checkpoint.model
     tokenizer = load_tokenizer(checkpoint.path, model.cfg.mask_token_id)
@@ -183,7 +182,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     return profile
 
 
-def load_profile(path: str | Path, n_layers: int, d_model: int, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
+def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
     """The blocks a skip profile selects (its first ``k`` choices when given), checked against the model."""
     path = Path(path)
     try:
@@ -194,17 +193,7 @@ def load_profile(path: str | Path, n_layers: int, d_model: int, fingerprint: str
         raise ValueError(f"skip_profile={str(path)!r}: not valid JSON ({err})") from err
     if profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
         raise ValueError(f"skip_profile={str(path)!r}: not a skip profile of format {FORMAT_VERSION}")
-    base = profile["base_model"]
-    if (base["n_layers"], base["d_model"]) != (n_layers, d_model):
-        raise ValueError(
-            f"skip_profile={str(path)!r} was measured on {base['name']} (n_layers={base['n_layers']}, "
-            f"d_model={base['d_model']}); this model has n_layers={n_layers}, d_model={d_model}"
-        )
-    if base["fingerprint"] != fingerprint and not allow_mismatch:
-        raise ValueError(
-            f"skip_profile={str(path)!r} was measured on {base['name']} (fingerprint {base['fingerprint']}), "
-            f"not on this model ({fingerprint}); pass allow_mismatch=True to use it anyway"
-        )
+    check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
     order = profile["selection_order"]
     if k is not None:
         if not 0 <= k <= len(order):
@@ -217,9 +206,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", required=True, help="LLaDA hub id or checkpoint directory")
     a("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH)")
-    a("--task", help="lm-eval task whose evaluation documents are the calibration prompts")
-    a("--include-path", help="extra lm-eval task folder")
-    a("--data", help="JSONL with prompt/target fields, or a text file with one prompt per line")
+    add_source_arguments(parser, "lm-eval task whose evaluation documents are the calibration prompts",
+                         "JSONL with prompt/target fields, or a text file with one prompt per line")
     a("--limit", type=int, default=64, help="calibration prompts to use")
     a("--threshold", type=float, default=0.95, help="minimum similarity of a skipped block")
     a("--max-skip", type=int, default=4, help="at most this many blocks")

@@ -21,7 +21,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
