@@ -101,32 +101,10 @@ class LLaDASkipLM(TemplateLM):
         self.likelihood.check()
         self.gen_defaults = {"gen_length": gen_length, "steps": steps, "block_length": block_length}
         self.generation = GenerationSettings(cfg=float(cfg), remasking=remasking, temperature=float(temperature))
-        flops = FlopsModel.of(self.cfg)
-        chosen = [name for name, value in (("skip_layers", skip_layers), ("skip_random", skip_random),
-                                           ("skip_profile", skip_profile), ("router", router)) if value is not None]
-        if len(chosen) > 1:
-            raise ValueError(f"{' and '.join(chosen)} both given: choose one way of skipping")
-        if skip_k is not None and skip_profile is None:
-            raise ValueError("skip_k is given without skip_profile=PATH")
-        if router is not None:
-            routed = load_routers(router, self.cfg, checkpoint.fingerprint, router_tau, bool(allow_mismatch), self._device,
-                                  dtype=self.model.dtype)
-            if routed.adapter is not None:
-                self.model = merge_lora(self.model, str(routed.adapter))
-            self.policy: SkipPolicy = RoutedSkip(routed.routers, routed.routers.cfg.tau)
-            if compile:
-                self.policy = self.policy.compiled()
-            flops = FlopsModel.of(self.cfg, routed.routers.cfg.hidden, routed.routers.cfg.depth)
-            skip = describe_router(routed)
-        elif router_tau is not None:
-            raise ValueError("router_tau is given without router=PATH")
-        elif skip_profile is not None:
-            layers, profile = load_profile(skip_profile, self.cfg, checkpoint.fingerprint, bool(allow_mismatch), skip_k)
-            self.policy = StaticSkip(layers) if layers else NO_SKIP
-            skip = {**describe_policy(self.policy), "skip_profile": str(skip_profile), "threshold": profile["threshold"]}
-        else:
-            self.policy = build_policy(self.cfg.n_layers, skip_layers, skip_random, self.seed)
-            skip = describe_policy(self.policy)
+        self.policy, skip, flops = self._skip_policy(
+            checkpoint.fingerprint, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
+            bool(allow_mismatch), bool(compile),
+        )
         self.settings = {
             "pretrained": pretrained,
             "revision": str(revision),
@@ -145,6 +123,35 @@ class LLaDASkipLM(TemplateLM):
         # Generation repeats one shape for every denoising step: replay it from CUDA graphs.
         use_graphs = bool(cuda_graphs) and self._device.type == "cuda"
         self.generation_forward = GraphRunner(self.model) if use_graphs else self.model
+
+    def _skip_policy(
+        self, fingerprint: str, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
+        allow_mismatch: bool, compile: bool,
+    ) -> tuple[SkipPolicy, dict, FlopsModel]:
+        """The one skipping method the model_args name (an error if several), how to describe it in
+        the results, and the FLOPs model that counts its cost."""
+        chosen = [name for name, value in (("skip_layers", skip_layers), ("skip_random", skip_random),
+                                           ("skip_profile", skip_profile), ("router", router)) if value is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} both given: choose one way of skipping")
+        if skip_k is not None and skip_profile is None:
+            raise ValueError("skip_k is given without skip_profile=PATH")
+        if router_tau is not None and router is None:
+            raise ValueError("router_tau is given without router=PATH")
+        if router is not None:
+            routed = load_routers(router, self.cfg, fingerprint, router_tau, allow_mismatch, self._device, dtype=self.model.dtype)
+            if routed.adapter is not None:
+                self.model = merge_lora(self.model, str(routed.adapter))
+            policy = RoutedSkip(routed.routers, routed.routers.cfg.tau)
+            flops = FlopsModel.of(self.cfg, routed.routers.cfg.hidden, routed.routers.cfg.depth)
+            return (policy.compiled() if compile else policy), describe_router(routed), flops
+        if skip_profile is not None:
+            layers, profile = load_profile(skip_profile, self.cfg, fingerprint, allow_mismatch, skip_k)
+            policy = StaticSkip(layers) if layers else NO_SKIP
+            skip = {**describe_policy(policy), "skip_profile": str(skip_profile), "threshold": profile["threshold"]}
+            return policy, skip, FlopsModel.of(self.cfg)
+        policy = build_policy(self.cfg.n_layers, skip_layers, skip_random, self.seed)
+        return policy, describe_policy(policy), FlopsModel.of(self.cfg)
 
     # ---- lm-eval conventions -------------------------------------------------------------
     @classmethod
