@@ -240,6 +240,7 @@ def bench_forward(model: LLaDA, up: Upstream | None, device, shapes, repeat: int
                 cases.append(("routed", len(skipped), policy if name == "eager" else policy.compiled(), routed_flops))
             with engine(model, name) as forward, torch.no_grad():
                 for method, k, policy, flops in cases:
+                    reset_peak(device)
                     ms = timed(lambda: forward(ids, policy=policy), device, repeat)
                     _, trace = forward(ids, policy=policy)
                     spent, full = flops.forward(trace)
@@ -247,7 +248,7 @@ def bench_forward(model: LLaDA, up: Upstream | None, device, shapes, repeat: int
                     row = {"B": B, "L": L, "engine": name, "method": method, "k": k, "ms": ms, "time_ratio": ms / base_ms,
                            "flops_ratio_papers": trace.executed.float().mean().item(),
                            "flops_ratio_whole_model": (spent.sum() / full.sum()).item(),
-                           "matmul_fraction": spent.sum().item() / (ms * 1e-3) / (peak * 1e12)}
+                           "matmul_fraction": spent.sum().item() / (ms * 1e-3) / (peak * 1e12), "peak_gib": peak_gib(device)}
                     if method == "routed" and k == 0:
                         static0 = next(r["ms"] for r in rows if r["B"] == B and r["L"] == L and r.get("engine") == name
                                        and r["method"] == "static" and r["k"] == 0)
@@ -256,12 +257,13 @@ def bench_forward(model: LLaDA, up: Upstream | None, device, shapes, repeat: int
                     rows.append(row)
                     print("forward", json.dumps(row), flush=True)
         if up is not None:
+            reset_peak(device)
             with torch.no_grad(), up.running() as upstream:
                 ms = timed(lambda: upstream(ids), device, repeat)
             _, full = plain_flops.forward(SkipTrace(torch.ones(B, cfg.n_layers, dtype=torch.bool), torch.full((B,), L),
                                                     torch.full((B,), L), torch.zeros(B)))
             row = {"B": B, "L": L, "engine": "upstream", "method": "upstream", "k": 0, "ms": ms,
-                   "matmul_fraction": full.sum().item() / (ms * 1e-3) / (peak * 1e12)}
+                   "matmul_fraction": full.sum().item() / (ms * 1e-3) / (peak * 1e12), "peak_gib": peak_gib(device)}
             rows.append(row)
             print("forward", json.dumps(row), flush=True)
     return rows

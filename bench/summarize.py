@@ -13,6 +13,10 @@ def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def gib(row: dict) -> str:
+    return f"{row['peak_gib']:.2f}" if row.get("peak_gib") is not None else ""
+
+
 def main(path: str) -> None:
     r = json.loads(open(path).read())
     print(f"Device: {r['device']}, torch {r['torch']}, measured bf16 matmul {r['matmul_tflops']:.0f} TFLOP/s, {r['date']}.\n")
@@ -20,15 +24,15 @@ def main(path: str) -> None:
     for b in r["block"]:
         print(f"| B={b['B']} L={b['L']} | {b['ours_ms']:.3f} | {b['ours_compiled_ms']:.3f} | {b['upstream_ms']:.3f} |")
     print("\n| forward | engine | method | ms | time ratio | FLOPs ratio papers | FLOPs ratio whole model | "
-          "share of matmul rate | routing overhead per block |\n|---|---|---|---|---|---|---|---|---|")
+          "share of matmul rate | routing overhead per block | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|")
     for f in r["forward"]:
         if f["method"] == "upstream":
-            print(f"| B={f['B']} L={f['L']} | upstream | - | {f['ms']:.2f} | | | | {pct(f['matmul_fraction'])} | |")
+            print(f"| B={f['B']} L={f['L']} | upstream | - | {f['ms']:.2f} | | | | {pct(f['matmul_fraction'])} | | {gib(f)} |")
             continue
         over = (f"{f['routing_overhead_us_per_block']:.0f} us ({f['routing_overhead_pct_of_block']:.1f}%)"
                 if "routing_overhead_us_per_block" in f else "")
         print(f"| B={f['B']} L={f['L']} | {f['engine']} | {f['method']} k={f['k']} | {f['ms']:.2f} | {f['time_ratio']:.4f} | "
-              f"{f['flops_ratio_papers']:.4f} | {f['flops_ratio_whole_model']:.4f} | {pct(f['matmul_fraction'])} | {over} |")
+              f"{f['flops_ratio_papers']:.4f} | {f['flops_ratio_whole_model']:.4f} | {pct(f['matmul_fraction'])} | {over} | {gib(f)} |")
     lk = r["likelihood"]
     print(f"\n| likelihood (mc_num {lk['mc_num']}, {lk['requests']} requests) | requests/s | peak GiB | vs upstream |\n|---|---|---|---|")
     for name in ("eager", "compiled"):
