@@ -20,6 +20,20 @@ def timed(fn):
     return _timed(fn, torch.device("cuda"), repeat=20, warmup=5)
 
 
+def capture(fn):
+    """(CUDA graph of ``fn``, its static output), after warm-up calls on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def main():
     print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
     cfg = LLaDAConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
@@ -69,16 +83,7 @@ def main():
         compiled = torch.compile(decide)
         t_comp = timed(compiled)
         t_comp_sync = timed(lambda: compiled().cpu())
-        static_out = decide()
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                decide()
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(g):
-            static_out = decide()
+        g, static_out = capture(decide)
         t_graph = timed(lambda: g.replay())
         host = torch.empty(1, dtype=torch.bool, pin_memory=True)
 
@@ -103,16 +108,7 @@ def main():
             return x.clone()
 
         with torch.no_grad():
-            out = torch.cond(pred, run, keep, (x,))
-            g2 = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    torch.cond(pred, run, keep, (x,))
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(g2):
-                out = torch.cond(pred, run, keep, (x,))
+            g2, out = capture(lambda: torch.cond(pred, run, keep, (x,)))
             pred.fill_(True)
             t_true = timed(lambda: g2.replay())
             ref_true = block(x, cos, sin, None)

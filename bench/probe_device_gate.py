@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention.varlen import varlen_attn
 
 from bench_llada import timed as _timed
+from probe import capture
 from lm_eval_dlmskip.model import apply_rotary, rms_norm, rotary_tables
 
 D, H, HD, MLP, EPS, THETA = 4096, 32, 128, 12288, 1e-5, 500000.0
@@ -71,19 +72,6 @@ def route(x, W, masked, tau=0.1):
     skip_votes = (logits[:, 0] > logits[:, 1]).float()
     share = (skip_votes * masked).sum() / masked.sum().clamp(min=1)
     return share <= tau
-
-
-def capture(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
 
 
 def main():

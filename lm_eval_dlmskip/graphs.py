@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .model import LLaDA, LogitPositions, _run_block, head_positions, make_trace, rotary_tables
-from .policies import NO_SKIP, ForwardBatch, SkipPolicy, SkipTrace, row_keys
+from .policies import NO_SKIP, ForwardBatch, SkipPolicy, SkipTrace
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ class _ShapeGraphs:
 
     def _embed(self) -> None:
         self.h.copy_(self.model.embed(self.ids))
-        masked = self.ids == self.model.cfg.mask_token_id
-        self.batch.masked.copy_(masked if self.mask is None else masked & self.mask.bool())
-        self.batch.row_keys.copy_(row_keys(self.ids, self.mask))
+        fresh = ForwardBatch.of(self.ids, self.mask, self.model.cfg.mask_token_id)
+        self.batch.masked.copy_(fresh.masked)
+        self.batch.row_keys.copy_(fresh.row_keys)
 
     def _block(self, i: int) -> Callable[[], None]:
         if self.blocks[i] is None:

@@ -169,10 +169,10 @@ def validate(backbone: LLaDA, routers: Routers, pairs: list[Pair], cfg: TrainCon
         for ratio in (0.25, 0.5, 0.75, 1.0):
             masked = batch.target & (torch.rand(batch.ids.shape, generator=generator) < ratio)
             noisy = torch.where(masked, mask_id, batch.ids).to(device)
-            positions = masked.flatten().nonzero().squeeze(1).to(device)
+            positions = masked.flatten().nonzero().squeeze(1)
             mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-            logits, trace = backbone(noisy, mask, policy=policy, logits_at=positions)
-            ce_sum += F.cross_entropy(logits.float(), batch.ids.flatten()[positions.cpu()].to(device), reduction="sum").item()
+            logits, trace = backbone(noisy, mask, policy=policy, logits_at=positions.to(device))
+            ce_sum += F.cross_entropy(logits.float(), batch.ids.flatten()[positions].to(device), reduction="sum").item()
             tokens += len(positions)
             executed += trace.executed.float().mean(1).sum().item()
             forwards += batch.ids.shape[0]
@@ -192,7 +192,7 @@ def step_examples(pairs: list[Pair], step: int, per_step: int, seed: int) -> lis
     n, chosen = len(pairs), []
     for k in range(step * per_step, (step + 1) * per_step):
         epoch, index = divmod(k, n)
-        chosen.append(pairs[epoch_order(n, epoch, seed)[index]] if n else None)
+        chosen.append(pairs[epoch_order(n, epoch, seed)[index]])
     return chosen
 
 
@@ -299,9 +299,8 @@ def train(cfg: TrainConfig) -> dict:
         routers.load_state_dict(state)
         if cfg.lora:
             from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file as load_adapter
 
-            set_peft_model_state_dict(backbone, load_adapter(str(out / "adapter" / "adapter_model.safetensors"), device=str(device)))
+            set_peft_model_state_dict(backbone, load_file(str(out / "adapter" / "adapter_model.safetensors"), device=str(device)))
         start = load_train_state(out, optimizer, cfg)
         log.info("resuming %s at step %d of %d", out, start, total)
     objective = accelerator.prepare(objective)  # DDP syncs only parameters that require grad

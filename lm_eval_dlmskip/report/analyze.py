@@ -25,10 +25,8 @@ from torch import Tensor
 
 from ..files import write_json
 from ..generation import GenerationSettings, generate
-from ..loading import load_llada, load_tokenizer
 from ..model import LLaDA
-from ..train_data import add_source_arguments
-from .calibrate import consecutive_similarity, load_examples
+from .calibrate import add_model_and_prompt_arguments, consecutive_similarity, load_model_and_examples
 
 
 @torch.no_grad()
@@ -68,26 +66,16 @@ def record_trajectory(model: LLaDA, prompts: list[list[int]], settings: Generati
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_and_prompt_arguments(parser, "the prompts", limit=16)
     a = parser.add_argument
-    a("--model", required=True, help="LLaDA hub id or checkpoint directory")
     a("--out", required=True, help="directory for the PNG files and analysis.json")
-    add_source_arguments(parser, "lm-eval task whose evaluation documents are the prompts",
-                         "JSONL with prompt/target fields, or a text file with one prompt per line")
-    a("--limit", type=int, default=16, help="prompts to decode")
     a("--gen-length", type=int, default=32, help="answer tokens to decode")
     a("--steps", type=int, help="denoising steps (default: gen-length)")
     a("--block-length", type=int, help="semi-autoregressive block length (default: gen-length)")
-    a("--revision", default="main")
-    a("--dtype", default="auto")
-    a("--device")
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    if (args.task is None) == (args.data is None):
-        raise ValueError("give exactly one of --task NAME or --data FILE")
-    checkpoint = load_llada(args.model, args.revision, dtype=args.dtype, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = load_tokenizer(checkpoint.path, checkpoint.model.cfg.mask_token_id)
-    examples, source = load_examples(args, tokenizer)
+    checkpoint, tokenizer, examples, source = load_model_and_examples(args)
     settings = GenerationSettings(args.gen_length, args.steps or args.gen_length, args.block_length or args.gen_length)
     trace = record_trajectory(checkpoint.model, [e.prompt for e in examples], settings, tokenizer.pad_token_id)
     out = Path(args.out)

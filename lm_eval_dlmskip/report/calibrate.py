@@ -22,13 +22,14 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..files import write_json
-from ..loading import check_identity, load_llada, load_tokenizer, model_identity
+from ..loading import Checkpoint, check_identity, load_llada, load_tokenizer, model_identity
 from ..model import LLaDA
 from ..train_data import add_source_arguments
 
@@ -143,12 +144,22 @@ def load_examples(args: argparse.Namespace, tokenizer) -> tuple[list[Example], s
     return [Example(p.prompt, p.target) for p in pairs], source
 
 
+def load_model_and_examples(args: argparse.Namespace) -> tuple[Checkpoint, Any, list[Example], str]:
+    """The checkpoint, its tokenizer and the prompts that ``calibrate`` and ``analyze`` take
+    (arguments from ``add_model_and_prompt_arguments``)."""
+    if (args.task is None) == (args.data is None):
+        raise ValueError("give exactly one of --task NAME or --data FILE")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = load_llada(args.model, args.revision, dtype=args.dtype, device=device)
+    tokenizer = load_tokenizer(checkpoint.path, checkpoint.model.cfg.mask_token_id)
+    examples, source = load_examples(args, tokenizer)
+    return checkpoint, tokenizer, examples, source
+
+
 def calibrate(args: argparse.Namespace) -> dict:
     """Measure, select, and write the skip profile; returns it."""
-    checkpoint = load_llada(args.model, args.revision, dtype=args.dtype, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint, tokenizer, examples, source = load_model_and_examples(args)
     model = checkpoint.model
-    tokenizer = load_tokenizer(checkpoint.path, model.cfg.mask_token_id)
-    examples, source = load_examples(args, tokenizer)
     fractions = [float(f) for f in str(args.mask_fractions).split(",")]
     by_fraction = similarity_profile(
         model, examples, fractions, args.answer_length, tokenizer.pad_token_id, tokenizer.eos_token_id,
@@ -202,13 +213,22 @@ def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, 
     return sorted(order), profile
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_and_prompt_arguments(parser: argparse.ArgumentParser, what: str, limit: int) -> None:
+    """--model, --revision, --dtype, --device and the prompt source, as calibrate and analyze take them."""
     a = parser.add_argument
     a("--model", required=True, help="LLaDA hub id or checkpoint directory")
-    a("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH)")
-    add_source_arguments(parser, "lm-eval task whose evaluation documents are the calibration prompts",
+    a("--revision", default="main")
+    a("--dtype", default="auto")
+    a("--device")
+    add_source_arguments(parser, f"lm-eval task whose evaluation documents are {what}",
                          "JSONL with prompt/target fields, or a text file with one prompt per line")
-    a("--limit", type=int, default=64, help="calibration prompts to use")
+    a("--limit", type=int, default=limit, help=f"how many of {what} to use")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_and_prompt_arguments(parser, "the calibration prompts", limit=64)
+    a = parser.add_argument
+    a("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH)")
     a("--threshold", type=float, default=0.95, help="minimum similarity of a skipped block")
     a("--max-skip", type=int, default=4, help="at most this many blocks")
     a("--allow-adjacent", action="store_true", help="allow neighbouring blocks (the paper's ablation)")
@@ -216,15 +236,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--answer-length", type=int, default=32, help="answer region after the prompt, in tokens")
     a("--positions", default="prompt", choices=["prompt", "answer", "all"], help="where similarity is averaged (Alg. 1: prompt)")
     a("--batch-size", type=int, default=8)
-    a("--revision", default="main")
-    a("--dtype", default="auto")
-    a("--device")
     a("--seed", type=int, default=0)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    if (args.task is None) == (args.data is None):
-        raise ValueError("give exactly one of --task NAME or --data FILE")
     profile = calibrate(args)
     sims = profile["similarity"]["mean"]
     print("block (0-based)  paper layer (1-based)  similarity")
