@@ -10,8 +10,8 @@ Two normalised figures, both 1.0 with nothing skipped:
 
 Per token, following Kaplan et al. 2020 (Table 1) and PaLM (Chowdhery et al. 2022, App. B),
 with no causal halving since LLaDA attends in both directions:
-embedding 4d; per block 2d(2d + 2 d_kv) for q,k,v,o, 4 n d for scores and values, 6 d d_ff for
-the MLP; LM head 2 d V per computed position; router 2(d h + (depth-2) h^2 + 2 h) per evaluated
+embedding 4d; per block 2d(2d + 2 d_kv) for q,k,v,o, 4 n d for scores and values (4 K d over K
+cached keys in a window forward of cached decoding), 6 d d_ff for the MLP; LM head 2 d V per computed position; router 2(d h + (depth-2) h^2 + 2 h) per evaluated
 block (routers read every position).
 
 Forwards are also binned by how much of the answer is still masked (10 buckets of the masked
@@ -44,10 +44,11 @@ class FlopsModel:
         kv = cfg.n_kv_heads * cfg.head_dim
         return cls(cfg.d_model, cfg.n_layers, kv, cfg.mlp_hidden_size, cfg.vocab_size, router_hidden, router_depth)
 
-    def block(self, n: Tensor) -> Tensor:
-        """One block over a sequence of n tokens."""
+    def block(self, n: Tensor, keys: Tensor | None = None) -> Tensor:
+        """One block computing n tokens that attend to ``keys`` keys (n, without a cache)."""
         d = self.d_model
-        return n * (2 * d * (2 * d + 2 * self.kv_dim) + 6 * d * self.mlp_hidden) + 4 * n * n * d
+        keys = n if keys is None else keys
+        return n * (2 * d * (2 * d + 2 * self.kv_dim) + 6 * d * self.mlp_hidden) + 4 * n * keys * d
 
     def router(self, n: Tensor) -> Tensor:
         h = self.router_hidden
@@ -57,7 +58,7 @@ class FlopsModel:
         """Per-row FLOPs [B] spent, and [B] for the same rows with no skipping (float64)."""
         n = trace.seq_lens.double()
         fixed = 4 * self.d_model * n + 2 * self.d_model * self.vocab * trace.head_positions.double()
-        block = self.block(n)
+        block = self.block(n, None if trace.keys is None else trace.keys.double())
         spent = fixed + trace.executed.sum(1).double() * block + trace.routed_layers * self.router(n)
         return spent, fixed + self.n_layers * block
 

@@ -7,24 +7,28 @@ the launch pipeline restarts empty. Replayed from graphs, a block is one launch 
 hidden states in place, and a router is one launch that also copies its decisions to pinned host
 memory, so the one host read per block costs a round trip instead of a pipeline of launches.
 
-``GraphRunner`` has ``LLaDA.forward``'s contract, so the diffusion algorithms never know about it.
-Graphs are kept for a few recent shapes (generation reuses one shape for every denoising step).
-Rows that disagree about a block run it through the eager subset path. Off the GPU a "graph" is
-its function called directly, so the tests check this control flow on the CPU. The graphs hold
-the weights' addresses: build the runner after the model is final (LoRA merged, blocks compiled).
+``GraphRunner`` is an ``Executor`` of the model's own block loop (``LLaDA.trunk``): the loop, the
+policy questions and the cache rules stay the model's. What the runner adds is static memory per
+shape: every forward copies its inputs (hidden states, rotary tables, key mask, the policy's view,
+cache slots) into the buffers the graphs read, so a replay always sees the current batch, padding
+included. Rows that disagree about a block run it through the eager subset path. Off the GPU a
+"graph" is its function called directly, so the tests check this control flow on the CPU. The
+graphs hold the weights' addresses: build the runner after the model is final (LoRA merged,
+blocks compiled).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .model import LLaDA, LogitPositions, _run_block, head_positions, make_trace, rotary_tables
-from .policies import NO_SKIP, ForwardBatch, SkipPolicy, SkipTrace
+from .model import LLaDA, Block, Executor, ForwardContext, KVCache, LogitPositions, run_block
+from .policies import NO_SKIP, Decision, ForwardBatch, SkipPolicy, SkipTrace
 
 log = logging.getLogger(__name__)
 
@@ -59,94 +63,126 @@ class _Capture:
         return graph.replay
 
 
-class _ShapeGraphs:
-    """Static buffers and graphs for one (batch, length, padded) shape."""
+def _static(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clone()
 
-    def __init__(self, model: LLaDA, ids: Tensor, attention_mask: Tensor | None, capture: _Capture) -> None:
-        cfg, device = model.cfg, ids.device
-        B, L = ids.shape
-        self.model, self.capture, self.device = model, capture, device
-        self.ids = ids.clone()
-        self.mask = None if attention_mask is None else attention_mask.clone()
-        self.h = torch.empty(B, L, cfg.d_model, dtype=model.dtype, device=device)
-        self.cos, self.sin = rotary_tables(L, cfg.head_dim, cfg.rope_theta, device)
-        self.key_mask = None if self.mask is None else self.mask.bool()[:, None, None, :]
-        probe = ForwardBatch.of(self.ids, self.mask, cfg.mask_token_id)
-        self.batch = ForwardBatch(self.ids, self.mask, probe.masked.clone(), probe.row_keys.clone())
-        self.decision = torch.empty(B, dtype=torch.bool, device=device)
-        self.host = torch.empty(B, dtype=torch.bool, pin_memory=device.type == "cuda")
-        self.embed = capture(self._embed, lambda: model.embed(self.ids))
-        self.blocks: list[Callable[[], None] | None] = [None] * cfg.n_layers
+
+class _ShapeGraphs:
+    """Static buffers and graphs for one forward shape: (batch, computed, canvas, padded, cache role)."""
+
+    def __init__(self, model: LLaDA, x: Tensor, ctx: ForwardContext, capture: _Capture, kv: tuple[Tensor, Tensor] | None) -> None:
+        self.model, self.capture, self.device = model, capture, x.device
+        self.h = torch.empty_like(x)
+        b = ctx.batch
+        self.ctx = ForwardContext(
+            ForwardBatch(b.ids.clone(), _static(b.attention_mask), b.masked.clone(), b.row_keys.clone()),
+            ctx.cos.clone(), ctx.sin.clone(), _static(ctx.key_mask),
+            None if kv is None else KVCache(*kv),
+            _static(ctx.positions), ctx.filling,
+        )
+        B = x.shape[0]
+        self.decision = torch.empty(B, dtype=torch.bool, device=self.device)
+        self.host = torch.empty(B, dtype=torch.bool, pin_memory=self.device.type == "cuda")
+        self.blocks: list[Callable[[], None] | None] = [None] * model.cfg.n_layers
         self.routers: dict[tuple[int, int], Callable[[], None] | None] = {}  # (id(policy), block) -> replay; None: host-known
 
-    def _embed(self) -> None:
-        self.h.copy_(self.model.embed(self.ids))
-        fresh = ForwardBatch.of(self.ids, self.mask, self.model.cfg.mask_token_id)
-        self.batch.masked.copy_(fresh.masked)
-        self.batch.row_keys.copy_(fresh.row_keys)
+    def load(self, x: Tensor, ctx: ForwardContext) -> ForwardContext | None:
+        """Copy this forward's inputs into the static buffers; the context the graphs read, or None
+        when the forward cannot replay (a window over a cache that another runner filled)."""
+        cache = ctx.cache
+        if cache is not None:
+            if ctx.filling:  # the fill writes every slot the window forwards will read: lend our storage
+                cache.k, cache.v = self.ctx.cache.k, self.ctx.cache.v
+            elif cache.k is not self.ctx.cache.k:
+                return None
+        self.h.copy_(x)
+        s, b = self.ctx, ctx.batch
+        for mine, theirs in ((s.batch.ids, b.ids), (s.batch.attention_mask, b.attention_mask), (s.batch.masked, b.masked),
+                             (s.batch.row_keys, b.row_keys), (s.cos, ctx.cos), (s.sin, ctx.sin), (s.key_mask, ctx.key_mask),
+                             (s.positions, ctx.positions)):
+            if mine is not None:
+                mine.copy_(theirs)
+        return replace(s, cache=cache)
 
-    def _block(self, i: int) -> Callable[[], None]:
-        if self.blocks[i] is None:
-            block = self.model.blocks[i]
-            args = (self.cos, self.sin, self.key_mask)
-            self.blocks[i] = self.capture(lambda: self.h.copy_(block(self.h, *args)), lambda: block(self.h, *args))
-        return self.blocks[i]
+    def block(self, layer: int, block: Block) -> Callable[[], None]:
+        if self.blocks[layer] is None:
+            ctx = self.ctx
+            kv = None if ctx.cache is None else (ctx.cache.k[layer], ctx.cache.v[layer])
+            args = (ctx.cos, ctx.sin, ctx.key_mask, kv, ctx.positions)
+            self.blocks[layer] = self.capture(lambda: self.h.copy_(block(self.h, *args)), lambda: block(self.h, *args))
+        return self.blocks[layer]
 
-    def _decide(self, i: int, policy: SkipPolicy) -> bool | list[bool]:
-        """The policy's decision for block i: a host-known bool, or per-row bools read back once."""
-        key = (id(policy), i)
+    def decide(self, layer: int, policy: SkipPolicy) -> Decision | list[bool]:
+        """The policy's decision for a block: a host-known bool, or per-row bools read back once."""
+        key = (id(policy), layer)
+        batch = self.ctx.batch
         if key not in self.routers:
-            first = policy.rows_to_run(i, self.h, self.batch)
-            if isinstance(first, bool):
+            if isinstance(policy.rows_to_run(layer, self.h, batch), bool):
                 self.routers[key] = None
             else:
                 def decide() -> None:
-                    self.decision.copy_(policy.rows_to_run(i, self.h, self.batch))
+                    self.decision.copy_(policy.rows_to_run(layer, self.h, batch))
                     self.host.copy_(self.decision, non_blocking=True)
 
-                self.routers[key] = self.capture(decide, lambda: policy.rows_to_run(i, self.h, self.batch))
+                self.routers[key] = self.capture(decide, lambda: policy.rows_to_run(layer, self.h, batch))
         graph = self.routers[key]
         if graph is None:
-            return policy.rows_to_run(i, self.h, self.batch)
+            return policy.rows_to_run(layer, self.h, batch)
         graph()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # sync: the one host read of this block
         return self.host.tolist()
 
-    def run(self, ids: Tensor, attention_mask: Tensor | None, policy: SkipPolicy) -> tuple[Tensor, list]:
-        self.ids.copy_(ids)
-        if self.mask is not None:
-            self.mask.copy_(attention_mask)
-        self.embed()
-        decisions: list = []
-        for i, block in enumerate(self.model.blocks):
-            run = self._decide(i, policy)
-            if run is True or (isinstance(run, list) and all(run)):
-                self._block(i)()
-            elif run is not False and any(run):  # rows disagree: the eager subset path
-                self.h.copy_(_run_block(block, self.h, torch.tensor(run, device=self.device), self.cos, self.sin, self.key_mask))
-            decisions.append(run)
-        return self.h, decisions
 
-
-class GraphRunner:
+class GraphRunner(Executor):
     """``model.forward`` with blocks and routers replayed from CUDA graphs kept per input shape."""
 
     def __init__(self, model: LLaDA, shapes: int = 4) -> None:
         self.model, self.shapes = model, shapes
         self.capture = _Capture(model.device)
         self.cache: OrderedDict[tuple, _ShapeGraphs] = OrderedDict()
+        self.kv: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # cache storage, shared by fill and window graphs
+        self.current: _ShapeGraphs | None = None
 
     @torch.no_grad()
     def __call__(
-        self, ids: Tensor, attention_mask: Tensor | None = None, policy: SkipPolicy = NO_SKIP, logits_at: LogitPositions = None
+        self, ids: Tensor, attention_mask: Tensor | None = None, policy: SkipPolicy = NO_SKIP,
+        logits_at: LogitPositions = None, cache: KVCache | None = None, window: slice | None = None,
     ) -> tuple[Tensor, SkipTrace]:
-        key = (*ids.shape, attention_mask is not None)
-        graphs = self.cache.pop(key, None) or _ShapeGraphs(self.model, ids, attention_mask, self.capture)
+        return self.model(ids, attention_mask, policy, logits_at, cache=cache, window=window, executor=self)
+
+    def begin(self, model: LLaDA, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, ForwardContext]:
+        role = "plain" if ctx.cache is None else "fill" if ctx.filling else "window"
+        key = (*x.shape[:2], ctx.key_mask is not None, None if ctx.cache is None else ctx.cache.k.shape[3], role)
+        graphs = self.cache.pop(key, None) or _ShapeGraphs(model, x, ctx, self.capture, self._storage(ctx.cache))
         self.cache[key] = graphs
         while len(self.cache) > self.shapes:
             self.cache.popitem(last=False)
-        h, decisions = graphs.run(ids, attention_mask, policy)
-        trace = make_trace(decisions, graphs.batch, policy)
-        trace.head_positions = head_positions(logits_at, *ids.shape, ids.device)
-        return self.model.head(h, logits_at), trace
+        static = graphs.load(x, ctx)
+        self.current = None if static is None else graphs
+        return (x, ctx) if static is None else (graphs.h, static)
+
+    def _storage(self, cache: KVCache | None) -> tuple[Tensor, Tensor] | None:
+        if cache is None:
+            return None
+        key = (*cache.k.shape, cache.k.dtype)
+        kv = self.kv.pop(key, None) or (torch.empty_like(cache.k), torch.empty_like(cache.v))
+        self.kv[key] = kv
+        while len(self.kv) > self.shapes:
+            self.kv.popitem(last=False)
+        return kv
+
+    def decide(self, layer: int, policy: SkipPolicy, x: Tensor, ctx: ForwardContext) -> Decision | list[bool]:
+        if self.current is None:
+            return super().decide(layer, policy, x, ctx)
+        return self.current.decide(layer, policy)
+
+    def run(self, layer: int, block: Block, x: Tensor, run: Decision | list[bool], ctx: ForwardContext) -> Tensor:
+        graphs = self.current
+        if graphs is None or run is False:
+            return super().run(layer, block, x, run, ctx)
+        if run is True:
+            graphs.block(layer, block)()
+        else:  # rows disagree: the eager subset path, into the static hidden states
+            graphs.h.copy_(run_block(block, layer, graphs.h, run, ctx))
+        return graphs.h

@@ -6,13 +6,18 @@ state-dict keys (``blocks.3.q_proj``, ``attn_out``, ``ff_proj``, ``up_proj``, ``
 ``ln_f``), so loading a checkpoint is a prefix strip. A skip policy is an argument of ``forward``:
 
     logits, trace = model(ids, attention_mask, policy=StaticSkip({4, 6, 8}))
+
+For cached decoding (Fast-dLLM) a ``KVCache`` holds every block's keys and values over the whole
+canvas: a forward without ``window`` fills it, a forward with ``window`` computes only those
+positions and attends to the cache. The block loop lives in ``LLaDA.trunk`` alone; an
+``Executor`` decides how each block runs (eagerly here, replayed from CUDA graphs in graphs.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -151,28 +156,42 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool) -> T
     return (t * cos.type_as(t) + rotated * sin.type_as(t)).to(x.dtype)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, cfg: LLaDAConfig) -> Tensor:
-    """Bidirectional attention of projected q, k, v [B, L, .] with rotary positions; [B, L, d]."""
-    B, L, _ = q.shape
-    q = q.view(B, L, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    k = k.view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    v = v.view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+KV = tuple[Tensor, Tensor] | None  # one block's cached keys and values [B, H_kv, L, hd], or None
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, cfg: LLaDAConfig,
+    kv: KV = None, positions: Tensor | None = None,
+) -> Tensor:
+    """Bidirectional attention of projected q, k, v [B, W, .] with rotary positions; [B, W, d].
+
+    With ``kv`` the rotated keys and values are first written into the cache at ``positions``
+    (slots of the canvas) and the queries attend to the whole cache: a full forward fills it,
+    a window forward refreshes its own slots and reads the rest as cached (Fast-dLLM)."""
+    B, W, _ = q.shape
+    q = q.view(B, W, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    k = k.view(B, W, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = v.view(B, W, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     q = apply_rotary(q, cos, sin, cfg.rope_full_precision)
     k = apply_rotary(k, cos, sin, cfg.rope_full_precision)
+    if kv is not None:
+        kv[0].index_copy_(2, positions, k)
+        kv[1].index_copy_(2, positions, v)
+        k, v = kv
     att = F.scaled_dot_product_attention(
         q, k, v, attn_mask=key_mask, enable_gqa=cfg.n_kv_heads != cfg.n_heads
     )  # no causal mask; key_mask [B, 1, 1, L] hides padding
-    return att.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim)
+    return att.transpose(1, 2).reshape(B, W, cfg.n_heads * cfg.head_dim)
 
 
 def attention_residual(
     x: Tensor, norm_w: Tensor, qkv_w: Tensor, out_w: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
-    cfg: LLaDAConfig,
+    cfg: LLaDAConfig, kv: KV = None, positions: Tensor | None = None,
 ) -> Tensor:
     """x + Attention(RMSNorm(x)) with q, k, v from one fused projection (the fast path)."""
-    kv = cfg.n_kv_heads * cfg.head_dim
-    q, k, v = F.linear(rms_norm(x, norm_w, cfg.rms_norm_eps), qkv_w).split((cfg.d_model, kv, kv), dim=-1)
-    return x + F.linear(attend(q, k, v, cos, sin, key_mask, cfg), out_w)
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    q, k, v = F.linear(rms_norm(x, norm_w, cfg.rms_norm_eps), qkv_w).split((cfg.d_model, kv_dim, kv_dim), dim=-1)
+    return x + F.linear(attend(q, k, v, cos, sin, key_mask, cfg, kv, positions), out_w)
 
 
 def mlp_residual(x: Tensor, norm_w: Tensor, gate_up_w: Tensor, down_w: Tensor, cfg: LLaDAConfig) -> Tensor:
@@ -219,13 +238,18 @@ class Block(nn.Module):
         self.kernels = EAGER
         self._fused: dict[str, Tensor] = {}
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, kv: KV = None, positions: Tensor | None = None
+    ) -> Tensor:
         fused = self.fused_weights()
         if fused is not None:
-            x = self.kernels.attention(x, self.attn_norm.weight, fused["qkv"], self.attn_out.weight, cos, sin, key_mask, self.cfg)
+            x = self.kernels.attention(
+                x, self.attn_norm.weight, fused["qkv"], self.attn_out.weight, cos, sin, key_mask, self.cfg, kv, positions
+            )
             return self.kernels.mlp(x, self.ff_norm.weight, fused["gate_up"], self.ff_out.weight, self.cfg)
         h = self.attn_norm(x)
-        x = x + self.attn_out(attend(self.q_proj(h), self.k_proj(h), self.v_proj(h), cos, sin, key_mask, self.cfg))
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        x = x + self.attn_out(attend(q, k, v, cos, sin, key_mask, self.cfg, kv, positions))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
@@ -266,7 +290,59 @@ class Block(nn.Module):
         return super()._apply(fn, recurse)
 
 
-LogitPositions = slice | Tensor | None  # None: all; slice: columns; Tensor: flat indices into B*L
+LogitPositions = slice | Tensor | None  # None: all; slice: columns; Tensor: flat indices into B*W
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every block over the whole canvas, kept between the forwards of one
+    semi-autoregressive block of cached decoding (Fast-dLLM's prefix and dual caches).
+
+    A full forward fills it and records, per block, which rows ran it (``ran``): a row that
+    skipped a block there has no keys and values for it, so it skips that block in every window
+    forward until the next fill. Storage is allocated by the first fill (or lent by an executor).
+    """
+
+    k: Tensor | None = None  # [n_layers, B, H_kv, L, hd], rotated
+    v: Tensor | None = None
+    ran: list[bool | list[bool]] = field(default_factory=list)  # per block, host-known
+
+    def allocate(self, cfg: LLaDAConfig, B: int, L: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (cfg.n_layers, B, cfg.n_kv_heads, L, cfg.head_dim)
+        if self.k is None or self.k.shape != shape or self.k.dtype != dtype or self.k.device != device:
+            self.k = torch.empty(shape, dtype=dtype, device=device)
+            self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.ran = []
+
+
+@dataclass
+class ForwardContext:
+    """What every block of one forward reads besides its input, built once per forward."""
+
+    batch: ForwardBatch  # the computed positions, as the skip policy sees them
+    cos: Tensor  # [W, hd] rotary tables at the computed positions
+    sin: Tensor
+    key_mask: Tensor | None  # [B, 1, 1, L] bool: real (non-padding) keys; None: no padding
+    cache: KVCache | None = None
+    positions: Tensor | None = None  # [W] canvas slots the computed positions write in the cache
+    filling: bool = False  # a full forward that (re)fills the cache
+
+
+class Executor:
+    """How the block loop runs each step: eagerly, as here, or replayed from CUDA graphs (graphs.py).
+    The loop itself is ``LLaDA.trunk``'s, whichever executor runs it."""
+
+    def begin(self, model: "LLaDA", x: Tensor, ctx: ForwardContext) -> tuple[Tensor, ForwardContext]:
+        return x, ctx
+
+    def decide(self, layer: int, policy: SkipPolicy, x: Tensor, ctx: ForwardContext) -> Decision:
+        return policy.rows_to_run(layer, x, ctx.batch)
+
+    def run(self, layer: int, block: Block, x: Tensor, run: Decision, ctx: ForwardContext) -> Tensor:
+        return run_block(block, layer, x, run, ctx)
+
+
+EAGER_EXECUTOR = Executor()
 
 
 class LLaDA(nn.Module):
@@ -307,14 +383,20 @@ class LLaDA(nn.Module):
         attention_mask: Tensor | None = None,
         policy: SkipPolicy = NO_SKIP,
         logits_at: LogitPositions = None,
+        cache: KVCache | None = None,
+        window: slice | None = None,
+        executor: Executor = EAGER_EXECUTOR,
     ) -> tuple[Tensor, SkipTrace]:
-        """Logits [B, L, V] (or at ``logits_at`` only) and the trace of the blocks each row ran.
+        """Logits [B, W, V] of the computed positions (or at ``logits_at`` among them) and the trace
+        of the blocks each row ran.
 
         ``attention_mask`` [B, L] marks real tokens with 1; pass None when no row is padded, so
-        attention can take its fastest kernel.
+        attention can take its fastest kernel. With ``cache`` and no ``window`` the forward computes
+        every position and fills the cache; with a ``window`` of canvas columns it computes those
+        only, attending to the cache for the rest.
         """
-        h, trace = self.trunk(ids, attention_mask, policy)
-        trace.head_positions = head_positions(logits_at, *ids.shape, ids.device)
+        h, trace = self.trunk(ids, attention_mask, policy, cache=cache, window=window, executor=executor)
+        trace.head_positions = head_positions(logits_at, *h.shape[:2], ids.device)
         return self.head(h, logits_at), trace
 
     def trunk(
@@ -323,22 +405,46 @@ class LLaDA(nn.Module):
         attention_mask: Tensor | None = None,
         policy: SkipPolicy = NO_SKIP,
         hidden_states: list[Tensor] | None = None,
+        cache: KVCache | None = None,
+        window: slice | None = None,
+        executor: Executor = EAGER_EXECUTOR,
     ) -> tuple[Tensor, SkipTrace]:
         """Hidden states after the last block (before ``ln_f``); appends each block's input to
         ``hidden_states`` when given."""
-        cfg = self.cfg
-        x = self.embed(ids)
-        cos, sin = rotary_tables(ids.shape[1], cfg.head_dim, cfg.rope_theta, ids.device)
-        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        batch = ForwardBatch.of(ids, attention_mask, cfg.mask_token_id)
+        ctx = self.context(ids, attention_mask, cache, window)
+        x, ctx = executor.begin(self, self.embed(ids if window is None else ids[:, window]), ctx)
         decisions: list[Decision] = []
         for i, block in enumerate(self.blocks):
             if hidden_states is not None:
                 hidden_states.append(x)
-            run = policy.rows_to_run(i, x, batch)
-            x = _run_block(block, x, run, cos, sin, key_mask)
+            run = resolve(executor.decide(i, policy, x, ctx))
+            if ctx.filling:
+                ctx.cache.ran.append(run)
+            elif ctx.cache is not None:
+                run = both(run, ctx.cache.ran[i])
+            x = executor.run(i, block, x, run, ctx)
             decisions.append(run)
-        return x, make_trace(decisions, batch, policy)
+        return x, make_trace(decisions, ctx, policy)
+
+    def context(
+        self, ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None = None, window: slice | None = None
+    ) -> ForwardContext:
+        """Everything a forward's blocks share: the policy's view, rotary tables, key mask, cache slots."""
+        cfg = self.cfg
+        B, L = ids.shape
+        cos, sin = rotary_tables(L, cfg.head_dim, cfg.rope_theta, ids.device)
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        batch = ForwardBatch.of(ids, attention_mask, cfg.mask_token_id)
+        if cache is None:
+            if window is not None:
+                raise ValueError("a window forward needs the KVCache that a full forward filled")
+            return ForwardContext(batch, cos, sin, key_mask)
+        if window is None:
+            cache.allocate(cfg, B, L, self.dtype, ids.device)
+            positions = torch.arange(L, device=ids.device)
+            return ForwardContext(batch, cos, sin, key_mask, cache, positions, filling=True)
+        positions = torch.arange(L, device=ids.device)[window]
+        return ForwardContext(batch.window(window), cos[window], sin[window], key_mask, cache, positions)
 
     def embed(self, ids: Tensor) -> Tensor:
         x = self.wte(ids)
@@ -365,37 +471,64 @@ class LLaDA(nn.Module):
         return states
 
 
-def make_trace(decisions: list, batch: ForwardBatch, policy: SkipPolicy) -> SkipTrace:
-    """The trace of one forward (its head positions are filled in once the head has run)."""
-    B, L = batch.ids.shape
+def make_trace(decisions: list, ctx: ForwardContext, policy: SkipPolicy) -> SkipTrace:
+    """The trace of one forward (its head positions are filled in once the head has run): the
+    tokens computed per row and the keys each attended to (the whole canvas in a window forward)."""
+    batch = ctx.batch
+    B, W = batch.ids.shape
     device = batch.ids.device
-    seq_lens = torch.full((B,), L, device=device) if batch.attention_mask is None else batch.attention_mask.sum(1)
+    computed = torch.full((B,), W, device=device) if batch.attention_mask is None else batch.attention_mask.sum(1)
+    keys = None
+    if ctx.cache is not None:
+        L = ctx.cache.k.shape[3]
+        keys = torch.full((B,), L, device=device) if ctx.key_mask is None else ctx.key_mask.flatten(1).sum(1)
     executed = SkipTrace.from_decisions(decisions, B, device)
-    return SkipTrace(executed, seq_lens, seq_lens, batch.masked.sum(1), getattr(policy, "routed_layers", 0))
+    return SkipTrace(executed, computed, computed, batch.masked.sum(1), getattr(policy, "routed_layers", 0), keys)
 
 
-def head_positions(logits_at: LogitPositions, B: int, L: int, device: torch.device) -> Tensor:
+def head_positions(logits_at: LogitPositions, B: int, W: int, device: torch.device) -> Tensor:
     """[B] positions per row at which the LM head ran."""
     if logits_at is None:
-        return torch.full((B,), L, device=device)
+        return torch.full((B,), W, device=device)
     if isinstance(logits_at, slice):
-        return torch.full((B,), len(range(L)[logits_at]), device=device)
-    return torch.bincount(logits_at // L, minlength=B)
+        return torch.full((B,), len(range(W)[logits_at]), device=device)
+    return torch.bincount(logits_at // W, minlength=B)
 
 
-def _run_block(block: Block, x: Tensor, run: Decision, cos: Tensor, sin: Tensor, key_mask: Tensor | None) -> Tensor:
+def resolve(run: Decision) -> Decision | list[bool]:
+    """A decision the host can branch on: per-row bools are read back (the one sync of a routed
+    block) and collapse to True/False when every row agrees; training's float gates pass through."""
+    if isinstance(run, bool) or isinstance(run, Tensor) and run.dtype.is_floating_point:
+        return run
+    chosen = run if isinstance(run, list) else run.tolist()  # sync: one read per block, every row's decision
+    return True if all(chosen) else False if not any(chosen) else chosen
+
+
+def both(run: Decision | list[bool], allowed: bool | list[bool]) -> Decision | list[bool]:
+    """Rows that run a block: those the policy chose, among those the cache allows."""
+    if allowed is True or run is False:
+        return run
+    if allowed is False or run is True:
+        return allowed
+    chosen = [a and b for a, b in zip(run, allowed)]
+    return True if all(chosen) else False if not any(chosen) else chosen
+
+
+def run_block(block: Block, layer: int, x: Tensor, run: Decision | list[bool], ctx: ForwardContext) -> Tensor:
     """Run ``block`` for the rows the policy chose; a skipped row keeps its input unchanged."""
+    kv = None if ctx.cache is None else (ctx.cache.k[layer], ctx.cache.v[layer])
+    args = (ctx.cos, ctx.sin, ctx.key_mask, kv, ctx.positions)
     if run is True:
-        return block(x, cos, sin, key_mask)
+        return block(x, *args)
     if run is False:
         return x
-    if run.dtype.is_floating_point:  # a differentiable gate in [0, 1] (router training)
-        return x + run.to(x.dtype)[:, None, None] * (block(x, cos, sin, key_mask) - x)
-    chosen = run.tolist()  # sync: one read per block, the decision of every row
-    if all(chosen):
-        return block(x, cos, sin, key_mask)
-    if not any(chosen):
-        return x
-    rows = torch.tensor([i for i, c in enumerate(chosen) if c], device=x.device)
-    sub_mask = None if key_mask is None else key_mask.index_select(0, rows)
-    return x.index_copy(0, rows, block(x.index_select(0, rows), cos, sin, sub_mask))
+    if isinstance(run, Tensor):  # a differentiable gate in [0, 1] (router training)
+        return x + run.to(x.dtype)[:, None, None] * (block(x, *args) - x)
+    rows = torch.tensor([i for i, c in enumerate(run) if c], device=x.device)
+    sub_mask = None if ctx.key_mask is None else ctx.key_mask.index_select(0, rows)
+    sub_kv = None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+    out = block(x.index_select(0, rows), ctx.cos, ctx.sin, sub_mask, sub_kv, ctx.positions)
+    if kv is not None:  # the subset's refreshed keys and values go back into the cache
+        kv[0].index_copy_(0, rows, sub_kv[0])
+        kv[1].index_copy_(0, rows, sub_kv[1])
+    return x.index_copy(0, rows, out)

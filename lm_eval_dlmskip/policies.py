@@ -33,6 +33,12 @@ class ForwardBatch:
             masked = masked & attention_mask.bool()
         return cls(ids, attention_mask, masked, row_keys(ids, attention_mask))
 
+    def window(self, columns: slice) -> "ForwardBatch":
+        """The view of a forward that computes only ``columns`` of the canvas (cached decoding);
+        row keys still hash the whole row."""
+        mask = None if self.attention_mask is None else self.attention_mask[:, columns]
+        return ForwardBatch(self.ids[:, columns], mask, self.masked[:, columns], self.row_keys)
+
 
 def row_keys(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     """[B] int64: a hash of each row's real tokens, independent of padding and batch layout, so
@@ -138,10 +144,11 @@ class SkipTrace:
     """What one forward pass did, for FLOPs accounting."""
 
     executed: Tensor  # [B, n_layers] bool: block l ran for row b
-    seq_lens: Tensor  # [B] real (non-padding) tokens per row
+    seq_lens: Tensor  # [B] real (non-padding) tokens computed per row
     head_positions: Tensor  # [B] positions whose logits the LM head computed
-    masked: Tensor  # [B] masked positions per row (how far denoising has come)
+    masked: Tensor  # [B] masked positions per row among those computed (how far denoising has come)
     routed_layers: int = 0  # blocks whose router was evaluated (its cost goes into FLOPs)
+    keys: Tensor | None = None  # [B] real keys attended to; None: the computed tokens themselves
 
     @staticmethod
     def from_decisions(decisions: list[Decision | list[bool]], batch_size: int, device: torch.device) -> Tensor:

@@ -61,4 +61,23 @@ def test_runner_keeps_a_few_shapes(ref_model):
     runner = GraphRunner(ref_model, shapes=2)
     for L in (6, 7, 8, 6):
         runner(torch.randint(0, 240, (1, L)))
-    assert list(runner.cache) == [(1, 8, False), (1, 6, False)]
+    assert list(runner.cache) == [(1, 8, False, None, "plain"), (1, 6, False, None, "plain")]
+
+
+def test_runner_reads_each_batch_padding_on_replay(ref_model):
+    """One shape, two padding patterns: a replay must attend with the current mask, not the first's."""
+    runner = GraphRunner(ref_model)
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 240, (3, 12), generator=generator)
+    ids[:, 6:] = MASK_ID
+    first, second = torch.ones_like(ids), torch.ones_like(ids)
+    first[0, :4], first[2, :1] = 0, 0
+    second[1, :5], second[2, :2] = 0, 0
+    for policy in [NO_SKIP, StaticSkip({2}), RandomSkip(2, 6, seed=1), RoutedSkip(_routers(2), 0.1)]:
+        for mask in (first, second, first):
+            with torch.no_grad():
+                expected, expected_trace = ref_model(ids, mask, policy=policy)
+            got, trace = runner(ids, mask, policy=policy)
+            real = mask.bool()
+            assert torch.allclose(got[real], expected[real], atol=1e-5), policy
+            assert torch.equal(trace.executed, expected_trace.executed)
