@@ -5,6 +5,13 @@ autoregressive blocks; in each block spend ``steps / num_blocks`` denoising step
 predicts every masked position and commits the most confident ones (``low_confidence``) or
 random ones (``random``). Every row commits the same number of tokens per step, so one ``topk``
 over the batch replaces upstream's per-row loop with the same result.
+
+Accelerated decoding follows Fast-dLLM (``llada/generate.py``). ``cache="prefix"`` or ``"dual"``:
+each semi-autoregressive block starts with one full forward that decodes and fills a key/value
+cache, and its later steps compute only the block and everything after it (prefix) or the block
+alone (dual), attending to the cached rest. ``threshold=t``: each step commits every masked token
+of the block whose confidence reaches t, and at least the most confident one, until the block is
+done; rows that finish early stop changing while the others go on.
 """
 
 from __future__ import annotations
@@ -16,12 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .model import KVCache
+
 REMASKING = ("low_confidence", "random")
+CACHES = ("none", "prefix", "dual")
 
 
 class Denoiser(Protocol):
-    def __call__(self, ids: Tensor, attention_mask: Tensor | None, logits_at: slice | Tensor | None) -> Tensor:
-        """Logits at ``logits_at`` (None: [B, L, V]; a slice of columns: [B, W, V])."""
+    def __call__(
+        self, ids: Tensor, attention_mask: Tensor | None, logits_at: slice | Tensor | None,
+        cache: KVCache | None = None, window: slice | None = None,
+    ) -> Tensor:
+        """Logits at ``logits_at`` among the computed positions (None: all; a slice of columns).
+        With ``cache`` and no ``window``: a full forward that fills the cache; with a ``window`` of
+        canvas columns: only those are computed, the rest read from the cache."""
         ...
 
 
@@ -33,6 +48,8 @@ class GenerationSettings:
     cfg: float = 0.0
     remasking: str = "low_confidence"
     temperature: float = 0.0
+    cache: str = "none"
+    threshold: float | None = None  # None: the fixed schedule
 
     def check(self) -> None:
         """Reject settings upstream would assert on, naming the argument and the fix."""
@@ -55,20 +72,32 @@ class GenerationSettings:
             raise ValueError(f"remasking={self.remasking!r}; use one of {', '.join(REMASKING)}")
         if self.cfg < 0 or self.temperature < 0:
             raise ValueError(f"cfg={self.cfg} and temperature={self.temperature} must be >= 0")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache={self.cache!r}; use one of {', '.join(CACHES)}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold={self.threshold} must be in (0, 1]; leave it unset for the fixed schedule")
+
+    @property
+    def fast_dllm(self) -> bool:
+        """Cached or threshold decoding: Fast-dLLM's rules (float64 confidences, steps until done)."""
+        return self.cache != "none" or self.threshold is not None
 
 
 def guided_logits(
     denoise: Denoiser, ids: Tensor, attention_mask: Tensor | None, prompt_mask: Tensor,
     logits_at: slice | Tensor | None, cfg: float, mask_id: int,
+    cache: KVCache | None = None, window: slice | None = None,
 ) -> Tensor:
     """Logits, with LLaDA's unsupervised classifier-free guidance when cfg > 0: the same rows with the
-    prompt masked give the unconditional logits, mixed as un + (cfg + 1) (cond - un)."""
+    prompt masked give the unconditional logits, mixed as un + (cfg + 1) (cond - un). (With a cache,
+    the unconditional rows keep their own cache rows.)"""
+    cached = {} if cache is None else {"cache": cache, "window": window}
     if cfg == 0:
-        return denoise(ids, attention_mask, logits_at)
+        return denoise(ids, attention_mask, logits_at, **cached)
     unconditional = torch.where(prompt_mask, mask_id, ids)
     both_mask = None if attention_mask is None else attention_mask.repeat(2, 1)
     both_at = logits_at if not isinstance(logits_at, Tensor) else torch.cat([logits_at, logits_at + ids.numel()])
-    logits, un_logits = denoise(torch.cat([ids, unconditional]), both_mask, both_at).chunk(2)
+    logits, un_logits = denoise(torch.cat([ids, unconditional]), both_mask, both_at, **cached).chunk(2)
     return un_logits + (cfg + 1) * (logits - un_logits)
 
 
@@ -107,27 +136,57 @@ def generate(
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, G)], dim=1)
     prompt_index = x != mask_id
     # Positions before the current block are final unless the prompt itself holds mask tokens;
-    # then (as upstream) they stay candidates and the logits window starts at 0.
+    # then (as upstream) they stay candidates in every full forward and its logits start at 0.
     prompt_has_masks = bool((prompt == mask_id).any())  # sync: once per call
     num_blocks = G // block_length
     schedule = transfer_schedule(block_length, settings.steps // num_blocks)
+    cache = None if settings.cache == "none" else KVCache()
+    # Fast-dLLM ends a block when it has no mask left, after at least one cached forward; with
+    # the fixed schedule that is known up front: after the last step that commits a token.
+    fixed_steps = len(schedule) if not settings.fast_dllm else max(
+        max(i for i, n in enumerate(schedule) if n) + 1, 1 if cache is None else 2
+    )
     for block in range(num_blocks):
         start, end = P + block * block_length, P + (block + 1) * block_length
-        window = slice(0 if prompt_has_masks else start, end)
-        for num_transfer in schedule:
-            masked = x == mask_id
-            logits = guided_logits(denoise, x, attention_mask, prompt_index, window, settings.cfg, mask_id)  # [B, W, V]
-            x0_window = add_gumbel_noise(logits, settings.temperature, generator).argmax(-1)
-            if settings.remasking == "low_confidence":
-                p = F.softmax(logits, dim=-1)
-                conf_window = p.gather(-1, x0_window.unsqueeze(-1)).squeeze(-1)
-            else:
-                conf_window = torch.rand(x0_window.shape, device=x.device, generator=generator)
-            x0 = x.clone()
-            x0[:, window] = x0_window
-            confidence = torch.full(x.shape, -torch.inf, dtype=conf_window.dtype, device=x.device)
-            confidence[:, window] = conf_window
-            confidence = torch.where(masked, confidence, -torch.inf)
-            chosen = confidence.topk(num_transfer, dim=1).indices  # [B, k]: same k for every row
-            x.scatter_(1, chosen, x0.gather(1, chosen))
+        step = 0
+        while True:
+            if step == 0 or cache is None:  # a full forward (it fills the cache when there is one)
+                columns, window = slice(0 if prompt_has_masks else start, end), None
+            else:  # later steps of a cached block: the block (dual) or the block and what follows (prefix)
+                columns = slice(start, end)
+                window = columns if settings.cache == "dual" else slice(start, None)
+            logits_at = columns if window is None else slice(0, block_length)
+            logits = guided_logits(denoise, x, attention_mask, prompt_index, logits_at, settings.cfg, mask_id, cache, window)
+            num_transfer = schedule[step] if settings.threshold is None and step < len(schedule) else 0
+            x[:, columns] = unmask(x[:, columns], logits, num_transfer, settings, mask_id, generator)
+            step += 1
+            if settings.threshold is None:
+                if step == fixed_steps:
+                    break
+            elif step > (cache is not None) and not bool((x[:, start:end] == mask_id).any()):  # sync: once per step
+                break
     return x
+
+
+def unmask(
+    current: Tensor, logits: Tensor, num_transfer: int, settings: GenerationSettings, mask_id: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``current`` [B, W] with some masked positions filled from ``logits`` [B, W, V]: the
+    ``num_transfer`` most confident of each row, or (threshold) every one at least as confident as
+    the threshold and at least the most confident one."""
+    masked = current == mask_id
+    x0 = add_gumbel_noise(logits, settings.temperature, generator).argmax(-1)
+    if settings.remasking == "low_confidence":
+        p = F.softmax(logits.double() if settings.fast_dllm else logits, dim=-1)
+        confidence = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        confidence = torch.rand(x0.shape, device=x0.device, generator=generator)
+    confidence = torch.where(masked, confidence, -torch.inf)
+    if settings.threshold is None:
+        chosen = torch.zeros_like(masked).scatter_(1, confidence.topk(num_transfer, dim=1).indices, True)
+    else:
+        chosen = confidence >= settings.threshold
+        top = confidence.topk(1, dim=1).indices
+        chosen.scatter_(1, top, True)
+    return torch.where(chosen & masked, x0, current)

@@ -1,0 +1,107 @@
+"""Cached and threshold decoding against Fast-dLLM's own functions (tests/fixtures/fastdllm-reference):
+token for token, the same number of forwards and the same tokens computed per forward; then batches
+with padding, batch-size invariance, and skipping in the cached regime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm_eval_dlmskip.generation import GenerationSettings, generate
+from lm_eval_dlmskip.graphs import GraphRunner
+from lm_eval_dlmskip.policies import NO_SKIP, RandomSkip, StaticSkip
+
+from .conftest import EOS_ID, MASK_ID
+
+FASTDLLM = json.loads((Path(__file__).parent / "fixtures" / "fastdllm-reference" / "reference.json").read_text())
+CACHE_OF = {"generate": "none", "generate_with_prefix_cache": "prefix", "generate_with_dual_cache": "dual"}
+
+
+class CountingDenoiser:
+    """A denoiser over the model that records the tokens each forward computed."""
+
+    def __init__(self, forward, policy=NO_SKIP) -> None:
+        self.forward, self.policy, self.lengths = forward, policy, []
+
+    def __call__(self, ids, attention_mask, logits_at, cache=None, window=None):
+        logits, trace = self.forward(ids, attention_mask, policy=self.policy, logits_at=logits_at, cache=cache, window=window)
+        self.lengths.append(int(trace.seq_lens[0]))
+        return logits
+
+
+def settings_of(run: dict, cache: str) -> GenerationSettings:
+    s = run["settings"]
+    return GenerationSettings(s["gen_length"], s["steps"], s["block_length"], cache=cache, threshold=s["threshold"])
+
+
+@pytest.mark.parametrize("function", sorted(CACHE_OF))
+def test_fast_dllm_cases_are_token_identical_with_the_same_forwards(ref_model, function):
+    runs = FASTDLLM["cases"][function]["runs"]
+    for run in runs:
+        denoise = CountingDenoiser(ref_model)
+        out = generate(denoise, torch.tensor([run["prompt"]]), None, settings_of(run, CACHE_OF[function]), MASK_ID)
+        assert out[0].tolist() == run["output"], (function, run["settings"], run["prompt"])
+        assert len(denoise.lengths) == run["nfe"]
+        assert denoise.lengths == run["forward_lengths"]
+    assert len(runs) >= 90
+
+
+def _padded_batch(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), EOS_ID)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    return ids, mask
+
+
+PROMPTS = [run["prompt"] for run in FASTDLLM["cases"]["generate"]["runs"][:4]]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("threshold", [None, 0.7, 0.3])
+def test_batches_with_padding_decode_each_row_as_alone(ref_model, cache, threshold):
+    """Rows finish blocks at different steps under a threshold; a finished row stops changing, and
+    every row decodes as it does at batch 1."""
+    settings = GenerationSettings(16, 16, 8, cache=cache, threshold=threshold)
+    alone = [generate(CountingDenoiser(ref_model), torch.tensor([p]), None, settings, MASK_ID)[0, len(p):] for p in PROMPTS]
+    ids, mask = _padded_batch(PROMPTS)
+    out = generate(CountingDenoiser(ref_model), ids, mask, settings, MASK_ID)
+    for row, expected in zip(out[:, ids.shape[1]:], alone):
+        assert row.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_graph_runner_decodes_as_the_eager_model(ref_model, cache):
+    settings = GenerationSettings(16, 16, 8, cache=cache, threshold=0.5)
+    ids, mask = _padded_batch(PROMPTS)
+    for policy in (NO_SKIP, StaticSkip({1, 4}), RandomSkip(2, 6, seed=0)):
+        eager = generate(CountingDenoiser(ref_model, policy), ids, mask, settings, MASK_ID)
+        replayed = generate(CountingDenoiser(GraphRunner(ref_model), policy), ids, mask, settings, MASK_ID)
+        assert torch.equal(eager, replayed), policy
+
+
+def test_a_block_skipped_in_the_fill_stays_skipped_until_the_next_fill(ref_model):
+    settings = GenerationSettings(16, 16, 8, cache="dual")
+    ids, mask = _padded_batch(PROMPTS)
+    policy = RandomSkip(2, 6, seed=4)
+    traces = []
+
+    def denoise(ids, attention_mask, logits_at, cache=None, window=None):
+        logits, trace = ref_model(ids, attention_mask, policy=NO_SKIP if window is not None else policy,
+                                  logits_at=logits_at, cache=cache, window=window)
+        traces.append((window is None, trace.executed))
+        return logits
+
+    generate(denoise, ids, mask, settings, MASK_ID)
+    fills = [i for i, (fill, _) in enumerate(traces) if fill]
+    assert len(fills) == 2
+    for start, stop in zip(fills, fills[1:] + [len(traces)]):
+        fill = traces[start][1]
+        assert not fill.all()  # random skipping skipped something at the fill
+        for _, executed in traces[start + 1 : stop]:
+            assert torch.equal(executed, fill)  # NO_SKIP asked, yet the fill's skips hold
