@@ -54,6 +54,12 @@ class FlopsModel:
         h = self.router_hidden
         return n * 2 * (self.d_model * h + (self.router_depth - 2) * h * h + 2 * h)
 
+    def plain_decoding(self, seq_lens: Tensor, steps: int, head_positions: int) -> Tensor:
+        """[B] FLOPs of upstream's uncached decoding without skipping: ``steps`` full forwards over
+        each row's real tokens, the LM head over ``head_positions`` (the current block)."""
+        n = seq_lens.double()
+        return steps * (4 * self.d_model * n + 2 * self.d_model * self.vocab * head_positions + self.n_layers * self.block(n))
+
     def forward(self, trace: SkipTrace) -> tuple[Tensor, Tensor]:
         """Per-row FLOPs [B] spent, and [B] for the same rows with no skipping (float64)."""
         n = trace.seq_lens.double()
@@ -81,6 +87,9 @@ class TaskTotals:
     flops_no_skip: float = 0.0
     bucket_forwards: list[float] = field(default_factory=list)  # [BUCKETS]
     bucket_blocks: list[list[float]] = field(default_factory=list)  # [BUCKETS][n_layers]
+    tokens: float = 0.0  # tokens computed, summed over forwards
+    decoded: int = 0  # generation rows (requests; twice with CFG) whose NFE is counted
+    flops_plain: float = 0.0  # the same requests by uncached decoding without skipping
 
     def add(self, other: "TaskTotals") -> None:
         self.forwards += other.forwards
@@ -90,6 +99,9 @@ class TaskTotals:
         self.flops_no_skip += other.flops_no_skip
         self.bucket_forwards = _add(self.bucket_forwards, other.bucket_forwards)
         self.bucket_blocks = _add(self.bucket_blocks, other.bucket_blocks)
+        self.tokens += other.tokens
+        self.decoded += other.decoded
+        self.flops_plain += other.flops_plain
 
     def summary(self, n_layers: int) -> dict:
         rows = max(self.forwards, 1)
@@ -111,6 +123,11 @@ class TaskTotals:
             "block_execution_ratio": [c / rows for c in self.per_block],
             "tflops": self.flops / 1e12,
             "tflops_no_skip": self.flops_no_skip / 1e12,
+            "tokens_per_forward": self.tokens / rows,
+            **({} if not self.decoded else {
+                "nfe_per_request": self.forwards / self.decoded,
+                "normalized_flops_vs_plain_decoding": self.flops / self.flops_plain,
+            }),
             "by_masked_fraction": buckets,
         }
 
@@ -137,6 +154,9 @@ class FlopsMeter:
         self._full = torch.zeros(n, dtype=torch.float64, device=self.device)
         self._bucket_rows = torch.zeros(n * BUCKETS, dtype=torch.float64, device=self.device)
         self._bucket_blocks = torch.zeros(n * BUCKETS, L, dtype=torch.float64, device=self.device)
+        self._tokens = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self._decoded = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self._plain = torch.zeros(n, dtype=torch.float64, device=self.device)
 
     def start(self, tasks: list[str]) -> dict[str, int]:
         """Begin a harness call over ``tasks``; returns each task's index for ``record``."""
@@ -150,6 +170,7 @@ class FlopsMeter:
         spent, full = self.flops.forward(trace)
         executed = trace.executed.double()
         self._rows.index_add_(0, row_task, torch.ones_like(spent))
+        self._tokens.index_add_(0, row_task, trace.seq_lens.double())
         self._blocks.index_add_(0, row_task, executed)
         self._spent.index_add_(0, row_task, spent)
         self._full.index_add_(0, row_task, full)
@@ -159,6 +180,12 @@ class FlopsMeter:
             self._bucket_rows.index_add_(0, bucket, torch.ones_like(spent))
             self._bucket_blocks.index_add_(0, bucket, executed)
 
+    def decoding(self, row_task: Tensor, plain_flops: Tensor) -> None:
+        """Count generation rows (so NFE per request can be reported) and what uncached decoding
+        without skipping would have spent on them."""
+        self._decoded.index_add_(0, row_task, torch.ones_like(plain_flops))
+        self._plain.index_add_(0, row_task, plain_flops)
+
     def flush(self) -> dict[str, TaskTotals]:
         """Move the device sums into ``totals`` (one sync); returns this call's totals."""
         if not self.tasks:
@@ -167,10 +194,12 @@ class FlopsMeter:
         spent, full = self._spent.tolist(), self._full.tolist()
         bucket_rows = self._bucket_rows.view(len(self.tasks), BUCKETS).tolist()
         bucket_blocks = self._bucket_blocks.view(len(self.tasks), BUCKETS, -1).tolist()
+        tokens, decoded, plain = self._tokens.tolist(), self._decoded.tolist(), self._plain.tolist()
         added = {}
         for i, task in enumerate(self.tasks):
             if rows[i]:
-                part = TaskTotals(int(rows[i]), sum(blocks[i]), blocks[i], spent[i], full[i], bucket_rows[i], bucket_blocks[i])
+                part = TaskTotals(int(rows[i]), sum(blocks[i]), blocks[i], spent[i], full[i], bucket_rows[i],
+                                  bucket_blocks[i], tokens[i], int(decoded[i]), plain[i])
                 self.totals.setdefault(task, TaskTotals()).add(part)
                 added[task] = part
         self._open(())

@@ -27,6 +27,7 @@ from .model import KVCache
 
 REMASKING = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual")
+DECIDE_EVERY = ("block", "step")
 
 
 class Denoiser(Protocol):
@@ -50,6 +51,7 @@ class GenerationSettings:
     temperature: float = 0.0
     cache: str = "none"
     threshold: float | None = None  # None: the fixed schedule
+    decide_every: str = "block"  # cached: skip decisions of the block's fill reused ("block") or asked anew ("step")
 
     def check(self) -> None:
         """Reject settings upstream would assert on, naming the argument and the fix."""
@@ -74,6 +76,8 @@ class GenerationSettings:
             raise ValueError(f"cfg={self.cfg} and temperature={self.temperature} must be >= 0")
         if self.cache not in CACHES:
             raise ValueError(f"cache={self.cache!r}; use one of {', '.join(CACHES)}")
+        if self.decide_every not in DECIDE_EVERY:
+            raise ValueError(f"decide_every={self.decide_every!r}; use one of {', '.join(DECIDE_EVERY)}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold={self.threshold} must be in (0, 1]; leave it unset for the fixed schedule")
 
@@ -140,7 +144,7 @@ def generate(
     prompt_has_masks = bool((prompt == mask_id).any())  # sync: once per call
     num_blocks = G // block_length
     schedule = transfer_schedule(block_length, settings.steps // num_blocks)
-    cache = None if settings.cache == "none" else KVCache()
+    cache = None if settings.cache == "none" else KVCache(reuse_decisions=settings.decide_every == "block")
     # Fast-dLLM ends a block when it has no mask left, after at least one cached forward; with
     # the fixed schedule that is known up front: after the last step that commits a token.
     fixed_steps = len(schedule) if not settings.fast_dllm else max(

@@ -86,15 +86,8 @@ class _ShapeGraphs:
         self.blocks: list[Callable[[], None] | None] = [None] * model.cfg.n_layers
         self.routers: dict[tuple[int, int], Callable[[], None] | None] = {}  # (id(policy), block) -> replay; None: host-known
 
-    def load(self, x: Tensor, ctx: ForwardContext) -> ForwardContext | None:
-        """Copy this forward's inputs into the static buffers; the context the graphs read, or None
-        when the forward cannot replay (a window over a cache that another runner filled)."""
-        cache = ctx.cache
-        if cache is not None:
-            if ctx.filling:  # the fill writes every slot the window forwards will read: lend our storage
-                cache.k, cache.v = self.ctx.cache.k, self.ctx.cache.v
-            elif cache.k is not self.ctx.cache.k:
-                return None
+    def load(self, x: Tensor, ctx: ForwardContext) -> ForwardContext:
+        """Copy this forward's inputs into the static buffers; the context the graphs read."""
         self.h.copy_(x)
         s, b = self.ctx, ctx.batch
         for mine, theirs in ((s.batch.ids, b.ids), (s.batch.attention_mask, b.attention_mask), (s.batch.masked, b.masked),
@@ -102,7 +95,7 @@ class _ShapeGraphs:
                              (s.positions, ctx.positions)):
             if mine is not None:
                 mine.copy_(theirs)
-        return replace(s, cache=cache)
+        return replace(s, cache=ctx.cache)
 
     def block(self, layer: int, block: Block) -> Callable[[], None]:
         if self.blocks[layer] is None:
@@ -149,38 +142,40 @@ class GraphRunner(Executor):
         self, ids: Tensor, attention_mask: Tensor | None = None, policy: SkipPolicy = NO_SKIP,
         logits_at: LogitPositions = None, cache: KVCache | None = None, window: slice | None = None,
     ) -> tuple[Tensor, SkipTrace]:
+        if cache is not None and window is None:  # a fill: lend the storage our graphs read and write
+            cfg = self.model.cfg
+            cache.k, cache.v = self._storage((cfg.n_layers, ids.shape[0], cfg.n_kv_heads, ids.shape[1], cfg.head_dim))
         return self.model(ids, attention_mask, policy, logits_at, cache=cache, window=window, executor=self)
 
     def begin(self, model: LLaDA, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, ForwardContext]:
         role = "plain" if ctx.cache is None else "fill" if ctx.filling else "window"
         key = (*x.shape[:2], ctx.key_mask is not None, None if ctx.cache is None else ctx.cache.k.shape[3], role)
-        graphs = self.cache.pop(key, None) or _ShapeGraphs(model, x, ctx, self.capture, self._storage(ctx.cache))
+        graphs = self.cache.pop(key, None)
+        if graphs is None or (ctx.cache is not None and graphs.ctx.cache.k is not ctx.cache.k):
+            kv = None if ctx.cache is None else (ctx.cache.k, ctx.cache.v)  # graphs hold the cache's storage
+            graphs = _ShapeGraphs(model, x, ctx, self.capture, kv)
         self.cache[key] = graphs
         while len(self.cache) > self.shapes:
             self.cache.popitem(last=False)
-        static = graphs.load(x, ctx)
-        self.current = None if static is None else graphs
-        return (x, ctx) if static is None else (graphs.h, static)
+        self.current = graphs
+        return graphs.h, graphs.load(x, ctx)
 
-    def _storage(self, cache: KVCache | None) -> tuple[Tensor, Tensor] | None:
-        if cache is None:
-            return None
-        key = (*cache.k.shape, cache.k.dtype)
-        kv = self.kv.pop(key, None) or (torch.empty_like(cache.k), torch.empty_like(cache.v))
-        self.kv[key] = kv
+    def _storage(self, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Cache storage for one shape, shared by the fill and window graphs of that shape."""
+        dtype, device = self.model.dtype, self.model.device
+        kv = self.kv.pop(shape, None) or (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        self.kv[shape] = kv
         while len(self.kv) > self.shapes:
             self.kv.popitem(last=False)
         return kv
 
     def decide(self, layer: int, policy: SkipPolicy, x: Tensor, ctx: ForwardContext) -> Decision | list[bool]:
-        if self.current is None:
-            return super().decide(layer, policy, x, ctx)
         return self.current.decide(layer, policy)
 
     def run(self, layer: int, block: Block, x: Tensor, run: Decision | list[bool], ctx: ForwardContext) -> Tensor:
         graphs = self.current
-        if graphs is None or run is False:
-            return super().run(layer, block, x, run, ctx)
+        if run is False:
+            return x
         if run is True:
             graphs.block(layer, block)()
         else:  # rows disagree: the eager subset path, into the static hidden states

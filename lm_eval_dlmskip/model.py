@@ -300,12 +300,15 @@ class KVCache:
 
     A full forward fills it and records, per block, which rows ran it (``ran``): a row that
     skipped a block there has no keys and values for it, so it skips that block in every window
-    forward until the next fill. Storage is allocated by the first fill (or lent by an executor).
+    forward until the next fill. With ``reuse_decisions`` the window forwards do not ask the skip
+    policy at all and run exactly what the fill ran: no router cost and no host read per block
+    there. Storage is allocated by the first fill (or lent by an executor).
     """
 
     k: Tensor | None = None  # [n_layers, B, H_kv, L, hd], rotated
     v: Tensor | None = None
     ran: list[bool | list[bool]] = field(default_factory=list)  # per block, host-known
+    reuse_decisions: bool = False
 
     def allocate(self, cfg: LLaDAConfig, B: int, L: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (cfg.n_layers, B, cfg.n_kv_heads, L, cfg.head_dim)
@@ -413,18 +416,22 @@ class LLaDA(nn.Module):
         ``hidden_states`` when given."""
         ctx = self.context(ids, attention_mask, cache, window)
         x, ctx = executor.begin(self, self.embed(ids if window is None else ids[:, window]), ctx)
+        reuse = ctx.cache is not None and not ctx.filling and ctx.cache.reuse_decisions
         decisions: list[Decision] = []
         for i, block in enumerate(self.blocks):
             if hidden_states is not None:
                 hidden_states.append(x)
-            run = resolve(executor.decide(i, policy, x, ctx))
-            if ctx.filling:
-                ctx.cache.ran.append(run)
-            elif ctx.cache is not None:
-                run = both(run, ctx.cache.ran[i])
+            if reuse:
+                run = ctx.cache.ran[i]
+            else:
+                run = resolve(executor.decide(i, policy, x, ctx))
+                if ctx.filling:
+                    ctx.cache.ran.append(run)
+                elif ctx.cache is not None:
+                    run = both(run, ctx.cache.ran[i])
             x = executor.run(i, block, x, run, ctx)
             decisions.append(run)
-        return x, make_trace(decisions, ctx, policy)
+        return x, make_trace(decisions, ctx, 0 if reuse else getattr(policy, "routed_layers", 0))
 
     def context(
         self, ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None = None, window: slice | None = None
@@ -471,7 +478,7 @@ class LLaDA(nn.Module):
         return states
 
 
-def make_trace(decisions: list, ctx: ForwardContext, policy: SkipPolicy) -> SkipTrace:
+def make_trace(decisions: list, ctx: ForwardContext, routed_layers: int) -> SkipTrace:
     """The trace of one forward (its head positions are filled in once the head has run): the
     tokens computed per row and the keys each attended to (the whole canvas in a window forward)."""
     batch = ctx.batch
@@ -483,7 +490,7 @@ def make_trace(decisions: list, ctx: ForwardContext, policy: SkipPolicy) -> Skip
         L = ctx.cache.k.shape[3]
         keys = torch.full((B,), L, device=device) if ctx.key_mask is None else ctx.key_mask.flatten(1).sum(1)
     executed = SkipTrace.from_decisions(decisions, B, device)
-    return SkipTrace(executed, computed, computed, batch.masked.sum(1), getattr(policy, "routed_layers", 0), keys)
+    return SkipTrace(executed, computed, computed, batch.masked.sum(1), routed_layers, keys)
 
 
 def head_positions(logits_at: LogitPositions, B: int, W: int, device: torch.device) -> Tensor:

@@ -85,23 +85,28 @@ def test_graph_runner_decodes_as_the_eager_model(ref_model, cache):
         assert torch.equal(eager, replayed), policy
 
 
-def test_a_block_skipped_in_the_fill_stays_skipped_until_the_next_fill(ref_model):
-    settings = GenerationSettings(16, 16, 8, cache="dual")
+@pytest.mark.parametrize("decide_every", ["step", "block"])
+def test_a_block_skipped_in_the_fill_stays_skipped_until_the_next_fill(ref_model, decide_every):
+    """"step": the window forwards ask the policy (here: run everything), yet the fill's skips hold.
+    "block": they do not ask it at all (a random policy would draw other blocks) and run the fill's set."""
+    settings = GenerationSettings(16, 16, 8, cache="dual", decide_every=decide_every)
     ids, mask = _padded_batch(PROMPTS)
     policy = RandomSkip(2, 6, seed=4)
+    window_policy = NO_SKIP if decide_every == "step" else policy
     traces = []
 
     def denoise(ids, attention_mask, logits_at, cache=None, window=None):
-        logits, trace = ref_model(ids, attention_mask, policy=NO_SKIP if window is not None else policy,
+        logits, trace = ref_model(ids, attention_mask, policy=policy if window is None else window_policy,
                                   logits_at=logits_at, cache=cache, window=window)
-        traces.append((window is None, trace.executed))
+        traces.append((window is None, trace))
         return logits
 
     generate(denoise, ids, mask, settings, MASK_ID)
     fills = [i for i, (fill, _) in enumerate(traces) if fill]
     assert len(fills) == 2
     for start, stop in zip(fills, fills[1:] + [len(traces)]):
-        fill = traces[start][1]
-        assert not fill.all()  # random skipping skipped something at the fill
-        for _, executed in traces[start + 1 : stop]:
-            assert torch.equal(executed, fill)  # NO_SKIP asked, yet the fill's skips hold
+        fill = traces[start][1].executed
+        assert not fill.all() and (fill.sum(1) == 4).all()  # 2 of 6 blocks skipped per row at the fill
+        for _, trace in traces[start + 1 : stop]:
+            assert torch.equal(trace.executed, fill)
+            assert torch.equal(trace.keys, mask.sum(1) + 16)  # the window attends to the whole cached row
