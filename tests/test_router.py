@@ -80,6 +80,18 @@ def test_votes_are_counted_over_masked_positions_and_compared_with_tau():
     assert (SKIP, EXECUTE) == (0, 1)
 
 
+def test_a_skip_share_equal_to_tau_runs_the_block():
+    """The paper's rule is strict (skip when the share exceeds tau): at the default tau 0.1, one skip
+    vote of 10 masked positions runs the block, one of 9 skips it."""
+    ids = torch.full((3, 10), MASK_ID)
+    ids[1, 9] = 7  # 9 masked positions
+    h = -torch.ones(3, 10, 4)  # every position votes execute ...
+    h[:, 0, 0] = 1.0  # ... but the first, which votes skip
+    h[2, 0, 0] = -1.0  # row 2: no skip vote at all
+    run = RoutedSkip(_voting_routers(), 0.1).rows_to_run(0, h, ForwardBatch.of(ids, None, MASK_ID))
+    assert run.tolist() == [True, False, True]  # shares 1/10 (= tau), 1/9 (> tau), 0
+
+
 def test_compiled_router_decides_as_the_eager_one():
     routers = _voting_routers()
     ids = torch.full((3, 5), MASK_ID)
@@ -127,9 +139,19 @@ def _log(path):
 
 
 @pytest.mark.parametrize("alpha_target", [0.5, 0.25])
-def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbone(ref_dir, tmp_path, alpha_target):
+def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbone(ref_dir, tmp_path, alpha_target, monkeypatch):
     """lambda = 5, 150 steps: the training execution ratio (mean of the last five logs) ends within
-    0.1 of 1 - alpha_target, and the held-out ratio with inference decisions has left 1.0."""
+    0.1 of 1 - alpha_target, and the held-out ratio with inference decisions has left 1.0. The
+    backbone the trainer holds in memory ends with the weights it started with."""
+    import lm_eval_dlmskip.train as train_module
+
+    loaded = []
+
+    def keep(*args, **kwargs):
+        loaded.append(load_llada(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(train_module, "load_llada", keep)
     before = {k: v.clone() for k, v in load_llada(str(ref_dir)).model.state_dict().items()}
     cfg = _config(ref_dir, tmp_path, "lam5", lam=5.0, alpha_target=alpha_target, lr=1e-2, max_steps=150, eval_every=25)
     metrics = train(cfg)
@@ -139,8 +161,8 @@ def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbon
     assert val[0] == 1.0  # bias initialisation: every block runs before training
     assert abs(sum(ratios[-5:]) / 5 - (1 - alpha_target)) < 0.1, ratios
     assert metrics["val_execution_ratio"] < 0.95, val
-    after = load_llada(str(ref_dir)).model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    after = loaded[0].model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     meta = json.loads((tmp_path / "lam5" / "router.json").read_text())
     assert meta["lambda"] == 5.0 and meta["alpha_target"] == alpha_target and meta["mask_scaling"] is True
     assert meta["base_model"]["fingerprint"] == load_llada(str(ref_dir)).fingerprint
