@@ -62,7 +62,7 @@ class TrainConfig:
     tau: float = 0.1
     mask_scaling: bool = True
     gumbel_temperature: float = 1.0
-    router_hidden: int = 512
+    router_hidden: int | None = None  # None: d_model / 8 (512 on LLaDA-8B)
     router_depth: int = 2
     norm_first: bool = False
     init_bias: float = 4.0
@@ -433,7 +433,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--tau", type=float, default=0.1, help="skip a block when the share of skip votes exceeds tau")
     a("--no-mask-scaling", dest="mask_scaling", action="store_false", help="do not divide the skip loss by p_mask (ablation)")
     a("--gumbel-temperature", type=float, default=1.0)
-    a("--router-hidden", type=int, default=512)
+    a("--router-hidden", type=int, help="router MLP width (default d_model / 8: 512 on LLaDA-8B, as in the paper)")
     a("--router-depth", type=int, default=2, help="linear layers per router (2 as in the paper; 4 also tried)")
     a("--norm-first", action="store_true", help="RMSNorm(d) -> Linear -> SiLU -> Linear instead of D-LLM's order")
     a("--init-bias", type=float, default=4.0, help="execute-minus-skip logit bias at start (all blocks run)")

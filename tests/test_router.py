@@ -41,6 +41,14 @@ def test_router_shapes_follow_d_llm_and_the_norm_first_option():
     assert sum(type(m).__name__ == "Linear" for m in deep.routers[0].net) == 4
 
 
+def test_router_width_defaults_to_an_eighth_of_d_model():
+    """512 for LLaDA-8B (d_model 4096) as in the paper; on a small model the routers shrink with it."""
+    assert RouterConfig(d_model=4096, n_layers=32).hidden == 512
+    assert RouterConfig(d_model=256, n_layers=2).hidden == 32
+    assert RouterConfig(d_model=4, n_layers=1).hidden == 1
+    assert RouterConfig(d_model=256, n_layers=2, hidden=100).hidden == 100
+
+
 def test_fresh_routers_run_every_block(ref_model, ref_tensors):
     routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16))
     _, trace = ref_model(ref_tensors["forward.input_ids"], policy=RoutedSkip(routers, 0.1))
@@ -178,9 +186,10 @@ def test_without_the_skip_loss_every_block_keeps_running(ref_dir, tmp_path):
 def test_lora_adapters_train_with_the_routers_and_are_merged_at_evaluation(ref_dir, tmp_path):
     from lm_eval_dlmskip.loading import merge_lora
 
-    train(_config(ref_dir, tmp_path, "lora", lam=1.0, lr=1e-2, max_steps=4, lora=True, lora_rank=2))
+    train(_config(ref_dir, tmp_path, "lora", lam=1.0, lr=1e-2, max_steps=4, lora=True, lora_rank=2, router_hidden=None))
     ckpt = tmp_path / "lora"
-    assert json.loads((ckpt / "router.json").read_text())["lora"] is True
+    meta = json.loads((ckpt / "router.json").read_text())
+    assert meta["lora"] is True and meta["router"]["hidden"] == 64 // 8  # the default width, d_model / 8
     assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
     lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", router=str(ckpt))
     expected = merge_lora(load_llada(str(ref_dir)).model, str(ckpt / "adapter"))
@@ -294,6 +303,24 @@ def test_saved_routers_decide_exactly_as_in_memory(tmp_path, ref_dir, ref, ref_m
     assert memory.get_model_info()["dlmskip"]["flops"] == info["flops"]
     buckets = info["flops"]["t"]["by_masked_fraction"]
     assert sum(b["forwards"] for b in buckets) == info["flops"]["t"]["forwards"]
+
+
+def test_routers_that_cost_more_than_they_save_are_warned_about(tmp_path, ref_dir, ref, caplog):
+    """Routers as wide as the model that never skip: the whole-model FLOPs exceed 1.0, and the
+    harness says so; a static skip set is never warned about."""
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=64, init_bias=1e4))
+    identity = model_identity(load_llada(str(ref_dir)).model.cfg, str(ref_dir), load_llada(str(ref_dir)).fingerprint)
+    save_routers(tmp_path / "wide", routers, identity, {"lambda": 0.3, "alpha_target": 0.5})
+    requests = [Instance("loglikelihood", {}, (words(r["prompt"]), " " + words(r["answer"])), i, ("t", i, 1))
+                for i, r in enumerate(ref["cases"]["loglikelihood"]["runs"][:2])]
+    for model_args, warned in ((dict(router=str(tmp_path / "wide")), True), (dict(skip_layers=[1]), False)):
+        lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", mc_num=2, **model_args)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lm_eval.llada_skip"):
+            lm.loglikelihood(requests)
+        assert lm.get_model_info()["dlmskip"]["flops"]["t"]["normalized_flops_whole_model"] > 1.0 or not warned
+        messages = [r.getMessage() for r in caplog.records if "cost more" in r.getMessage()]
+        assert len(messages) == warned and (not warned or "[t]" in messages[0] and "--router-hidden" in messages[0]), messages
 
 
 def test_router_tau_overrides_the_checkpoint(tmp_path, ref_dir):
