@@ -177,6 +177,38 @@ def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbon
     assert meta["training"]["n_val"] > 0 and meta["metrics"]["val_execution_ratio"] == metrics["val_execution_ratio"]
 
 
+def test_validation_measures_the_execution_ratio_evaluation_sees(ref_dir, tmp_path):
+    """Training holds float32 routers; lm-eval runs them cast to the model's dtype. With near-tied
+    votes (the two output rows almost equal) bfloat16 flips some of them: the recorded ratio must
+    be the one RoutedSkip gives through the harness in bfloat16 on the same held-out forwards."""
+    from lm_eval_dlmskip.loading import load_tokenizer
+    from lm_eval_dlmskip.train import validate, validation_batches
+
+    torch.manual_seed(0)
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16, init_bias=0.0, tau=0.5))
+    with torch.no_grad():
+        for r in routers.routers:
+            last = r.net[-1]
+            last.weight[SKIP] = last.weight[EXECUTE] + 1e-3 * torch.randn_like(last.weight[EXECUTE])
+            last.bias.zero_()
+    pairs = encode_pairs(jsonl_texts(_pairs_file(tmp_path)), load_tokenizer(ref_dir, MASK_ID), max_length=64)
+    backbone = load_llada(str(ref_dir), dtype="bfloat16").model
+    metrics = validate(backbone, routers, pairs, 8, 0, MASK_ID, 251)
+    identity = model_identity(backbone.cfg, str(ref_dir), load_llada(str(ref_dir)).fingerprint)
+    save_routers(tmp_path / "r", routers, identity, {"lambda": 0.3, "alpha_target": 0.5}, metrics)
+    lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", dtype="bfloat16", router=str(tmp_path / "r"))
+    executed, rows = 0.0, 0
+    with torch.no_grad():
+        for batch, masked in validation_batches(pairs, 8, 0, 251):
+            noisy = torch.where(masked, MASK_ID, batch.ids)
+            _, trace = lm.model(noisy, batch.attention_mask, policy=lm.policy)
+            executed += trace.executed.double().mean(1).sum().item()
+            rows += len(noisy)
+    assert 0 < executed / rows < 1
+    assert metrics["val_execution_ratio"] == executed / rows and metrics["val_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "r" / "router.json").read_text())["metrics"] == metrics
+
+
 def test_without_the_skip_loss_every_block_keeps_running(ref_dir, tmp_path):
     metrics = train(_config(ref_dir, tmp_path, "lam0", lam=0.0, lr=1e-2, max_steps=60))
     ratios = [e["execution_ratio"] for e in _log(tmp_path / "lam0") if "execution_ratio" in e]
@@ -210,6 +242,60 @@ def test_backbone_gets_no_gradient(ref_dir, ref_model):
     loss.backward()
     assert all(p.grad is None for p in backbone.parameters())
     assert any(p.grad is not None for p in routers.parameters())
+
+
+def test_training_keeps_the_fused_projections(ref_dir):
+    """Preparing the objective as training does (accelerate moves it to its device) and casting
+    the model keep one q/k/v and one gate/up product per block, with the same numbers."""
+    from accelerate import Accelerator
+
+    from lm_eval_dlmskip.train import RouterObjective
+
+    backbone = load_llada(str(ref_dir)).model.requires_grad_(False)
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16))
+    Accelerator(cpu=True).prepare(RouterObjective(backbone, routers, TrainConfig(model="m", output="o", data="d"), MASK_ID))
+    assert all(block.fused_weights() is not None for block in backbone.blocks)
+    cast = load_llada(str(ref_dir)).model.to(torch.bfloat16)
+    assert all(block.fused_weights() is not None for block in cast.blocks)
+    ids = torch.randint(0, 240, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(cast(ids)[0], load_llada(str(ref_dir), dtype="bfloat16").model(ids)[0])
+
+
+def test_a_training_step_reads_nothing_back_per_micro_batch(ref_dir, tmp_path, monkeypatch):
+    """A run of one optimizer step of 1 and one of 4 micro-batches read the same number of values
+    back to the host (.item(), .tolist()): the statistics stay on the device until a logging step."""
+    counts = []
+    for accumulation in (1, 4):
+        calls = []
+        for method in ("item", "tolist"):
+            real = getattr(torch.Tensor, method)
+            monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _real=real: calls.append(1) or _real(self, *a))
+        train(_config(ref_dir, tmp_path, f"sync{accumulation}", batch_size=4, effective_batch_size=4 * accumulation,
+                      max_steps=1, log_every=1))
+        monkeypatch.undo()
+        counts.append(len(calls))
+    assert counts[0] == counts[1], counts
+
+
+def test_micro_batch_is_the_largest_divisor_that_fits(monkeypatch):
+    """Without --batch-size: on a GPU the largest micro-batch that divides the examples per step and
+    fits in memory (accelerate's find_executable_batch_size); on a CPU at most 4."""
+    from lm_eval_dlmskip.train import choose_micro_batch
+
+    tried = []
+
+    def fits(size):
+        tried.append(size)
+        if size > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+
+    assert choose_micro_batch(fits, per_process=24, cuda=True) == 4
+    assert tried == [24, 12, 8, 6, 4]  # divisors of 24, largest first
+    assert choose_micro_batch(fits, per_process=24, cuda=False) == 4 and len(tried) == 5  # no probe on a CPU
+    assert choose_micro_batch(fits, per_process=6, cuda=False) == 3
+    with pytest.raises(ValueError, match="not even 1 example .* fits in GPU memory; lower --max-length"):
+        choose_micro_batch(lambda size: fits(size + 10), per_process=8, cuda=True)
 
 
 def test_objective_is_the_papers_formula(ref_dir):
