@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from .loading import load_llada, load_tokenizer, model_identity
 from .model import LLaDA
 from .router import GumbelRouting, RoutedSkip, RouterConfig, Routers, save_routers
-from .train_data import Pair, add_source_arguments, encode_pairs, jsonl_texts, split_validation, task_texts
+from .train_data import Pair, add_source_arguments, encode_pairs, jsonl_texts, split_validation, task_texts, tokenizer_chat_template
 
 log = logging.getLogger("lm_eval_dlmskip.train")
 
@@ -59,6 +59,9 @@ class TrainConfig:
     task: str | None = None
     include_path: str | None = None
     data: str | None = None
+    num_fewshot: int | None = None  # None: the task's own
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
     revision: str = "main"
     lam: float = 0.1
     alpha_target: float = 0.5
@@ -95,6 +98,10 @@ class TrainConfig:
     def check(self) -> None:
         if (self.task is None) == (self.data is None):
             raise ValueError("give exactly one of --task NAME or --data FILE.jsonl")
+        if self.data is not None and (self.num_fewshot is not None or self.apply_chat_template):
+            raise ValueError("--num-fewshot and --apply-chat-template render --task prompts; --data prompts are used as written")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("--fewshot-as-multiturn needs --apply-chat-template (as in lm_eval)")
         if not 0 <= self.alpha_target <= 1:
             raise ValueError(f"--alpha-target {self.alpha_target} must be in [0, 1]")
         if self.lam < 0:
@@ -323,7 +330,8 @@ def load_train_state(out: Path, optimizer: torch.optim.Optimizer, cfg: TrainConf
 
 def load_pairs(cfg: TrainConfig, tokenizer) -> tuple[list[Pair], str]:
     if cfg.task is not None:
-        texts, source = task_texts(cfg.task, cfg.include_path)
+        chat = tokenizer_chat_template(tokenizer) if cfg.apply_chat_template else None
+        texts, source = task_texts(cfg.task, cfg.include_path, "train", cfg.num_fewshot, chat, cfg.fewshot_as_multiturn, cfg.seed)
         source = f"task {cfg.task}: {source}"
     else:
         texts, source = jsonl_texts(cfg.data), f"data {cfg.data}"
@@ -410,6 +418,9 @@ def train(cfg: TrainConfig) -> dict:
             "task": cfg.task,
             "include_path": cfg.include_path,
             "data": cfg.data,
+            "num_fewshot": cfg.num_fewshot,
+            "apply_chat_template": cfg.apply_chat_template,
+            "fewshot_as_multiturn": cfg.fewshot_as_multiturn,
             "n_train": len(train_pairs),
             "n_val": len(val_pairs),
             "epochs": cfg.epochs,
@@ -510,6 +521,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--output", required=True, help="router checkpoint directory to write (e.g. router_ckpts/gsm8k-l0.3)")
     add_source_arguments(parser, "lm-eval task whose training split (else validation split) is the data",
                          "JSONL file with prompt/target fields, instead of --task")
+    a("--num-fewshot", type=int, help="few-shot examples in each --task prompt (default: the task's own num_fewshot, "
+                                       "as lm_eval); drawn from the task's few-shot split, never the example itself")
+    a("--apply-chat-template", action="store_true", help="render --task prompts with the tokenizer's chat template, as lm_eval's flag")
+    a("--fewshot-as-multiturn", action="store_true", help="few-shot examples as chat turns, as lm_eval's flag")
     a("--revision", default="main")
     a("--lambda", dest="lam", type=float, default=0.1, help="weight of the skip loss |alpha - alpha_target|")
     a("--alpha-target", type=float, default=0.5, help="target share of skipped blocks")

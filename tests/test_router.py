@@ -491,6 +491,84 @@ def test_task_pairs_use_the_tasks_own_prompt_format(tmp_path):
         task_texts("no_such_task", str(tasks))
 
 
+def _fewshot_task(root, output_type: str, sampler: str):
+    """A task with a description and 2 shots from its training split; its test split holds the
+    same documents, so each training document also has an evaluation request."""
+    docs = [{"q": f"t{i} t{i + 1}", "choices": [f" t{i + 2}", f" t{i + 3}"], "label": i % 2, "answer": f"t{i + 2}"} for i in range(8)]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    body = ('output_type: multiple_choice\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n'
+            if output_type == "multiple_choice" else
+            'output_type: generate_until\ndoc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: [t248]\n'
+            "metric_list:\n  - metric: exact_match\n")
+    (root / "fewshot.yaml").write_text(
+        f"task: fewshot\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {root / 'docs.jsonl'}\n"
+        f"    test: {root / 'docs.jsonl'}\ntraining_split: train\ntest_split: test\nfewshot_split: train\n"
+        f"fewshot_config:\n  sampler: {sampler}\nnum_fewshot: 2\ndescription: \"Continue the count.\\n\\n\"\n"
+        f'doc_to_text: "Q: {{{{q}}}}\\nA:"\n' + body
+    )
+    return docs
+
+
+@pytest.mark.parametrize("output_type", ["multiple_choice", "generate_until"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_task_prompts_are_the_evaluation_requests_with_their_shots(tmp_path, output_type, chat):
+    """With the task's own num_fewshot (2), description and (optionally) a chat template, a training
+    prompt is the context lm-eval builds for the same document's evaluation request (and a
+    multiple-choice target its gold continuation). The first-n sampler shows documents 0 and 1 to
+    every evaluation request; training leaves a document out of its own shots."""
+    from lm_eval.tasks import TaskManager
+
+    docs = _fewshot_task(tmp_path, output_type, "first_n")
+
+    def template(messages, add_generation_prompt=True):
+        return "|".join(f"<{m['role']}>{m['content']}" for m in messages) + ("|<assistant>" if add_generation_prompt else "")
+
+    texts, note = task_texts("fewshot", str(tmp_path), chat_template=template if chat else None, fewshot_as_multiturn=chat, num_fewshot=None)
+    assert note == "fewshot:train[8] 2-shot"
+    task = TaskManager(include_path=str(tmp_path), include_defaults=False).load("fewshot")["tasks"]["fewshot"]
+    task.set_fewshot_seed(1234)
+    task.build_all_requests(apply_chat_template=chat, fewshot_as_multiturn=chat, chat_template=template if chat else None)
+    for i, doc in enumerate(docs):
+        [request] = [r for r in task.instances if r.doc_id == i and (output_type != "multiple_choice" or r.idx == doc["label"])]
+        prompt, target = texts[i]
+        assert prompt.startswith("<system>Continue the count." if chat else "Continue the count.\n\nQ: ")
+        assert prompt.count(f"Q: {doc['q']}\nA:") == 1  # never its own shot
+        if i >= 2:  # documents 0 and 1 are the shots of the evaluation requests
+            assert prompt == request.args[0]
+        if output_type == "multiple_choice":
+            assert target == request.args[1] and target.strip() == doc["choices"][doc["label"]].strip()
+        else:
+            assert target == (doc["answer"] if chat else " " + doc["answer"])
+
+
+def test_random_shots_never_show_the_document_itself(tmp_path):
+    """lm-eval's default sampler leaves a document out only when the few-shot split is the test
+    split; training draws its shots from the very split it trains on."""
+    docs = _fewshot_task(tmp_path, "generate_until", "default")
+    texts, _ = task_texts("fewshot", str(tmp_path), num_fewshot=3, seed=0)
+    for doc, (prompt, _) in zip(docs, texts):
+        assert prompt.count(f"Q: {doc['q']}\nA:") == 1 and prompt.count("Q: ") == 4
+
+
+def test_train_takes_the_tasks_shots_and_lm_evals_prompt_flags(ref_dir, tmp_path):
+    from lm_eval_dlmskip.loading import load_tokenizer
+    from lm_eval_dlmskip.train_data import tokenizer_chat_template
+
+    _fewshot_task(tmp_path / "tasks", "generate_until", "first_n")
+    cfg = _config(ref_dir, tmp_path, "fs", data=None, task="fewshot", include_path=str(tmp_path / "tasks"),
+                  batch_size=2, effective_batch_size=2, max_steps=1)
+    train(cfg)
+    training = json.loads((tmp_path / "fs" / "router.json").read_text())["training"]
+    assert training["source"] == "task fewshot: fewshot:train[8] 2-shot" and training["num_fewshot"] is None
+    with pytest.raises(ValueError, match="--fewshot-as-multiturn needs --apply-chat-template"):
+        TrainConfig(**{**cfg.__dict__, "fewshot_as_multiturn": True}).check()
+    with pytest.raises(ValueError, match="--data prompts are used as written"):
+        TrainConfig(**{**cfg.__dict__, "task": None, "data": "d.jsonl", "num_fewshot": 5}).check()
+    with pytest.raises(ValueError, match="tokenizer has no chat template"):
+        tokenizer_chat_template(load_tokenizer(ref_dir, MASK_ID))
+
+
 def test_jsonl_pairs_and_validation_split(tmp_path, ref_dir):
     from lm_eval_dlmskip.loading import load_tokenizer
 
