@@ -90,7 +90,9 @@ def task_texts(
 
 
 class _NotItself:
-    """A task's few-shot sampler that never draws the document being rendered (``doc``)."""
+    """A task's few-shot sampler that never draws the document being rendered (``doc``): lm-eval
+    leaves it out only when the few-shot split is the test split, and training renders documents
+    of the very split the shots come from (gsm8k: train)."""
 
     def __init__(self, sampler) -> None:
         self.sampler = sampler
@@ -100,7 +102,9 @@ class _NotItself:
         return self.sampler.sample(n, eval_doc=self.doc, **kwargs)
 
 
-def _request_renderer(task, shots: int, chat_template: Callable[..., str] | None, multiturn: bool, seed: int):
+def _request_renderer(
+    task, shots: int, chat_template: Callable[..., str] | None, multiturn: bool, seed: int
+) -> Callable[[dict], tuple[str, str]]:
     """doc -> (prompt, target), built by the task's own fewshot_context and construct_requests."""
     from lm_eval.api.utils import maybe_delimit
 
@@ -135,6 +139,7 @@ def _request_renderer(task, shots: int, chat_template: Callable[..., str] | None
 def _gold_index(task, doc) -> int:
     """The request of the correct choice, as lm-eval's process_results finds it."""
     gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    gold = gold[0] if isinstance(gold, list) else gold  # several correct choices: train on the first
     return gold if isinstance(gold, int) else task.doc_to_choice(doc).index(gold)
 
 
