@@ -20,6 +20,7 @@ fraction), so one can see that later denoising steps (little left masked) run fe
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -213,3 +214,17 @@ class FlopsMeter:
 
     def summary(self) -> dict[str, dict]:
         return {task: t.summary(self.flops.n_layers) for task, t in sorted(self.totals.items())}
+
+    def router_warnings(self, tasks: Iterable[str]) -> list[str]:
+        """One line per task whose routers cost more than their skipping saved (whole-model
+        normalized FLOPs >= 1.0): routing there only adds work."""
+        if not self.flops.router_hidden:
+            return []
+        summaries = self.summary()
+        return [
+            f"llada_skip [{task}]: the routers cost more FLOPs than their skipping saved (whole-model "
+            f"normalized FLOPs {summaries[task]['normalized_flops_whole_model']:.4f} >= 1.0); train smaller "
+            "routers (dlmskip train --router-hidden) or for more skipping (a larger --lambda or --alpha-target)"
+            for task in sorted(tasks)
+            if summaries[task]["normalized_flops_whole_model"] >= 1.0
+        ]

@@ -310,6 +310,8 @@ class LLaDASkipLM(TemplateLM):
                     kind, task, summary["normalized_flops_papers"], summary["normalized_flops_whole_model"],
                     summary["mean_executed_blocks"], self.cfg.n_layers, summary["forwards"],
                 )
+            for warning in self.meter.router_warnings(added):
+                log.warning(warning)
 
     # ---- loglikelihood -----------------------------------------------------------------------
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:

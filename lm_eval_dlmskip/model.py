@@ -286,8 +286,13 @@ class Block(nn.Module):
         return self._fused
 
     def _apply(self, fn, recurse: bool = True):
-        self._fused = {}  # moving or casting copies each parameter: the views no longer share a buffer
-        return super()._apply(fn, recurse)
+        fused = self.fused_weights() is not None
+        super()._apply(fn, recurse)
+        if self.fused_weights() is None:  # moving or casting copied each parameter apart: fuse anew
+            self._fused = {}
+            if fused:
+                self.fuse_projections()
+        return self
 
 
 LogitPositions = slice | Tensor | None  # None: all; slice: columns; Tensor: flat indices into B*W

@@ -7,9 +7,10 @@ the block when its share of skip votes exceeds ``tau`` (default 0.1). Decisions 
 all positions and the votes are then read at the masked ones (the paper's App. A.3 layout).
 
 Default MLP, as the public D-LLM router the paper builds on:
-``Linear(d, 512) -> RMSNorm(512) -> SiLU -> Linear(512, 2)``; ``norm_first`` gives
-``RMSNorm(d) -> Linear -> SiLU -> Linear``. The last bias starts with execute ``init_bias`` above
-skip, so at the start of training almost no token votes skip and every block runs.
+``Linear(d, h) -> RMSNorm(h) -> SiLU -> Linear(h, 2)`` with h = d / 8 (the paper's 512 on
+LLaDA-8B's d = 4096); ``norm_first`` gives ``RMSNorm(d) -> Linear -> SiLU -> Linear``. The last
+bias starts with execute ``init_bias`` above skip, so at the start of training almost no token
+votes skip and every block runs.
 
 A checkpoint is a directory: ``router.safetensors`` (weights, no pickle) and ``router.json``
 (format, the base model's identity, router shape, training settings and metrics), plus
@@ -38,20 +39,32 @@ FORMAT_VERSION = 1
 SKIP, EXECUTE = 0, 1  # logit order, as in the paper and D-LLM
 
 
+def default_hidden(d_model: int) -> int:
+    """d_model / 8: the paper's 512 on LLaDA-8B (d_model 4096), and a router near 1% of a block's
+    FLOPs at any LLaDA shape (a fixed 512 costs 15% of a block of a d_model-256 model)."""
+    return max(1, d_model // 8)
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     d_model: int
     n_layers: int
-    hidden: int = 512
+    hidden: int | None = None  # None: default_hidden(d_model)
     depth: int = 2  # linear layers per router (the paper also tried 4)
     norm_first: bool = False
     init_bias: float = 4.0  # execute logit minus skip logit at initialisation
     tau: float = 0.1
     eps: float = 1e-5
 
+    def __post_init__(self) -> None:
+        if self.hidden is None:
+            object.__setattr__(self, "hidden", default_hidden(self.d_model))
+
     def check(self) -> None:
         if self.depth < 2:
             raise ValueError(f"router depth={self.depth}: a router has at least 2 linear layers")
+        if self.hidden < 1:
+            raise ValueError(f"router hidden={self.hidden} must be >= 1 (leave it unset for d_model / 8)")
         if not 0 <= self.tau < 1:
             raise ValueError(f"tau={self.tau} must be in [0, 1)")
 

@@ -14,13 +14,15 @@ weight decay 0.02, grad-norm clip 1.0, peak lr 5e-5, linear warmup then half-cos
 gradient accumulation to the effective batch size; data parallel under ``accelerate launch``.
 
 Every random draw of a step comes from a generator seeded by (seed, step, micro-batch of the step),
-and the data order by (seed, epoch), so a resumed run repeats an uninterrupted one exactly and N
-processes see the same micro-batches as one.
+and the data order by (seed, epoch), so a resumed run (which keeps its micro-batch size) repeats an
+uninterrupted one exactly, and N processes see the same micro-batches as one at the same size.
+Without --batch-size the micro-batch is the largest that fits on the GPU (4 on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -28,8 +30,9 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,7 +44,7 @@ from torch import Tensor, nn
 from .loading import load_llada, load_tokenizer, model_identity
 from .model import LLaDA
 from .router import GumbelRouting, RoutedSkip, RouterConfig, Routers, save_routers
-from .train_data import Pair, add_source_arguments, encode_pairs, jsonl_texts, split_validation, task_texts
+from .train_data import Pair, add_source_arguments, encode_pairs, jsonl_texts, split_validation, task_texts, tokenizer_chat_template
 
 log = logging.getLogger("lm_eval_dlmskip.train")
 
@@ -56,13 +59,16 @@ class TrainConfig:
     task: str | None = None
     include_path: str | None = None
     data: str | None = None
+    num_fewshot: int | None = None  # None: the task's own
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
     revision: str = "main"
     lam: float = 0.1
     alpha_target: float = 0.5
     tau: float = 0.1
     mask_scaling: bool = True
     gumbel_temperature: float = 1.0
-    router_hidden: int = 512
+    router_hidden: int | None = None  # None: d_model / 8 (512 on LLaDA-8B)
     router_depth: int = 2
     norm_first: bool = False
     init_bias: float = 4.0
@@ -71,7 +77,7 @@ class TrainConfig:
     lora_alpha: int = 16
     epochs: float = 10.0
     max_steps: int | None = None
-    batch_size: int = 4  # examples per micro-batch and process
+    batch_size: int | None = None  # examples per micro-batch and process; None: the largest that fits
     effective_batch_size: int = 64
     lr: float = 5e-5
     warmup_epochs: float = 2.0
@@ -92,11 +98,17 @@ class TrainConfig:
     def check(self) -> None:
         if (self.task is None) == (self.data is None):
             raise ValueError("give exactly one of --task NAME or --data FILE.jsonl")
+        if self.data is not None and (self.num_fewshot is not None or self.apply_chat_template):
+            raise ValueError("--num-fewshot and --apply-chat-template render --task prompts; --data prompts are used as written")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("--fewshot-as-multiturn needs --apply-chat-template (as in lm_eval)")
         if not 0 <= self.alpha_target <= 1:
             raise ValueError(f"--alpha-target {self.alpha_target} must be in [0, 1]")
         if self.lam < 0:
             raise ValueError(f"--lambda {self.lam} must be >= 0")
-        if self.effective_batch_size % self.batch_size:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size} must be >= 1 (or left out: the largest that fits)")
+        if self.batch_size is not None and self.effective_batch_size % self.batch_size:
             raise ValueError(f"--effective-batch-size {self.effective_batch_size} is not a multiple of --batch-size {self.batch_size}")
 
 
@@ -107,6 +119,9 @@ class Batch:
     attention_mask: Tensor | None
     target: Tensor  # [b, L] bool: target positions
     target_len: Tensor  # [b]
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(None if t is None else t.to(device) for t in vars(self).values()))
 
 
 def collate(pairs: list[Pair], pad_id: int) -> Batch:
@@ -155,28 +170,39 @@ class RouterObjective(nn.Module):
         return loss.mean(), stats
 
 
-@torch.no_grad()
-def validate(backbone: LLaDA, routers: Routers, pairs: list[Pair], cfg: TrainConfig, mask_id: int, pad_id: int, device) -> dict:
-    """Masked CE and execution ratio with the inference decisions (argmax votes, hard tau), at
-    mask ratios 0.25, 0.5, 0.75 and 1.0 of every held-out example (fixed masks)."""
-    if not pairs:
-        return {}
-    policy = RoutedSkip(routers, routers.cfg.tau)
-    ce_sum, tokens, executed, forwards = 0.0, 0, 0.0, 0
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    for start in range(0, len(pairs), cfg.batch_size):
-        batch = collate(pairs[start : start + cfg.batch_size], pad_id)
+def validation_batches(pairs: list[Pair], batch_size: int, seed: int, pad_id: int) -> Iterator[tuple[Batch, Tensor]]:
+    """The held-out forwards: every example at mask ratios 0.25, 0.5, 0.75 and 1.0, with fixed
+    masks; yields each batch and its [b, L] bool mask (on the host)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(pairs[start : start + batch_size], pad_id)
         for ratio in (0.25, 0.5, 0.75, 1.0):
             masked = batch.target & (torch.rand(batch.ids.shape, generator=generator) < ratio)
-            noisy = torch.where(masked, mask_id, batch.ids).to(device)
-            positions = masked.flatten().nonzero().squeeze(1)
-            mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-            logits, trace = backbone(noisy, mask, policy=policy, logits_at=positions.to(device))
-            ce_sum += F.cross_entropy(logits.float(), batch.ids.flatten()[positions].to(device), reduction="sum").item()
-            tokens += len(positions)
-            executed += trace.executed.float().mean(1).sum().item()
-            forwards += batch.ids.shape[0]
-    return {"val_ce": ce_sum / max(tokens, 1), "val_execution_ratio": executed / forwards}
+            yield batch, masked
+
+
+@torch.no_grad()
+def validate(backbone: LLaDA, routers: Routers, pairs: list[Pair], batch_size: int, seed: int, mask_id: int, pad_id: int) -> dict:
+    """Masked CE and execution ratio as evaluation will measure them: the routers cast to the
+    model's dtype (as the harness loads a checkpoint), the model in that dtype without autocast,
+    and RoutedSkip's decisions (argmax votes, hard tau). Training's bf16 autocast over float32
+    routers flips near-tied votes, so its own ratio is not what lm-eval sees."""
+    if not pairs:
+        return {}
+    device, dtype = backbone.device, backbone.dtype
+    policy = RoutedSkip(copy.deepcopy(routers).to(dtype).eval(), routers.cfg.tau)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [CE, executed share], summed over rows
+    tokens, forwards = 0, 0
+    for batch, masked in validation_batches(pairs, batch_size, seed, pad_id):
+        noisy, positions = torch.where(masked, mask_id, batch.ids), masked.flatten().nonzero().squeeze(1)
+        mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+        logits, trace = backbone(noisy.to(device), mask, policy=policy, logits_at=positions.to(device))
+        sums[0] += F.cross_entropy(logits.float(), batch.ids.flatten()[positions].to(device), reduction="sum")
+        sums[1] += trace.executed.double().mean(1).sum()
+        tokens += len(positions)
+        forwards += len(masked)
+    ce, executed = sums.tolist()  # sync: once per validation
+    return {"val_ce": ce / max(tokens, 1), "val_execution_ratio": executed / forwards, "val_dtype": str(dtype).removeprefix("torch.")}
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -208,8 +234,68 @@ def trainable(objective: RouterObjective) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
 
 
-def save_train_state(out: Path, step: int, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """Optimizer moments as safetensors (no pickle) and the position as JSON."""
+CPU_MICRO_BATCH = 4  # without --batch-size on a CPU, where probing memory means nothing
+
+
+def choose_micro_batch(fits: Callable[[int], None], per_process: int, cuda: bool) -> int:
+    """The largest micro-batch that divides this process's examples per step and, on a GPU, for
+    which ``fits(size)`` runs out of no memory (accelerate's find_executable_batch_size, stepping
+    down through the divisors, as evaluation's batch_size=auto probes); at most 4 on a CPU."""
+    from accelerate.utils import find_executable_batch_size
+
+    sizes = [size for size in range(per_process, 0, -1) if per_process % size == 0]
+    if not cuda:
+        return next(size for size in sizes if size <= CPU_MICRO_BATCH)
+    smaller = iter(sizes[1:] + [0])
+
+    @find_executable_batch_size(starting_batch_size=sizes[0], reduce_batch_size_fn=lambda: next(smaller))
+    def probe(size: int) -> int:
+        fits(size)
+        return size
+
+    try:
+        return probe()
+    except RuntimeError as err:
+        if "reached zero" not in str(err):
+            raise
+        raise ValueError("--batch-size not given and not even 1 example of the longest fits in GPU memory; lower --max-length") from err
+
+
+def worst_case_probe(objective: RouterObjective, longest: Pair, pad_id: int, accelerator) -> Callable[[int], None]:
+    """``fits(size)`` for choose_micro_batch: forward and backward of ``size`` copies of the longest
+    example with all of its target masked (the most LM-head rows), gradients dropped after."""
+    worst = RouterObjective(objective.backbone, objective.routers, replace(objective.cfg, min_mask_ratio=1.0), objective.mask_id)
+
+    def fits(size: int) -> None:
+        batch = collate([longest] * size, pad_id).to(accelerator.device)
+        with accelerator.autocast():
+            loss, _ = worst(batch, torch.Generator(accelerator.device).manual_seed(0))
+        loss.backward()
+        objective.zero_grad(set_to_none=True)
+
+    return fits
+
+
+def train_step(objective: nn.Module, accelerator, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+               batches: list[Batch], seeds: list[int], grad_clip: float) -> Tensor:
+    """One optimizer step over this process's micro-batches; returns the step's mean
+    [loss, ce, skip_loss, alpha] on the device, read back only at logging steps."""
+    stats = torch.zeros(4, device=accelerator.device)
+    for micro, (batch, seed) in enumerate(zip(batches, seeds)):
+        generator = torch.Generator(accelerator.device).manual_seed(seed)
+        last = micro == len(batches) - 1
+        with (nullcontext() if last else accelerator.no_sync(objective)), accelerator.autocast():
+            loss, parts = objective(batch, generator)
+            accelerator.backward(loss / len(batches))  # gradients all-reduced on the last micro-batch
+        stats += torch.stack([loss.detach(), parts["ce"], parts["skip_loss"], parts["alpha"]]).float() / len(batches)
+    accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def save_train_state(out: Path, step: int, optimizer: torch.optim.Optimizer, cfg: TrainConfig, micro_batch: int) -> None:
+    """Optimizer moments as safetensors (no pickle), the position and the micro-batch as JSON."""
     state = optimizer.state_dict()
     tensors = {
         f"optimizer.{index}.{key}": value.detach().cpu().contiguous()
@@ -219,10 +305,12 @@ def save_train_state(out: Path, step: int, optimizer: torch.optim.Optimizer, cfg
     }
     save_file(tensors, str(out / "train_state.safetensors"))
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-    (out / "train_state.json").write_text(json.dumps({"step": step, "param_groups": groups, "config": asdict(cfg)}, indent=2))
+    meta = {"step": step, "micro_batch_size": micro_batch, "param_groups": groups, "config": asdict(cfg)}
+    (out / "train_state.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_train_state(out: Path, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> int:
+def load_train_state(out: Path, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[int, int]:
+    """The step to continue from and the micro-batch size to keep (the random draws depend on it)."""
     meta = json.loads((out / "train_state.json").read_text())
     differ = [f for f, v in meta["config"].items() if f not in _RESUMABLE_CHANGES and getattr(cfg, f) != v]
     if differ:
@@ -237,16 +325,29 @@ def load_train_state(out: Path, optimizer: torch.optim.Optimizer, cfg: TrainConf
     for group, saved in zip(state["param_groups"], meta["param_groups"]):
         group.update(saved)
     optimizer.load_state_dict(state)
-    return int(meta["step"])
+    return int(meta["step"]), int(meta.get("micro_batch_size", meta["config"]["batch_size"]))
 
 
 def load_pairs(cfg: TrainConfig, tokenizer) -> tuple[list[Pair], str]:
     if cfg.task is not None:
-        texts, source = task_texts(cfg.task, cfg.include_path)
+        chat = tokenizer_chat_template(tokenizer) if cfg.apply_chat_template else None
+        texts, source = task_texts(cfg.task, cfg.include_path, "train", cfg.num_fewshot, chat, cfg.fewshot_as_multiturn, cfg.seed)
         source = f"task {cfg.task}: {source}"
     else:
         texts, source = jsonl_texts(cfg.data), f"data {cfg.data}"
     return encode_pairs(texts, tokenizer, cfg.max_length), source
+
+
+def auto_micro_batch(objective: RouterObjective, pairs: list[Pair], per_process: int, pad_id: int, accelerator) -> int:
+    """Without --batch-size: the largest micro-batch that fits on every process (the smallest of
+    their choices, so all accumulate alike); the random draws depend on it, so it is recorded."""
+    longest = max(pairs, key=lambda p: len(p.prompt) + len(p.target))
+    fits = worst_case_probe(objective, longest, pad_id, accelerator)
+    size = choose_micro_batch(fits, per_process, accelerator.device.type == "cuda")
+    if accelerator.num_processes > 1:
+        size = int(accelerator.gather(torch.tensor([size], device=accelerator.device)).min())
+    log.info("--batch-size not given: %d examples per micro-batch and process", size)
+    return size
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -264,9 +365,8 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and cfg.dtype == "bfloat16" else "no")
     world = accelerator.num_processes
     per_step = cfg.effective_batch_size
-    if per_step % (cfg.batch_size * world):
-        raise ValueError(f"--effective-batch-size {per_step} is not a multiple of --batch-size x processes ({cfg.batch_size} x {world})")
-    accumulation = per_step // (cfg.batch_size * world)
+    if per_step % (world * (cfg.batch_size or 1)):
+        raise ValueError(f"--effective-batch-size {per_step} is not a multiple of --batch-size x processes ({cfg.batch_size or 1} x {world})")
     device = accelerator.device
 
     checkpoint = load_llada(cfg.model, cfg.revision, dtype=cfg.dtype if cuda else "float32", device=device)
@@ -293,7 +393,7 @@ def train(cfg: TrainConfig) -> dict:
     objective = RouterObjective(backbone, routers, cfg, mcfg.mask_token_id)
     params = [p for _, p in trainable(objective)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start = 0
+    start, micro = 0, cfg.batch_size
     if cfg.resume:
         state = load_file(str(out / "router.safetensors"), device=str(device))
         routers.load_state_dict(state)
@@ -301,8 +401,10 @@ def train(cfg: TrainConfig) -> dict:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(backbone, load_file(str(out / "adapter" / "adapter_model.safetensors"), device=str(device)))
-        start = load_train_state(out, optimizer, cfg)
+        start, micro = load_train_state(out, optimizer, cfg)
         log.info("resuming %s at step %d of %d", out, start, total)
+    micro = micro or auto_micro_batch(objective, train_pairs, per_step // world, pad_id, accelerator)
+    accumulation = per_step // (micro * world)
     objective = accelerator.prepare(objective)  # DDP syncs only parameters that require grad
 
     identity = model_identity(mcfg, cfg.model, checkpoint.fingerprint)
@@ -316,11 +418,15 @@ def train(cfg: TrainConfig) -> dict:
             "task": cfg.task,
             "include_path": cfg.include_path,
             "data": cfg.data,
+            "num_fewshot": cfg.num_fewshot,
+            "apply_chat_template": cfg.apply_chat_template,
+            "fewshot_as_multiturn": cfg.fewshot_as_multiturn,
             "n_train": len(train_pairs),
             "n_val": len(val_pairs),
             "epochs": cfg.epochs,
             "steps": total,
             "effective_batch_size": per_step,
+            "micro_batch_size": micro,
             "lr": cfg.lr,
             "warmup_steps": warmup,
             "seed": cfg.seed,
@@ -338,7 +444,7 @@ def train(cfg: TrainConfig) -> dict:
         unwrapped = accelerator.unwrap_model(objective)
 
         def extra(tmp: Path) -> None:
-            save_train_state(tmp, step, optimizer, cfg)
+            save_train_state(tmp, step, optimizer, cfg, micro)
             (tmp / "metrics.jsonl").write_text("".join(line + "\n" for line in log_lines))
             if (out / "tensorboard").exists():
                 shutil.move(str(out / "tensorboard"), str(tmp / "tensorboard"))
@@ -358,47 +464,35 @@ def train(cfg: TrainConfig) -> dict:
                     if k != "step" and isinstance(v, (int, float)):
                         writer.add_scalar(k, v, entry["step"])
 
+    def validated() -> dict:
+        unwrapped = accelerator.unwrap_model(objective)
+        return validate(unwrapped.backbone, unwrapped.routers, val_pairs, micro, cfg.seed, mcfg.mask_token_id, pad_id)
+
     if start == 0 and val_pairs:
-        record({"step": 0, **validate(backbone, routers, val_pairs, cfg, mcfg.mask_token_id, pad_id, device)})
+        record({"step": 0, **validated()})
     bar = tqdm(total=total, initial=start, disable=not accelerator.is_main_process, desc="dlmskip train")
     tic, seen = time.time(), 0
     for step in range(start, total):
         examples = step_examples(train_pairs, step, per_step, cfg.seed)
         first = accelerator.process_index * accumulation  # this rank's micro-batches of the step
-        mine = examples[first * cfg.batch_size : (first + accumulation) * cfg.batch_size]
+        batches = [collate(examples[(first + k) * micro : (first + k + 1) * micro], pad_id).to(device) for k in range(accumulation)]
+        seeds = [(cfg.seed * 1_000_003 + step) * 100_003 + first + k for k in range(accumulation)]  # the same for any process count
         lr = cfg.lr * lr_factor(step, warmup, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums = {"loss": 0.0, "ce": 0.0, "skip_loss": 0.0, "alpha": 0.0}
-        for micro in range(accumulation):
-            batch = collate(mine[micro * cfg.batch_size : (micro + 1) * cfg.batch_size], pad_id)
-            batch = Batch(*(None if t is None else t.to(device) for t in vars(batch).values()))
-            seed = (cfg.seed * 1_000_003 + step) * 100_003 + first + micro  # the same for any process count
-            generator = torch.Generator(device).manual_seed(seed)
-            last = micro == accumulation - 1
-            with (nullcontext() if last else accelerator.no_sync(objective)), accelerator.autocast():
-                loss, stats = objective(batch, generator)
-                accelerator.backward(loss / accumulation)  # gradients all-reduced on the last micro-batch
-            sums["loss"] += loss.item() / accumulation
-            for k in ("ce", "skip_loss", "alpha"):
-                sums[k] += stats[k].item() / accumulation
-        accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:  # log the mean over all processes
-            keys = sorted(sums)
-            mean = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=device), reduction="mean")
-            sums = dict(zip(keys, mean.tolist()))
+        stats = train_step(objective, accelerator, optimizer, params, batches, seeds, cfg.grad_clip)
         seen += per_step
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            if world > 1:  # log the mean over all processes
+                stats = accelerator.reduce(stats, reduction="mean")
+            sums = dict(zip(("loss", "ce", "skip_loss", "alpha"), stats.tolist()))  # sync: once per logged step
             rate = seen / (time.time() - tic)
             entry = {"step": step + 1, "epoch": (step + 1) * per_step / len(train_pairs), **sums,
                      "execution_ratio": 1 - sums["alpha"], "lr": lr, "examples_per_s": rate}
             record(entry)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", exec=f"{1 - sums['alpha']:.3f}", ex_s=f"{rate:.1f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
-            unwrapped = accelerator.unwrap_model(objective)
-            metrics = validate(unwrapped.backbone, unwrapped.routers, val_pairs, cfg, mcfg.mask_token_id, pad_id, device)
+            metrics = validated()
             if metrics:
                 record({"step": step + 1, **metrics})
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
@@ -427,13 +521,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--output", required=True, help="router checkpoint directory to write (e.g. router_ckpts/gsm8k-l0.3)")
     add_source_arguments(parser, "lm-eval task whose training split (else validation split) is the data",
                          "JSONL file with prompt/target fields, instead of --task")
+    a("--num-fewshot", type=int, help="few-shot examples in each --task prompt (default: the task's own num_fewshot, "
+                                       "as lm_eval); drawn from the task's few-shot split, never the example itself")
+    a("--apply-chat-template", action="store_true", help="render --task prompts with the tokenizer's chat template, as lm_eval's flag")
+    a("--fewshot-as-multiturn", action="store_true", help="few-shot examples as chat turns, as lm_eval's flag")
     a("--revision", default="main")
     a("--lambda", dest="lam", type=float, default=0.1, help="weight of the skip loss |alpha - alpha_target|")
     a("--alpha-target", type=float, default=0.5, help="target share of skipped blocks")
     a("--tau", type=float, default=0.1, help="skip a block when the share of skip votes exceeds tau")
     a("--no-mask-scaling", dest="mask_scaling", action="store_false", help="do not divide the skip loss by p_mask (ablation)")
     a("--gumbel-temperature", type=float, default=1.0)
-    a("--router-hidden", type=int, default=512)
+    a("--router-hidden", type=int, help="router MLP width (default d_model / 8: 512 on LLaDA-8B, as in the paper)")
     a("--router-depth", type=int, default=2, help="linear layers per router (2 as in the paper; 4 also tried)")
     a("--norm-first", action="store_true", help="RMSNorm(d) -> Linear -> SiLU -> Linear instead of D-LLM's order")
     a("--init-bias", type=float, default=4.0, help="execute-minus-skip logit bias at start (all blocks run)")
@@ -442,7 +540,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lora-alpha", type=int, default=16)
     a("--epochs", type=float, default=10.0)
     a("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    a("--batch-size", type=int, default=4, help="examples per micro-batch and process")
+    a("--batch-size", type=int, help="examples per micro-batch and process (default: on a GPU the largest that fits, "
+                                      "probed; 4 on a CPU; recorded in router.json, as the random draws depend on it)")
     a("--effective-batch-size", type=int, default=64, help="examples per optimizer step, all processes together")
     a("--lr", type=float, default=5e-5)
     a("--warmup-epochs", type=float, default=2.0)

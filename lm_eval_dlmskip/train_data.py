@@ -1,11 +1,14 @@
 """(prompt, target) pairs for router training, from lm-eval task definitions or a JSONL file.
 
 From a task, each document of its training split (its validation split when it has none) is
-rendered with the task's own prompt format: ``doc_to_text`` for the prompt, and for the target
-``doc_to_target`` (generation tasks) or the correct entry of ``doc_to_choice`` (multiple choice),
-joined with the task's ``target_delimiter``. So a router learns on the text the harness will show
-the model. Texts are tokenized the way lm-eval scores them: context and continuation are encoded
-together and split, with trailing spaces of the context moved into the continuation.
+rendered as lm-eval renders an evaluation request: the prompt is the task's own
+``fewshot_context`` (description, few-shot examples drawn by the task's sampler, the document's
+``doc_to_text``, optionally a chat template), the target the gold continuation of the request
+(multiple choice) or ``doc_to_target`` delimited as the few-shot answers are. So a router learns on
+the text the harness will show the model. The sampler is kept from showing a document as its own
+example (lm-eval does that only when the few-shot split is the test split). Texts are tokenized the
+way lm-eval scores them: context and continuation are encoded together and split, with trailing
+spaces of the context moved into the continuation.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import argparse
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,13 +47,28 @@ def _task_manager(task: str, include_path: str | None):
     return manager
 
 
-def task_texts(task: str, include_path: str | None = None, split: str = "train") -> tuple[list[tuple[str, str]], str]:
+def task_texts(
+    task: str,
+    include_path: str | None = None,
+    split: str = "train",
+    num_fewshot: int | None = 0,
+    chat_template: Callable[..., str] | None = None,
+    fewshot_as_multiturn: bool = False,
+    seed: int = 1234,
+) -> tuple[list[tuple[str, str]], str]:
     """(prompt, target) texts of a task's training split (``split="train"``; its validation split when
     it has none, said in the log) or evaluation split (``"eval"``: test, else validation), and a note
-    saying which split was used. A group (e.g. mmlu) gives the texts of all its tasks."""
+    saying which split was used. A group (e.g. mmlu) gives the texts of all its tasks.
+
+    ``num_fewshot`` overrides the task's own as ``lm_eval --num_fewshot`` does (None: the task's
+    own; a task that sets 0 keeps 0); ``chat_template`` and ``fewshot_as_multiturn`` are lm-eval's
+    (``--apply_chat_template``); ``seed`` seeds the few-shot sampler."""
     texts, notes = [], []
     for t in _task_manager(task, include_path).load(task)["tasks"].values():
         name = t.config.task
+        own = t.get_config("num_fewshot")
+        shots = (own if num_fewshot is None or own == 0 else num_fewshot) or 0
+        render = _request_renderer(t, shots, chat_template, fewshot_as_multiturn, seed)
         if split == "train" and t.has_training_docs():
             docs, used = t.training_docs(), "train"
         elif split == "eval" and t.has_test_docs():
@@ -61,22 +81,81 @@ def task_texts(task: str, include_path: str | None = None, split: str = "train")
             raise ValueError(f"task {name!r} has no {'training' if split == 'train' else 'test'} or validation split")
         count = 0
         for doc in docs:
-            texts.append((t.doc_to_text(doc), t.config.target_delimiter + _target_text(t, doc)))
+            texts.append(render(doc))
             count += 1
-        notes.append(f"{name}:{used}[{count}]")
+        notes.append(f"{name}:{used}[{count}]" + (f" {shots}-shot" if shots else ""))
     if not texts:
         raise ValueError(f"--task {task!r} has no documents")
     return texts, ", ".join(notes)
 
 
+class _NotItself:
+    """A task's few-shot sampler that never draws the document being rendered (``doc``): lm-eval
+    leaves it out only when the few-shot split is the test split, and training renders documents
+    of the very split the shots come from (gsm8k: train)."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self.doc = None
+
+    def sample(self, n: int, eval_doc=None, **kwargs):
+        return self.sampler.sample(n, eval_doc=self.doc, **kwargs)
+
+
+def _request_renderer(
+    task, shots: int, chat_template: Callable[..., str] | None, multiturn: bool, seed: int
+) -> Callable[[dict], tuple[str, str]]:
+    """doc -> (prompt, target), built by the task's own fewshot_context and construct_requests."""
+    from lm_eval.api.utils import maybe_delimit
+
+    chat = chat_template is not None
+    task.set_fewshot_seed(seed)
+    if shots and not hasattr(task, "sampler"):
+        raise ValueError(f"task {task.config.task!r} has no documents to draw {shots} few-shot examples from; pass --num-fewshot 0")
+    sampler = task.sampler = _NotItself(task.sampler) if shots else None
+
+    def render(doc) -> tuple[str, str]:
+        if sampler is not None:
+            sampler.doc = doc
+        prefix = task.doc_to_prefix(doc)
+        context = task.fewshot_context(doc=doc, num_fewshot=shots, apply_chat_template=chat, fewshot_as_multiturn=multiturn,
+                                       chat_template=chat_template, gen_prefix=prefix)
+        requests = task.construct_requests(doc=doc, ctx=context, metadata=(task.config.task, 0, 1),
+                                           apply_chat_template=chat, chat_template=chat_template)
+        if task.OUTPUT_TYPE == "multiple_choice":
+            return tuple(requests[_gold_index(task, doc)].args[:2])
+        if task.OUTPUT_TYPE == "loglikelihood":
+            return tuple(requests.args[:2])
+        if task.OUTPUT_TYPE != "generate_until":
+            raise ValueError(f"task {task.config.task!r} ({task.OUTPUT_TYPE}) has no (prompt, target) pairs; use --data FILE.jsonl")
+        answer = _target_text(task, doc)  # delimited as lm-eval delimits the answers of few-shot examples
+        if prefix:
+            return context, maybe_delimit(prefix, answer)[len(prefix) :]
+        return context, answer if chat else task.config.target_delimiter + answer
+
+    return render
+
+
+def _gold_index(task, doc) -> int:
+    """The request of the correct choice, as lm-eval's process_results finds it."""
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    gold = gold[0] if isinstance(gold, list) else gold  # several correct choices: train on the first
+    return gold if isinstance(gold, int) else task.doc_to_choice(doc).index(gold)
+
+
 def _target_text(task, doc) -> str:
     target = task.doc_to_target(doc)
-    if task.config.output_type == "multiple_choice":
-        choices = task.doc_to_choice(doc)
-        return choices[target] if isinstance(target, int) else str(target)
-    if isinstance(target, list):
-        target = target[0]
-    return str(target)
+    return str(target[0] if isinstance(target, list) else target)
+
+
+def tokenizer_chat_template(tokenizer) -> Callable[..., str]:
+    """The chat rendering ``lm_eval --apply_chat_template`` gets from llada_skip, over ``tokenizer``."""
+    from .harness import LLaDASkipLM
+
+    if tokenizer.chat_template is None:
+        raise ValueError("--apply-chat-template: this checkpoint's tokenizer has no chat template (no chat_template "
+                         "in tokenizer_config.json); train without it, as lm_eval would evaluate")
+    return partial(LLaDASkipLM.apply_chat_template, SimpleNamespace(tokenizer=tokenizer))
 
 
 def jsonl_texts(path: str | Path) -> list[tuple[str, str]]:

@@ -83,9 +83,9 @@ LLADA_8B = LLaDAConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp
                        vocab_size=126464, max_sequence_length=4096, mask_token_id=126336)
 
 
-def _trace(executed_row, batch=1, n=512, head=256):
+def _trace(executed_row, batch=1, n=512, head=256, routed_layers=0):
     executed = torch.tensor([executed_row] * batch)
-    return SkipTrace(executed, torch.full((batch,), n), torch.full((batch,), head), torch.full((batch,), head))
+    return SkipTrace(executed, torch.full((batch,), n), torch.full((batch,), head), torch.full((batch,), head), routed_layers)
 
 
 def test_one_of_32_blocks_skipped_is_0_96875_on_the_papers_figure():
@@ -111,6 +111,18 @@ def test_whole_model_flops_by_hand():
     assert spent.item() == 4 * d * n + 30 * block + 2 * d * V * 100
     # A LLaDA-8B block at 512 tokens is about 0.22 TFLOPs: 2 x 218M parameters x 512 tokens + attention.
     assert 0.2e12 < block < 0.25e12
+
+
+@pytest.mark.parametrize("depth, per_token", [(2, 2 * (4096 * 512 + 512 * 2)), (4, 2 * (4096 * 512 + 2 * 512 * 512 + 512 * 2))])
+def test_router_flops_by_hand(depth, per_token):
+    """A router costs its matrix products at every position of every routed block:
+    Linear(d, h) + (depth - 2) Linear(h, h) + Linear(h, 2), 2 FLOPs per multiply-add."""
+    n, head = 512, 100
+    plain, _ = FlopsModel.of(LLADA_8B).forward(_trace([True] * 30 + [False] * 2, n=n, head=head))
+    routed = FlopsModel.of(LLADA_8B, router_hidden=512, router_depth=depth)
+    spent, full = routed.forward(_trace([True] * 30 + [False] * 2, n=n, head=head, routed_layers=32))
+    assert spent.item() - plain.item() == 32 * n * per_token
+    assert full.item() == FlopsModel.of(LLADA_8B).forward(_trace([True] * 32, n=n, head=head))[1].item()
 
 
 def test_meter_keeps_tasks_apart_and_merges_ranks():

@@ -41,6 +41,14 @@ def test_router_shapes_follow_d_llm_and_the_norm_first_option():
     assert sum(type(m).__name__ == "Linear" for m in deep.routers[0].net) == 4
 
 
+def test_router_width_defaults_to_an_eighth_of_d_model():
+    """512 for LLaDA-8B (d_model 4096) as in the paper; on a small model the routers shrink with it."""
+    assert RouterConfig(d_model=4096, n_layers=32).hidden == 512
+    assert RouterConfig(d_model=256, n_layers=2).hidden == 32
+    assert RouterConfig(d_model=4, n_layers=1).hidden == 1
+    assert RouterConfig(d_model=256, n_layers=2, hidden=100).hidden == 100
+
+
 def test_fresh_routers_run_every_block(ref_model, ref_tensors):
     routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16))
     _, trace = ref_model(ref_tensors["forward.input_ids"], policy=RoutedSkip(routers, 0.1))
@@ -78,6 +86,18 @@ def test_votes_are_counted_over_masked_positions_and_compared_with_tau():
     padded = ForwardBatch.of(ids, torch.tensor([[1] * 5, [1] * 5, [0, 0, 1, 1, 1]]), MASK_ID)
     assert RoutedSkip(routers, 0.1).rows_to_run(0, h, padded).tolist() == [False, False, True]
     assert (SKIP, EXECUTE) == (0, 1)
+
+
+def test_a_skip_share_equal_to_tau_runs_the_block():
+    """The paper's rule is strict (skip when the share exceeds tau): at the default tau 0.1, one skip
+    vote of 10 masked positions runs the block, one of 9 skips it."""
+    ids = torch.full((3, 10), MASK_ID)
+    ids[1, 9] = 7  # 9 masked positions
+    h = -torch.ones(3, 10, 4)  # every position votes execute ...
+    h[:, 0, 0] = 1.0  # ... but the first, which votes skip
+    h[2, 0, 0] = -1.0  # row 2: no skip vote at all
+    run = RoutedSkip(_voting_routers(), 0.1).rows_to_run(0, h, ForwardBatch.of(ids, None, MASK_ID))
+    assert run.tolist() == [True, False, True]  # shares 1/10 (= tau), 1/9 (> tau), 0
 
 
 def test_compiled_router_decides_as_the_eager_one():
@@ -127,9 +147,19 @@ def _log(path):
 
 
 @pytest.mark.parametrize("alpha_target", [0.5, 0.25])
-def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbone(ref_dir, tmp_path, alpha_target):
+def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbone(ref_dir, tmp_path, alpha_target, monkeypatch):
     """lambda = 5, 150 steps: the training execution ratio (mean of the last five logs) ends within
-    0.1 of 1 - alpha_target, and the held-out ratio with inference decisions has left 1.0."""
+    0.1 of 1 - alpha_target, and the held-out ratio with inference decisions has left 1.0. The
+    backbone the trainer holds in memory ends with the weights it started with."""
+    import lm_eval_dlmskip.train as train_module
+
+    loaded = []
+
+    def keep(*args, **kwargs):
+        loaded.append(load_llada(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(train_module, "load_llada", keep)
     before = {k: v.clone() for k, v in load_llada(str(ref_dir)).model.state_dict().items()}
     cfg = _config(ref_dir, tmp_path, "lam5", lam=5.0, alpha_target=alpha_target, lr=1e-2, max_steps=150, eval_every=25)
     metrics = train(cfg)
@@ -139,12 +169,44 @@ def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbon
     assert val[0] == 1.0  # bias initialisation: every block runs before training
     assert abs(sum(ratios[-5:]) / 5 - (1 - alpha_target)) < 0.1, ratios
     assert metrics["val_execution_ratio"] < 0.95, val
-    after = load_llada(str(ref_dir)).model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    after = loaded[0].model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     meta = json.loads((tmp_path / "lam5" / "router.json").read_text())
     assert meta["lambda"] == 5.0 and meta["alpha_target"] == alpha_target and meta["mask_scaling"] is True
     assert meta["base_model"]["fingerprint"] == load_llada(str(ref_dir)).fingerprint
     assert meta["training"]["n_val"] > 0 and meta["metrics"]["val_execution_ratio"] == metrics["val_execution_ratio"]
+
+
+def test_validation_measures_the_execution_ratio_evaluation_sees(ref_dir, tmp_path):
+    """Training holds float32 routers; lm-eval runs them cast to the model's dtype. With near-tied
+    votes (the two output rows almost equal) bfloat16 flips some of them: the recorded ratio must
+    be the one RoutedSkip gives through the harness in bfloat16 on the same held-out forwards."""
+    from lm_eval_dlmskip.loading import load_tokenizer
+    from lm_eval_dlmskip.train import validate, validation_batches
+
+    torch.manual_seed(0)
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16, init_bias=0.0, tau=0.5))
+    with torch.no_grad():
+        for r in routers.routers:
+            last = r.net[-1]
+            last.weight[SKIP] = last.weight[EXECUTE] + 1e-3 * torch.randn_like(last.weight[EXECUTE])
+            last.bias.zero_()
+    pairs = encode_pairs(jsonl_texts(_pairs_file(tmp_path)), load_tokenizer(ref_dir, MASK_ID), max_length=64)
+    backbone = load_llada(str(ref_dir), dtype="bfloat16").model
+    metrics = validate(backbone, routers, pairs, 8, 0, MASK_ID, 251)
+    identity = model_identity(backbone.cfg, str(ref_dir), load_llada(str(ref_dir)).fingerprint)
+    save_routers(tmp_path / "r", routers, identity, {"lambda": 0.3, "alpha_target": 0.5}, metrics)
+    lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", dtype="bfloat16", router=str(tmp_path / "r"))
+    executed, rows = 0.0, 0
+    with torch.no_grad():
+        for batch, masked in validation_batches(pairs, 8, 0, 251):
+            noisy = torch.where(masked, MASK_ID, batch.ids)
+            _, trace = lm.model(noisy, batch.attention_mask, policy=lm.policy)
+            executed += trace.executed.double().mean(1).sum().item()
+            rows += len(noisy)
+    assert 0 < executed / rows < 1
+    assert metrics["val_execution_ratio"] == executed / rows and metrics["val_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "r" / "router.json").read_text())["metrics"] == metrics
 
 
 def test_without_the_skip_loss_every_block_keeps_running(ref_dir, tmp_path):
@@ -156,9 +218,10 @@ def test_without_the_skip_loss_every_block_keeps_running(ref_dir, tmp_path):
 def test_lora_adapters_train_with_the_routers_and_are_merged_at_evaluation(ref_dir, tmp_path):
     from lm_eval_dlmskip.loading import merge_lora
 
-    train(_config(ref_dir, tmp_path, "lora", lam=1.0, lr=1e-2, max_steps=4, lora=True, lora_rank=2))
+    train(_config(ref_dir, tmp_path, "lora", lam=1.0, lr=1e-2, max_steps=4, lora=True, lora_rank=2, router_hidden=None))
     ckpt = tmp_path / "lora"
-    assert json.loads((ckpt / "router.json").read_text())["lora"] is True
+    meta = json.loads((ckpt / "router.json").read_text())
+    assert meta["lora"] is True and meta["router"]["hidden"] == 64 // 8  # the default width, d_model / 8
     assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
     lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", router=str(ckpt))
     expected = merge_lora(load_llada(str(ref_dir)).model, str(ckpt / "adapter"))
@@ -179,6 +242,60 @@ def test_backbone_gets_no_gradient(ref_dir, ref_model):
     loss.backward()
     assert all(p.grad is None for p in backbone.parameters())
     assert any(p.grad is not None for p in routers.parameters())
+
+
+def test_training_keeps_the_fused_projections(ref_dir):
+    """Preparing the objective as training does (accelerate moves it to its device) and casting
+    the model keep one q/k/v and one gate/up product per block, with the same numbers."""
+    from accelerate import Accelerator
+
+    from lm_eval_dlmskip.train import RouterObjective
+
+    backbone = load_llada(str(ref_dir)).model.requires_grad_(False)
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16))
+    Accelerator(cpu=True).prepare(RouterObjective(backbone, routers, TrainConfig(model="m", output="o", data="d"), MASK_ID))
+    assert all(block.fused_weights() is not None for block in backbone.blocks)
+    cast = load_llada(str(ref_dir)).model.to(torch.bfloat16)
+    assert all(block.fused_weights() is not None for block in cast.blocks)
+    ids = torch.randint(0, 240, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(cast(ids)[0], load_llada(str(ref_dir), dtype="bfloat16").model(ids)[0])
+
+
+def test_a_training_step_reads_nothing_back_per_micro_batch(ref_dir, tmp_path, monkeypatch):
+    """A run of one optimizer step of 1 and one of 4 micro-batches read the same number of values
+    back to the host (.item(), .tolist()): the statistics stay on the device until a logging step."""
+    counts = []
+    for accumulation in (1, 4):
+        calls = []
+        for method in ("item", "tolist"):
+            real = getattr(torch.Tensor, method)
+            monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _real=real: calls.append(1) or _real(self, *a))
+        train(_config(ref_dir, tmp_path, f"sync{accumulation}", batch_size=4, effective_batch_size=4 * accumulation,
+                      max_steps=1, log_every=1))
+        monkeypatch.undo()
+        counts.append(len(calls))
+    assert counts[0] == counts[1], counts
+
+
+def test_micro_batch_is_the_largest_divisor_that_fits(monkeypatch):
+    """Without --batch-size: on a GPU the largest micro-batch that divides the examples per step and
+    fits in memory (accelerate's find_executable_batch_size); on a CPU at most 4."""
+    from lm_eval_dlmskip.train import choose_micro_batch
+
+    tried = []
+
+    def fits(size):
+        tried.append(size)
+        if size > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+
+    assert choose_micro_batch(fits, per_process=24, cuda=True) == 4
+    assert tried == [24, 12, 8, 6, 4]  # divisors of 24, largest first
+    assert choose_micro_batch(fits, per_process=24, cuda=False) == 4 and len(tried) == 5  # no probe on a CPU
+    assert choose_micro_batch(fits, per_process=6, cuda=False) == 3
+    with pytest.raises(ValueError, match="not even 1 example .* fits in GPU memory; lower --max-length"):
+        choose_micro_batch(lambda size: fits(size + 10), per_process=8, cuda=True)
 
 
 def test_objective_is_the_papers_formula(ref_dir):
@@ -274,6 +391,24 @@ def test_saved_routers_decide_exactly_as_in_memory(tmp_path, ref_dir, ref, ref_m
     assert sum(b["forwards"] for b in buckets) == info["flops"]["t"]["forwards"]
 
 
+def test_routers_that_cost_more_than_they_save_are_warned_about(tmp_path, ref_dir, ref, caplog):
+    """Routers as wide as the model that never skip: the whole-model FLOPs exceed 1.0, and the
+    harness says so; a static skip set is never warned about."""
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=64, init_bias=1e4))
+    identity = model_identity(load_llada(str(ref_dir)).model.cfg, str(ref_dir), load_llada(str(ref_dir)).fingerprint)
+    save_routers(tmp_path / "wide", routers, identity, {"lambda": 0.3, "alpha_target": 0.5})
+    requests = [Instance("loglikelihood", {}, (words(r["prompt"]), " " + words(r["answer"])), i, ("t", i, 1))
+                for i, r in enumerate(ref["cases"]["loglikelihood"]["runs"][:2])]
+    for model_args, warned in ((dict(router=str(tmp_path / "wide")), True), (dict(skip_layers=[1]), False)):
+        lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", mc_num=2, **model_args)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lm_eval.llada_skip"):
+            lm.loglikelihood(requests)
+        assert lm.get_model_info()["dlmskip"]["flops"]["t"]["normalized_flops_whole_model"] > 1.0 or not warned
+        messages = [r.getMessage() for r in caplog.records if "cost more" in r.getMessage()]
+        assert len(messages) == warned and (not warned or "[t]" in messages[0] and "--router-hidden" in messages[0]), messages
+
+
 def test_router_tau_overrides_the_checkpoint(tmp_path, ref_dir):
     _, path = _saved_routers(tmp_path, ref_dir)
     lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", router=str(path), router_tau=0.9)
@@ -354,6 +489,84 @@ def test_task_pairs_use_the_tasks_own_prompt_format(tmp_path):
     assert gen[0] == (docs[0]["prompt"], " " + docs[0]["answer"])
     with pytest.raises(ValueError, match="not an lm-eval task here"):
         task_texts("no_such_task", str(tasks))
+
+
+def _fewshot_task(root, output_type: str, sampler: str):
+    """A task with a description and 2 shots from its training split; its test split holds the
+    same documents, so each training document also has an evaluation request."""
+    docs = [{"q": f"t{i} t{i + 1}", "choices": [f" t{i + 2}", f" t{i + 3}"], "label": i % 2, "answer": f"t{i + 2}"} for i in range(8)]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    body = ('output_type: multiple_choice\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n'
+            if output_type == "multiple_choice" else
+            'output_type: generate_until\ndoc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: [t248]\n'
+            "metric_list:\n  - metric: exact_match\n")
+    (root / "fewshot.yaml").write_text(
+        f"task: fewshot\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {root / 'docs.jsonl'}\n"
+        f"    test: {root / 'docs.jsonl'}\ntraining_split: train\ntest_split: test\nfewshot_split: train\n"
+        f"fewshot_config:\n  sampler: {sampler}\nnum_fewshot: 2\ndescription: \"Continue the count.\\n\\n\"\n"
+        f'doc_to_text: "Q: {{{{q}}}}\\nA:"\n' + body
+    )
+    return docs
+
+
+@pytest.mark.parametrize("output_type", ["multiple_choice", "generate_until"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_task_prompts_are_the_evaluation_requests_with_their_shots(tmp_path, output_type, chat):
+    """With the task's own num_fewshot (2), description and (optionally) a chat template, a training
+    prompt is the context lm-eval builds for the same document's evaluation request (and a
+    multiple-choice target its gold continuation). The first-n sampler shows documents 0 and 1 to
+    every evaluation request; training leaves a document out of its own shots."""
+    from lm_eval.tasks import TaskManager
+
+    docs = _fewshot_task(tmp_path, output_type, "first_n")
+
+    def template(messages, add_generation_prompt=True):
+        return "|".join(f"<{m['role']}>{m['content']}" for m in messages) + ("|<assistant>" if add_generation_prompt else "")
+
+    texts, note = task_texts("fewshot", str(tmp_path), chat_template=template if chat else None, fewshot_as_multiturn=chat, num_fewshot=None)
+    assert note == "fewshot:train[8] 2-shot"
+    task = TaskManager(include_path=str(tmp_path), include_defaults=False).load("fewshot")["tasks"]["fewshot"]
+    task.set_fewshot_seed(1234)
+    task.build_all_requests(apply_chat_template=chat, fewshot_as_multiturn=chat, chat_template=template if chat else None)
+    for i, doc in enumerate(docs):
+        [request] = [r for r in task.instances if r.doc_id == i and (output_type != "multiple_choice" or r.idx == doc["label"])]
+        prompt, target = texts[i]
+        assert prompt.startswith("<system>Continue the count." if chat else "Continue the count.\n\nQ: ")
+        assert prompt.count(f"Q: {doc['q']}\nA:") == 1  # never its own shot
+        if i >= 2:  # documents 0 and 1 are the shots of the evaluation requests
+            assert prompt == request.args[0]
+        if output_type == "multiple_choice":
+            assert target == request.args[1] and target.strip() == doc["choices"][doc["label"]].strip()
+        else:
+            assert target == (doc["answer"] if chat else " " + doc["answer"])
+
+
+def test_random_shots_never_show_the_document_itself(tmp_path):
+    """lm-eval's default sampler leaves a document out only when the few-shot split is the test
+    split; training draws its shots from the very split it trains on."""
+    docs = _fewshot_task(tmp_path, "generate_until", "default")
+    texts, _ = task_texts("fewshot", str(tmp_path), num_fewshot=3, seed=0)
+    for doc, (prompt, _) in zip(docs, texts):
+        assert prompt.count(f"Q: {doc['q']}\nA:") == 1 and prompt.count("Q: ") == 4
+
+
+def test_train_takes_the_tasks_shots_and_lm_evals_prompt_flags(ref_dir, tmp_path):
+    from lm_eval_dlmskip.loading import load_tokenizer
+    from lm_eval_dlmskip.train_data import tokenizer_chat_template
+
+    _fewshot_task(tmp_path / "tasks", "generate_until", "first_n")
+    cfg = _config(ref_dir, tmp_path, "fs", data=None, task="fewshot", include_path=str(tmp_path / "tasks"),
+                  batch_size=2, effective_batch_size=2, max_steps=1)
+    train(cfg)
+    training = json.loads((tmp_path / "fs" / "router.json").read_text())["training"]
+    assert training["source"] == "task fewshot: fewshot:train[8] 2-shot" and training["num_fewshot"] is None
+    with pytest.raises(ValueError, match="--fewshot-as-multiturn needs --apply-chat-template"):
+        TrainConfig(**{**cfg.__dict__, "fewshot_as_multiturn": True}).check()
+    with pytest.raises(ValueError, match="--data prompts are used as written"):
+        TrainConfig(**{**cfg.__dict__, "task": None, "data": "d.jsonl", "num_fewshot": 5}).check()
+    with pytest.raises(ValueError, match="tokenizer has no chat template"):
+        tokenizer_chat_template(load_tokenizer(ref_dir, MASK_ID))
 
 
 def test_jsonl_pairs_and_validation_split(tmp_path, ref_dir):
