@@ -177,7 +177,8 @@ def fast_dllm(root: str, model, prompt, steps: int, repeat: int) -> dict:
 
 
 @torch.no_grad()
-def speed(device, fastdllm: str | None, repeat: int, compile: bool, only_b1: bool, cfg=LLADA_8B) -> list[dict]:
+def speed(device, fastdllm: str | None, repeat: int, compile: bool, only_b1: bool, cfg=LLADA_8B,
+          cases: set[str] | None = None) -> list[dict]:
     model = random_model(cfg, device)
     if compile:
         model.compile_blocks()
@@ -186,6 +187,8 @@ def speed(device, fastdllm: str | None, repeat: int, compile: bool, only_b1: boo
     rows = []
 
     def case(name: str, B: int, settings: GenerationSettings, policy=NO_SKIP, forward=runner, routed: bool = False):
+        if cases and f"{name} B={B}" not in cases:
+            return
         fl = FlopsModel.of(cfg, 512) if routed else FlopsModel.of(cfg)
         try:
             row = {"case": name, "B": B, **time_generate(forward, policy, prompts_8b(B, 512, device), settings, fl, repeat)}
@@ -210,7 +213,7 @@ def speed(device, fastdllm: str | None, repeat: int, compile: bool, only_b1: boo
     for decide in ("block", "step"):
         case(f"dual routed 25% decide={decide}", 1, replace(base, decide_every=decide), routed, routed=True)
     case("dual static 25% (same blocks)", 1, base, StaticSkip(skipped))
-    if fastdllm:
+    if fastdllm and not cases:
         try:
             row = {"case": "Fast-dLLM dual", "B": 1, **fast_dllm(fastdllm, model, prompts_8b(1, 512, device), 256, 1)}
         except Exception as err:  # noqa: BLE001
@@ -220,6 +223,30 @@ def speed(device, fastdllm: str | None, repeat: int, compile: bool, only_b1: boo
     return rows
 
 
+@torch.no_grad()
+def profile(device, compile: bool) -> None:
+    """Where one cached generation (B=1, dual, gen 64) spends GPU time: kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    model = random_model(LLADA_8B, device)
+    if compile:
+        model.compile_blocks()
+    settings = GenerationSettings(64, 64, 32, cache="dual")
+    prompt = prompts_8b(1, 512, device)
+    for name, forward in (("graphs", GraphRunner(model)), ("eager", model)):
+        generate(Denoiser(forward, NO_SKIP), prompt, None, settings, LLADA_8B.mask_token_id)
+        sync(device)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            generate(Denoiser(forward, NO_SKIP), prompt, None, settings, LLADA_8B.mask_token_id)
+            sync(device)
+            wall = time.perf_counter() - t
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / 1e3
+        print(f"profile {name}: wall {wall * 1e3:.1f} ms (under the profiler), GPU kernels {gpu:.1f} ms, 64 forwards")
+        print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="checks,speed")
@@ -227,6 +254,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="compile the blocks (torch.compile) as well")
     parser.add_argument("--only-b1", action="store_true")
+    parser.add_argument("--cases", help="comma-separated 'name B=n' of the speed cases to run (default: all)")
     parser.add_argument("--tiny", action="store_true", help="a small model on the CPU: a smoke test of this script")
     parser.add_argument("--out", default="cached.json")
     args = parser.parse_args()
@@ -240,8 +268,11 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(results, indent=1))
     if "speed" in args.sections:
         cfg = replace(LLADA_8B, d_model=64, n_layers=32, n_heads=4, n_kv_heads=4, mlp_hidden_size=128) if args.tiny else LLADA_8B
-        results["speed"] = speed(device, args.fastdllm, args.repeat, args.compile, args.only_b1, cfg)
+        cases = set(args.cases.split(",")) if args.cases else None
+        results["speed"] = speed(device, args.fastdllm, args.repeat, args.compile, args.only_b1, cfg, cases)
         Path(args.out).write_text(json.dumps(results, indent=1))
+    if "profile" in args.sections:
+        profile(device, args.compile)
     for row in results.get("speed", []):
         print(f"{row['case']:<36} B={row['B']:<2} " + " ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "B")))
     return 0
