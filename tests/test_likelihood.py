@@ -3,7 +3,9 @@ reproducible and independent of how requests are batched."""
 
 from __future__ import annotations
 
+import re
 import statistics
+from collections import Counter
 
 import pytest
 import torch
@@ -65,6 +67,32 @@ def test_stratified_counts_have_a_uniform_marginal():
         per_slot = torch.stack([by_k[k] for k in sorted(by_k)])  # [T, 16]
         for slot in per_slot.T:
             assert sorted(slot.tolist()) == list(range(1, T + 1))
+
+
+def _upstream_counts(T: int, b: int) -> list[int]:
+    """How often upstream's rule gives each l in 1..T over every k in 1..T and slot i in 0..b-1
+    (``forward_process`` of upstream ``get_log_likelihood.py``, with torch's half-to-even round)."""
+    counts = [0] * T
+    for k in range(1, T + 1):
+        x = torch.round(torch.linspace(float(k), k + (b - 1) * (T / b), steps=b)).long()
+        for l in (((x - 1) % T) + 1).tolist():
+            counts[l - 1] += 1
+    return counts
+
+
+def test_the_docstring_quotes_upstreams_weights_and_ours_are_uniform():
+    """The weights ``stratified_counts`` quotes for upstream's rounding (T=3, b=16) are what
+    enumerating upstream's rule gives; ours give every l exactly b times over the k."""
+    quoted = re.search(r"T=3, b=16 gives l=1,2,3 with weights\s+(\d+):(\d+):(\d+)", stratified_counts.__doc__)
+    assert quoted is not None
+    assert [int(w) for w in quoted.groups()] == _upstream_counts(3, 16) == [17, 16, 15]
+    settings = LikelihoodSettings(mc_num=16, mc_batch=16)
+    by_k = {}
+    for seed in range(200):
+        counts = stratified_counts(3, settings, torch.Generator().manual_seed(seed))
+        by_k[int(counts[0])] = counts.tolist()
+    assert sorted(by_k) == [1, 2, 3]
+    assert Counter(l for counts in by_k.values() for l in counts) == {1: 16, 2: 16, 3: 16}
 
 
 def test_masks_have_the_stratified_sizes_and_spare_the_prompt(ref_model):
