@@ -57,6 +57,36 @@ def test_transfer_schedule_spreads_the_remainder_first():
     assert sum(transfer_schedule(256, 256)) == 256
 
 
+def _upstream_num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
+    """Upstream generate.py ``get_num_transfer_tokens``, copied: equal shares, the remainder added
+    to the first steps."""
+    mask_num = mask_index.sum(dim=1, keepdim=True)
+    base = mask_num // steps
+    remainder = mask_num % steps
+    num_transfer_tokens = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+    for i in range(mask_num.size(0)):
+        num_transfer_tokens[i, : remainder[i]] += 1
+    return num_transfer_tokens
+
+
+@pytest.mark.parametrize("gen_length, block_length, steps", [(5, 5, 2), (7, 7, 3), (12, 6, 8), (10, 5, 6)])
+def test_uneven_steps_commit_what_upstream_commits(gen_length, block_length, steps):
+    """When the steps of a block do not divide its length, each step of ``generate`` commits the
+    count upstream's get_num_transfer_tokens gives for that block's masks."""
+    masked_before = []
+
+    def denoise(ids, attention_mask, logits_at):
+        masked_before.append(int((ids == 9).sum()))
+        return torch.randn(ids.shape[0], ids[:, logits_at].shape[1], 9)
+
+    generate(denoise, torch.tensor([[1, 2, 3]]), None, GenerationSettings(gen_length, steps, block_length), 9)
+    per_block = steps // (gen_length // block_length)
+    block_masks = torch.ones(1, block_length, dtype=torch.bool)
+    expected = _upstream_num_transfer_tokens(block_masks, per_block)[0].tolist() * (gen_length // block_length)
+    committed = [a - b for a, b in zip(masked_before, masked_before[1:] + [0])]
+    assert committed == expected
+
+
 def test_fake_denoiser_commits_most_confident_first():
     """A denoiser that is surest about the last position fills the block from the right."""
     V, order = 10, []

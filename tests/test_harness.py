@@ -133,6 +133,24 @@ def test_flops_per_task_reach_get_model_info(ref_dir, ref):
     assert info["likelihood"]["mc_num"] == 16 and info["fingerprint"]
 
 
+def test_the_lm_head_is_charged_only_where_logits_are_used(ref_dir):
+    """Whole-model FLOPs by hand: a denoising step computes logits for its block only, a one-token
+    answer's likelihood sample for its one masked position only."""
+    d, kv, f, V, layers = 64, 64, 160, 256, 6  # the reference config
+
+    def forward(n: int, head: int) -> int:
+        return 4 * d * n + layers * (n * (2 * d * (2 * d + 2 * kv) + 6 * d * f) + 4 * n * n * d) + 2 * d * V * head
+
+    lm = make_lm(ref_dir)
+    kwargs = {"until": [], "max_gen_toks": 8, "steps": 4, "block_length": 4}
+    lm.generate_until([Instance("generate_until", {}, ("t5 t6 t7", kwargs), 0, ("gen", 0, 1))])
+    choices = [Instance("loglikelihood", {}, ("t5 t6 t7", c), i, ("mc", 0, 1)) for i, c in enumerate([" t9", " t10"])]
+    lm.loglikelihood(choices)
+    flops = lm.get_model_info()["dlmskip"]["flops"]
+    assert flops["gen"]["tflops"] * 1e12 == pytest.approx(4 * forward(3 + 8, 4))  # 2 blocks x 2 steps
+    assert flops["mc"]["tflops"] * 1e12 == pytest.approx(2 * forward(4, 1))
+
+
 def test_cfg_doubles_the_forwards_and_counts_them(ref_dir, ref):
     lm = make_lm(ref_dir, cfg=0.5)
     lm.loglikelihood(ll_requests(ref)[:1])

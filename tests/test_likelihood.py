@@ -3,6 +3,7 @@ reproducible and independent of how requests are batched."""
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections import Counter
@@ -95,12 +96,55 @@ def test_the_docstring_quotes_upstreams_weights_and_ours_are_uniform():
     assert Counter(l for counts in by_k.values() for l in counts) == {1: 16, 2: 16, 3: 16}
 
 
-def test_masks_have_the_stratified_sizes_and_spare_the_prompt(ref_model):
+def test_masks_have_the_stratified_sizes(ref_model):
     settings = LikelihoodSettings(mc_num=32, mc_batch=16)
     pattern, count = sample_masks(6, settings, torch.Generator().manual_seed(1))
     assert pattern.shape == (32, 6) and torch.equal(pattern.sum(1), count)
     assert count.min() >= 1 and count.max() <= 6
     assert len(set(count[:16].tolist())) == 6  # one group spans every size
+
+
+def _recording_denoiser(seen: list, vocab: int = 256):
+    """Uniform logits (every masked token costs log V); keeps the ids of every forward."""
+
+    def denoise(ids, attention_mask, logits_at):
+        seen.append(ids.clone())
+        return torch.zeros(len(logits_at), vocab)
+
+    return denoise
+
+
+@pytest.mark.parametrize("cfg", [0.0, 0.5])
+def test_the_prompt_is_never_masked(cfg):
+    """Every row carries its request's prompt intact and masks only answer positions; with CFG the
+    unconditional half masks the whole prompt and nothing else changes."""
+    prompts, answers = [[11, 12, 13, 14], [21, 22]], [[5, 6, 7, 8, 9], [30, 31, 32]]
+    seen = []
+    generators = [request_generator(0, p, a) for p, a in zip(prompts, answers)]
+    settings = LikelihoodSettings(mc_num=32, mc_batch=16, cfg=cfg)
+    mc_loglikelihood(_recording_denoiser(seen), prompts, answers, settings, MASK_ID, EOS_ID, generators, CPU)
+    assert len(seen) == 2
+    for ids in seen:
+        conditional, unconditional = ids.chunk(2) if cfg else (ids, None)
+        assert len(conditional) == 32  # 16 samples of each request per round
+        for r, (prompt, answer) in enumerate(zip(prompts, answers)):
+            rows = conditional[16 * r : 16 * (r + 1), : len(prompt) + len(answer)]
+            assert (rows[:, : len(prompt)] == torch.tensor(prompt)).all()
+            masked = rows[:, len(prompt) :] == MASK_ID
+            assert masked.any(1).all() and (rows[:, len(prompt) :][~masked] == torch.tensor(answer).expand_as(masked)[~masked]).all()
+            if cfg:
+                un = unconditional[16 * r : 16 * (r + 1), : len(prompt) + len(answer)]
+                assert (un[:, : len(prompt)] == MASK_ID).all() and torch.equal(un[:, len(prompt) :], rows[:, len(prompt) :])
+
+
+def test_each_sample_is_weighted_by_t_over_l():
+    """With uniform logits a masked token costs log V, so a sample of l masks scores l log V and,
+    weighted by T / l, every sample gives T log V: the estimate is exact whatever l was drawn."""
+    prompts, answers = [[11, 12, 13, 14], [21, 22]], [[5, 6, 7, 8, 9], [30, 31, 32]]
+    for seed in range(3):
+        generators = [request_generator(seed, p, a) for p, a in zip(prompts, answers)]
+        got = mc_loglikelihood(_recording_denoiser([]), prompts, answers, LikelihoodSettings(mc_num=32), MASK_ID, EOS_ID, generators, CPU)
+        assert got == pytest.approx([-5 * math.log(256), -3 * math.log(256)], rel=1e-6)
 
 
 def test_batched_requests_equal_requests_alone(ref, ref_model):
