@@ -75,6 +75,7 @@ class LLaDASkipLM(TemplateLM):
         router_tau: float | None = None,
         allow_mismatch: bool = False,
         seed: int = 1234,
+        mc_seed: int = 1234,
         compile: bool = False,
         cuda_graphs: bool = True,
         peft: str | None = None,
@@ -95,7 +96,8 @@ class LLaDASkipLM(TemplateLM):
         self._max_length = max_length or self.cfg.max_sequence_length
         self.batch_size_arg = str(batch_size)
         self.max_batch_size = max_batch_size or 64
-        self.seed = int(seed)
+        self.seed = int(seed)  # random skipping and sampled decoding
+        self.mc_seed = int(mc_seed)  # the Monte-Carlo masks alone, so runs that vary `seed` score alike
         self.check_greedy = bool(check_greedy)
         self.likelihood = LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=float(cfg))
         self.likelihood.check()
@@ -115,6 +117,7 @@ class LLaDASkipLM(TemplateLM):
             "check_greedy": self.check_greedy,
             "generation": {**self.gen_defaults, "cfg": float(cfg), "remasking": remasking, "temperature": float(temperature)},
             "seed": self.seed,
+            "mc_seed": self.mc_seed,
             "compile": bool(compile),
             "cuda_graphs": bool(cuda_graphs),
             "max_length": self._max_length,
@@ -341,7 +344,7 @@ class LLaDASkipLM(TemplateLM):
             owners = torch.tensor([task_index[task] for _, task in chunk], device=self._device)
             lengths = torch.tensor([len(a) for a in answers], device=self._device)
             denoise = self._denoiser(owners, lengths)
-            generators = [request_generator(self.seed, p, a) for p, a in zip(prompts, answers)]
+            generators = [request_generator(self.mc_seed, p, a) for p, a in zip(prompts, answers)]
 
             def on_rows(row_owner: torch.Tensor) -> None:
                 denoise.state.update(row_tasks=owners[row_owner], answer_len=lengths[row_owner])

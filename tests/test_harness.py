@@ -45,7 +45,7 @@ def test_loglikelihood_is_the_estimator_on_the_tokenized_request(lm, ref, ref_mo
     runs = ref["cases"]["loglikelihood"]["runs"][:4]
     for (score, greedy), run in zip(scores, runs):
         settings = LikelihoodSettings(mc_num=16)
-        gen = [request_generator(lm.seed, run["prompt"], run["answer"])]
+        gen = [request_generator(lm.mc_seed, run["prompt"], run["answer"])]
         direct = mc_loglikelihood(model_denoiser(ref_model), [run["prompt"]], [run["answer"]], settings, MASK_ID, EOS_ID, gen, torch.device("cpu"))
         assert score == pytest.approx(direct[0], abs=1e-4)
         assert greedy is False  # not computed unless check_greedy=True
@@ -56,6 +56,32 @@ def test_loglikelihood_does_not_depend_on_batch_size(ref_dir, ref):
     one = make_lm(ref_dir, batch_size=1).loglikelihood(ll_requests(ref))
     four = make_lm(ref_dir, batch_size=4).loglikelihood(ll_requests(ref))
     assert [s for s, _ in one] == pytest.approx([s for s, _ in four], abs=1e-4)
+
+
+def _record_inputs(lm: LLaDASkipLM) -> list[torch.Tensor]:
+    """The ids of every forward the harness runs (they show the Monte-Carlo masks drawn)."""
+    seen, model = [], lm.model
+
+    def forward(ids, attention_mask=None, **kwargs):
+        seen.append(ids.clone())
+        return model(ids, attention_mask, **kwargs)
+
+    lm.model = forward
+    return seen
+
+
+def test_mc_seed_alone_draws_the_masks(ref_dir, ref):
+    """A random-skip run with its own seed scores with the base run's masks; only mc_seed changes them."""
+    requests = ll_requests(ref)[1:]  # answers of several tokens: the masks are random
+    base, random_k = make_lm(ref_dir), make_lm(ref_dir, skip_random=2, seed=5)
+    seen_base, seen_random = _record_inputs(base), _record_inputs(random_k)
+    base.loglikelihood(requests)
+    random_k.loglikelihood(requests)
+    assert len(seen_base) == len(seen_random) and all(torch.equal(a, b) for a, b in zip(seen_base, seen_random))
+    scores = [s for s, _ in make_lm(ref_dir, seed=1).loglikelihood(requests)]
+    assert [s for s, _ in make_lm(ref_dir, seed=2).loglikelihood(requests)] == scores
+    assert [s for s, _ in make_lm(ref_dir, seed=2, mc_seed=7).loglikelihood(requests)] != scores
+    assert make_lm(ref_dir, mc_seed=7).get_model_info()["dlmskip"]["mc_seed"] == 7
 
 
 def test_batch_size_auto_finds_a_size_and_keeps_the_scores(ref_dir, ref):
@@ -167,7 +193,7 @@ def test_loglikelihood_rolling_sums_windows(ref_dir, ref):
     windows = [([EOS_ID], t[0:7]), ([t[6]], t[7:14]), (t[12:14], t[14:20])]
     expected = 0.0
     for context, chunk in windows:
-        gen = [request_generator(lm.seed, context, chunk)]
+        gen = [request_generator(lm.mc_seed, context, chunk)]
         expected += mc_loglikelihood(model_denoiser(lm.model), [context], [chunk], lm.likelihood, MASK_ID, EOS_ID, gen, torch.device("cpu"))[0]
     assert total == pytest.approx(expected, abs=1e-3)
 
