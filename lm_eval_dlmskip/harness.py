@@ -98,7 +98,7 @@ class LLaDASkipLM(TemplateLM):
         self.max_batch_size = max_batch_size or 64
         self.seed = int(seed)  # random skipping and sampled decoding
         self.mc_seed = int(mc_seed)  # the Monte-Carlo masks alone, so runs that vary `seed` score alike
-        self.check_greedy = bool(check_greedy)
+        self.check_greedy = bool(check_greedy)  # is_greedy for multiple-choice requests too
         self.likelihood = LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=float(cfg))
         self.likelihood.check()
         self.gen_defaults = {"gen_length": gen_length, "steps": steps, "block_length": block_length}
@@ -324,24 +324,32 @@ class LLaDASkipLM(TemplateLM):
             else:
                 ctx, cont = self._encode_pair(context, continuation)
             encoded.append(((context, continuation), ctx, cont))
-        return self._loglikelihood_tokens(encoded, tasks=[req.task_name for req in requests], disable_tqdm=disable_tqdm)
+        tasks = [req.task_name for req in requests]
+        greedy = greedy_wanted(requests, self.check_greedy)
+        return self._loglikelihood_tokens(encoded, tasks=tasks, greedy=greedy, disable_tqdm=disable_tqdm)
 
-    def _loglikelihood_tokens(self, requests, tasks: list[str | None] | None = None, disable_tqdm: bool = False, **kwargs):
+    def _loglikelihood_tokens(
+        self, requests, tasks: list[str | None] | None = None, greedy: list[bool] | None = None,
+        disable_tqdm: bool = False, **kwargs,
+    ):
+        """(score, is_greedy) per (strings, context ids, continuation ids); is_greedy is computed
+        where ``greedy`` asks for it (a forward per answer token) and False elsewhere."""
         tasks = tasks or [None] * len(requests)
+        greedy = greedy or [False] * len(requests)
         task_index = self.meter.start([str(t) for t in tasks])
-        items = [(req, str(task)) for req, task in zip(requests, tasks)]
-        for (strings, ctx, cont), _ in items:
+        items = [(req, str(task), wanted) for req, task, wanted in zip(requests, tasks, greedy)]
+        for (strings, ctx, cont), _, _ in items:
             if not cont:
                 raise ValueError(f"loglikelihood: continuation {strings[1]!r} encodes to no tokens")
         collator = Collator(items, sort_fn=lambda item: (-len(item[0][1]) - len(item[0][2]), item[0][1]))
-        longest = max(len(c) + len(a) for (_, c, a), _ in items) if items else 1
+        longest = max(len(c) + len(a) for (_, c, a), _, _ in items) if items else 1
         rows = self.likelihood.group_size * (2 if self.likelihood.cfg else 1)
         batch_size = self._batch_size(rows, min(longest, self.max_length))
         results = []
         bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip loglikelihood")
         for chunk in collator.get_batched(n=batch_size):
-            prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _ in chunk))
-            owners = torch.tensor([task_index[task] for _, task in chunk], device=self._device)
+            prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _, _ in chunk))
+            owners = torch.tensor([task_index[task] for _, task, _ in chunk], device=self._device)
             lengths = torch.tensor([len(a) for a in answers], device=self._device)
             denoise = self._denoiser(owners, lengths)
             generators = [request_generator(self.mc_seed, p, a) for p, a in zip(prompts, answers)]
@@ -353,21 +361,30 @@ class LLaDASkipLM(TemplateLM):
                 denoise, list(prompts), list(answers), self.likelihood, self.mask_id, self.tokenizer.pad_token_id,
                 generators, self._device, on_rows=on_rows,
             )
-            if self.check_greedy:
-                denoise.state.update(row_tasks=owners, answer_len=lengths)
-                greedy = greedy_matches(
-                    denoise, list(prompts), list(answers), self.likelihood.cfg, self.mask_id,
-                    self.tokenizer.pad_token_id, self._device,
-                )
-            else:
-                greedy = [False] * len(scores)
-            for ((strings, _, _), _), score, is_greedy in zip(chunk, scores, greedy):
+            is_greedy = self._greedy(denoise, chunk, prompts, answers, owners, lengths)
+            for ((strings, _, _), _, _), score, is_greedy in zip(chunk, scores, is_greedy):
                 results.append((score, bool(is_greedy)))
                 self.cache_hook.add_partial("loglikelihood", strings, (score, bool(is_greedy)))
             bar.update(len(chunk))
         bar.close()
         self._finish_call("loglikelihood")
         return collator.get_original(results)
+
+    def _greedy(self, denoise, chunk, prompts, answers, owners: torch.Tensor, lengths: torch.Tensor) -> list[bool]:
+        """is_greedy for the rows of ``chunk`` that want it (upstream's suffix_greedy_prediction)."""
+        wanted = [i for i, (_, _, wants) in enumerate(chunk) if wants]
+        result = [False] * len(chunk)
+        if not wanted:
+            return result
+        rows = torch.tensor(wanted, device=self._device)
+        denoise.state.update(row_tasks=owners[rows], answer_len=lengths[rows])
+        matches = greedy_matches(
+            denoise, [prompts[i] for i in wanted], [answers[i] for i in wanted], self.likelihood.cfg,
+            self.mask_id, self.tokenizer.pad_token_id, self._device,
+        )
+        for i, match in zip(wanted, matches):
+            result[i] = bool(match)
+        return result
 
     def _fit(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
         """Left-truncate the context so context + continuation fit ``max_length`` (with a warning)."""
@@ -496,6 +513,22 @@ class LLaDASkipLM(TemplateLM):
             attention[i, P - len(enc) :] = 1
         padded = not bool(attention.all())
         return ids.to(self._device), attention.to(self._device) if padded else None
+
+
+def greedy_wanted(requests: list[Instance], every: bool) -> list[bool]:
+    """Which loglikelihood requests need ``is_greedy``: those of ``loglikelihood`` tasks, whose ``acc``
+    (LAMBADA's) is "the answer is the greedy one"; every request when ``every`` (check_greedy=True:
+    only an ``exact_match`` metric on a multiple_choice task reads it there).
+
+    An Instance does not name its task's output type, but a multiple_choice task sends the choices
+    of a document as idx 0, 1, ... while a loglikelihood task sends one request, idx 0: a document
+    with a request of idx > 0 is multiple choice. (A lone idx-0 choice, its siblings served by
+    --use_cache, is taken for a loglikelihood request: a greedy check too many, no wrong answer.)
+    """
+    if every:
+        return [True] * len(requests)
+    multiple_choice = {(req.task_name, req.doc_id) for req in requests if req.idx > 0}
+    return [(req.task_name, req.doc_id) not in multiple_choice for req in requests]
 
 
 def parse_layers(value: Any, name: str) -> list[int]:

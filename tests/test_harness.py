@@ -15,7 +15,7 @@ from lm_eval.api.model import CachingLM
 from lm_eval_dlmskip.harness import LLaDASkipLM
 from lm_eval_dlmskip.likelihood import LikelihoodSettings, mc_loglikelihood, request_generator
 
-from .conftest import EOS_ID, MASK_ID, model_denoiser, words
+from .conftest import EOS_ID, MASK_ID, greedy_answer, model_denoiser, words, write_task
 
 
 def make_lm(ref_dir, **kwargs) -> LLaDASkipLM:
@@ -24,10 +24,16 @@ def make_lm(ref_dir, **kwargs) -> LLaDASkipLM:
 
 
 def ll_requests(ref, task="task_a"):
+    """The first four fixture cases as the four choices (idx 0..3) of one multiple-choice document."""
     return [
-        Instance("loglikelihood", {}, (words(r["prompt"]), " " + words(r["answer"])), i, (task, i, 1))
+        Instance("loglikelihood", {}, (words(r["prompt"]), " " + words(r["answer"])), i, (task, 0, 1))
         for i, r in enumerate(ref["cases"]["loglikelihood"]["runs"][:4])
     ]
+
+
+def choices(context: str, continuations: list[str], task: str, doc: int = 0) -> list[Instance]:
+    """The requests of one multiple-choice document."""
+    return [Instance("loglikelihood", {}, (context, c), i, (task, doc, 1)) for i, c in enumerate(continuations)]
 
 
 def gen_requests(ref, gen_kwargs, task="task_g"):
@@ -48,7 +54,7 @@ def test_loglikelihood_is_the_estimator_on_the_tokenized_request(lm, ref, ref_mo
         gen = [request_generator(lm.mc_seed, run["prompt"], run["answer"])]
         direct = mc_loglikelihood(model_denoiser(ref_model), [run["prompt"]], [run["answer"]], settings, MASK_ID, EOS_ID, gen, torch.device("cpu"))
         assert score == pytest.approx(direct[0], abs=1e-4)
-        assert greedy is False  # not computed unless check_greedy=True
+        assert greedy is False  # choices of a multiple-choice document: lm-eval does not read is_greedy
     assert scores[0][0] == pytest.approx(runs[0]["expected_loglik"], abs=1e-4)  # one-token answer: exact
 
 
@@ -91,11 +97,44 @@ def test_batch_size_auto_finds_a_size_and_keeps_the_scores(ref_dir, ref):
     assert [s for s, _ in auto] == pytest.approx([s for s, _ in make_lm(ref_dir).loglikelihood(ll_requests(ref))], abs=1e-4)
 
 
-def test_check_greedy_runs_the_greedy_passes_only_when_asked(ref_dir, ref):
-    lm = make_lm(ref_dir, check_greedy=True)
-    results = lm.loglikelihood(ll_requests(ref))
-    assert all(isinstance(g, bool) for _, g in results)
-    assert lm.get_model_info()["dlmskip"]["check_greedy"] is True
+def _greedy_and_not(ref_model) -> list[tuple[list[int], list[int], bool]]:
+    """(prompt, answer, is it the greedy answer) for four prompts: two greedy answers, two not."""
+    denoise, cases = model_denoiser(ref_model), []
+    for i, prompt in enumerate([[11, 12, 13, 14], [40, 41, 42], [7, 8, 9, 10, 11], [60, 61]]):
+        answer = greedy_answer(denoise, prompt, 3)
+        cases.append((prompt, answer, True) if i % 2 == 0 else (prompt, [(t + 1) % 240 for t in answer], False))
+    return cases
+
+
+def test_is_greedy_comes_with_every_loglikelihood_task_request(ref_dir, ref_model):
+    """A loglikelihood task (one request per document) gets is_greedy without any flag; the choices of
+    a multiple-choice document get it only with check_greedy=True, which costs greedy passes."""
+    cases = _greedy_and_not(ref_model)
+    requests = [Instance("loglikelihood", {}, (words(p), " " + words(a)), 0, ("lambada", i, 1)) for i, (p, a, _) in enumerate(cases)]
+    assert [g for _, g in make_lm(ref_dir, batch_size=3).loglikelihood(requests)] == [c[2] for c in cases]
+    (p0, a0, _), (p1, a1, _) = cases[:2]
+    mc = choices(words(p0), [" " + words(a0), " " + words(a1)], "mc")
+    lm = make_lm(ref_dir)
+    assert [g for _, g in lm.loglikelihood(mc)] == [False, False]
+    forwards = lm.get_model_info()["dlmskip"]["flops"]["mc"]["forwards"]
+    asked = make_lm(ref_dir, check_greedy=True)
+    assert [g for _, g in asked.loglikelihood(mc)] == [True, False]
+    assert asked.get_model_info()["dlmskip"]["flops"]["mc"]["forwards"] == forwards + 2 * 3  # a forward per answer token
+
+
+def test_a_lambada_style_task_scores_greedy_answers(tmp_path, ref_dir, ref_model):
+    """Through lm-eval: a loglikelihood task's acc is the share of documents whose answer is greedy."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"context": words(p), "target": " " + words(a)} for p, a, _ in _greedy_and_not(ref_model)]
+    root = write_task(
+        tmp_path / "tasks", "ref_lambada", docs,
+        'output_type: loglikelihood\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{target}}"\ntarget_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n",
+    )
+    results = simple_evaluate(model=make_lm(ref_dir, batch_size=4), tasks=["ref_lambada"], task_manager=TaskManager(include_path=str(root)))
+    assert results["results"]["ref_lambada"]["acc,none"] == 0.5
 
 
 def test_generation_is_upstream_and_independent_of_batch_size(ref_dir, ref):
@@ -146,7 +185,8 @@ def test_generation_kwargs_errors(ref_dir):
 
 def test_flops_per_task_reach_get_model_info(ref_dir, ref):
     lm = make_lm(ref_dir, skip_layers=[1, 3])
-    lm.loglikelihood(ll_requests(ref, task="mc") + ll_requests(ref, task="mc2")[:1])
+    one_token = ref["cases"]["loglikelihood"]["runs"][0]
+    lm.loglikelihood(ll_requests(ref, task="mc") + choices(words(one_token["prompt"]), [" " + words(one_token["answer"]), " t9"], "mc2"))
     lm.generate_until(gen_requests(ref, {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 8}, task="gen"))
     info = lm.get_model_info()["dlmskip"]
     assert set(info["flops"]) == {"mc", "mc2", "gen"}
@@ -154,7 +194,7 @@ def test_flops_per_task_reach_get_model_info(ref_dir, ref):
         assert task["normalized_flops_papers"] == pytest.approx(4 / 6)
         assert task["block_execution_ratio"] == [1, 0, 1, 0, 1, 1]
     assert info["flops"]["gen"]["forwards"] == 5 * 8  # five prompts, eight denoising steps
-    assert info["flops"]["mc2"]["forwards"] == 1  # a one-token answer: one exact sample
+    assert info["flops"]["mc2"]["forwards"] == 2  # two one-token answers: one exact sample each
     assert info["skip"] == {"method": "static", "skip_layers": [1, 3], "k": 2}
     assert info["likelihood"]["mc_num"] == 16 and info["fingerprint"]
 
@@ -179,8 +219,8 @@ def test_the_lm_head_is_charged_only_where_logits_are_used(ref_dir):
 
 def test_cfg_doubles_the_forwards_and_counts_them(ref_dir, ref):
     lm = make_lm(ref_dir, cfg=0.5)
-    lm.loglikelihood(ll_requests(ref)[:1])
-    assert lm.get_model_info()["dlmskip"]["flops"]["task_a"]["forwards"] == 2
+    lm.loglikelihood(choices("t5 t6", [" t7", " t9"], "task_a"))
+    assert lm.get_model_info()["dlmskip"]["flops"]["task_a"]["forwards"] == 2 * 2  # two one-token answers, twice
 
 
 def test_loglikelihood_rolling_sums_windows(ref_dir, ref):

@@ -20,7 +20,7 @@ from lm_eval_dlmskip.likelihood import (
     stratified_counts,
 )
 
-from .conftest import EOS_ID, MASK_ID, model_denoiser
+from .conftest import EOS_ID, MASK_ID, greedy_answer, model_denoiser
 
 CPU = torch.device("cpu")
 
@@ -189,17 +189,7 @@ def test_settings_errors():
 def test_greedy_check_recognises_the_models_own_greedy_answer(ref_model):
     prompts = [[11, 12, 13, 14], [40, 41, 42]]
     denoise = model_denoiser(ref_model)
-    # Build each greedy answer by the definition: unmask the single most confident position.
-    answers = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt + [MASK_ID] * 4])
-        for _ in range(4):
-            logits = denoise(ids, None, None)[0]
-            probs = logits.softmax(-1).max(-1)
-            masked = ids[0] == MASK_ID
-            pos = torch.where(masked, probs.values, -1.0).argmax()
-            ids[0, pos] = probs.indices[pos]
-        answers.append(ids[0, len(prompt):].tolist())
+    answers = [greedy_answer(denoise, prompt, 4) for prompt in prompts]
     assert greedy_matches(denoise, prompts, answers, 0.0, MASK_ID, EOS_ID, CPU) == [True, True]
     wrong = [answers[0], [(t + 1) % 240 for t in answers[1]]]
     assert greedy_matches(denoise, prompts, wrong, 0.0, MASK_ID, EOS_ID, CPU) == [True, False]
