@@ -4,7 +4,9 @@ Start from the prompt followed by ``gen_length`` mask tokens; split the answer i
 autoregressive blocks; in each block spend ``steps / num_blocks`` denoising steps, each of which
 predicts every masked position and commits the most confident ones (``low_confidence``) or
 random ones (``random``). Every row commits the same number of tokens per step, so one ``topk``
-over the batch replaces upstream's per-row loop with the same result.
+over the batch replaces upstream's per-row loop with the same result. Sampling noise (temperature
+> 0, random remasking) is a hash of (row seed, step, answer position), not a draw from a shared
+generator, so a row decodes the same text whatever batch it sits in.
 """
 
 from __future__ import annotations
@@ -79,13 +81,43 @@ def transfer_schedule(block_length: int, steps: int) -> list[int]:
     return [base + (1 if i < remainder else 0) for i in range(steps)]
 
 
-def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """Gumbel-max sampling in float64 (low precision hurts generation quality, arXiv:2409.02908)."""
+def add_gumbel_noise(logits: Tensor, temperature: float, keys: Tensor | None) -> Tensor:
+    """Gumbel-max sampling in float64 (low precision hurts generation quality, arXiv:2409.02908);
+    ``keys`` [B, W] give each position its uniforms over the vocabulary."""
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    noise = uniform_noise(keys, logits.shape[-1])
     return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+# splitmix64 (Steele et al. 2014) on int64 with wrapping arithmetic, as torch computes it on CPU and CUDA.
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX = (0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser, elementwise and in place on a fresh tensor ([B, W, V] at a time);
+    >> is arithmetic in torch, so the shifted-in bits are masked."""
+    x ^= (x >> 30) & ((1 << 34) - 1)
+    x *= _MIX[0]
+    x ^= (x >> 27) & ((1 << 37) - 1)
+    x *= _MIX[1]
+    x ^= (x >> 31) & ((1 << 33) - 1)
+    return x
+
+
+def noise_keys(row_seeds: Tensor, stream: int, step: int, positions: Tensor) -> Tensor:
+    """[B, W] int64 keys of (row seed, stream: 0 tokens / 1 remasking, denoising step, answer position)."""
+    row = _mix(_mix(row_seeds * 2 + stream) + step)  # [B]
+    return _mix(row[:, None] + positions[None, :] * _GOLDEN)
+
+
+def uniform_noise(keys: Tensor, n: int) -> Tensor:
+    """[*keys.shape, n] float64 uniforms in (0, 1), the counter-based hash of (key, index)."""
+    index = torch.arange(1, n + 1, device=keys.device) * _GOLDEN
+    bits = _mix(keys[..., None] + index)
+    return ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64).add_(0.5).mul_(2.0**-53)
 
 
 @torch.no_grad()
@@ -95,10 +127,17 @@ def generate(
     attention_mask: Tensor | None,
     settings: GenerationSettings,
     mask_id: int,
-    generator: torch.Generator | None = None,
+    row_seeds: Tensor | None = None,
 ) -> Tensor:
-    """[B, P + gen_length] ids: the (left-padded) prompt followed by the decoded answer."""
+    """[B, P + gen_length] ids: the (left-padded) prompt followed by the decoded answer.
+
+    ``row_seeds`` [B] int64 key each row's sampling noise; needed when temperature > 0 or
+    remasking is random (the harness derives them from the seed and the row's prompt).
+    """
     settings.check()
+    sampling = settings.temperature > 0 or settings.remasking == "random"
+    if sampling and row_seeds is None:
+        raise ValueError("temperature > 0 or remasking='random' samples: pass row_seeds, one int64 key per row")
     B, P = prompt.shape
     G, block_length = settings.gen_length, settings.block_length
     x = torch.full((B, P + G), mask_id, dtype=torch.long, device=prompt.device)
@@ -114,15 +153,18 @@ def generate(
     for block in range(num_blocks):
         start, end = P + block * block_length, P + (block + 1) * block_length
         window = slice(0 if prompt_has_masks else start, end)
-        for num_transfer in schedule:
+        positions = torch.arange(window.start - P, end - P, device=x.device)  # [W] answer positions, as in any batch
+        for i, num_transfer in enumerate(schedule):
+            step = block * len(schedule) + i
             masked = x == mask_id
             logits = guided_logits(denoise, x, attention_mask, prompt_index, window, settings.cfg, mask_id)  # [B, W, V]
-            x0_window = add_gumbel_noise(logits, settings.temperature, generator).argmax(-1)
+            token_keys = noise_keys(row_seeds, 0, step, positions) if settings.temperature > 0 else None
+            x0_window = add_gumbel_noise(logits, settings.temperature, token_keys).argmax(-1)
             if settings.remasking == "low_confidence":
                 p = F.softmax(logits, dim=-1)
                 conf_window = p.gather(-1, x0_window.unsqueeze(-1)).squeeze(-1)
             else:
-                conf_window = torch.rand(x0_window.shape, device=x.device, generator=generator)
+                conf_window = uniform_noise(noise_keys(row_seeds, 1, step, positions), 1)[..., 0]
             x0 = x.clone()
             x0[:, window] = x0_window
             confidence = torch.full(x.shape, -torch.inf, dtype=conf_window.dtype, device=x.device)

@@ -27,7 +27,7 @@ from .generation import GenerationSettings, generate
 from .graphs import GraphRunner
 from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
 from .loading import load_llada, load_tokenizer, merge_lora
-from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers
+from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers, row_keys
 from .report.calibrate import load_profile
 from .router import RoutedSkip, RouterCheckpoint, load_routers
 
@@ -470,10 +470,10 @@ class LLaDASkipLM(TemplateLM):
             settings, until = self.generation_settings(dict(all_kwargs[0]))
             ids, attention_mask = self._encode_prompts(list(contexts), self.max_length - settings.gen_length)
             owners = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
-            generator = torch.Generator(self._device).manual_seed(self.seed) if settings.temperature > 0 or settings.remasking == "random" else None
+            row_seeds = sampling_seeds(self.seed, ids, attention_mask)
             answer_len = torch.full_like(owners, settings.gen_length)
             denoise = self._denoiser(owners, answer_len, self.generation_forward)
-            out = generate(denoise, ids, attention_mask, settings, self.mask_id, generator)
+            out = generate(denoise, ids, attention_mask, settings, self.mask_id, row_seeds)
             for context, kwargs, answer in zip(contexts, all_kwargs, out[:, ids.shape[1] :].tolist()):
                 text = self.decode_answer(answer, until)
                 results.append(text)
@@ -513,6 +513,12 @@ class LLaDASkipLM(TemplateLM):
             attention[i, P - len(enc) :] = 1
         padded = not bool(attention.all())
         return ids.to(self._device), attention.to(self._device) if padded else None
+
+
+def sampling_seeds(seed: int, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B] int64 noise keys from (seed, each row's prompt tokens): sampled decoding of a request
+    then depends on the request alone, never on the batch it shares."""
+    return row_keys(ids, attention_mask) + ((seed % 2**32) << 31)  # row keys are < 2^31
 
 
 def greedy_wanted(requests: list[Instance], every: bool) -> list[bool]:

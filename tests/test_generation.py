@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_eval_dlmskip.generation import GenerationSettings, generate, transfer_schedule
+from lm_eval_dlmskip.generation import GenerationSettings, add_gumbel_noise, generate, noise_keys, transfer_schedule
 
 from .conftest import EOS_ID, MASK_ID, model_denoiser
 
@@ -133,10 +133,36 @@ def test_bad_settings_are_named(settings, message):
         settings.check()
 
 
-def test_random_remasking_and_temperature_are_seeded(ref_model):
+def test_random_remasking_and_temperature_are_seeded_and_sample(ref, ref_model):
+    """A row's noise is a function of its seed: the same seed decodes the same text, alone or in a
+    padded batch; another seed decodes other text; and the sampler departs from greedy decoding."""
     denoise = model_denoiser(ref_model)
-    prompt = torch.tensor([[5, 6, 7, 8]])
-    settings = GenerationSettings(8, 8, 8, remasking="random", temperature=0.7)
-    first = generate(denoise, prompt, None, settings, MASK_ID, torch.Generator().manual_seed(3))
-    again = generate(denoise, prompt, None, settings, MASK_ID, torch.Generator().manual_seed(3))
-    assert torch.equal(first, again) and (first != MASK_ID).all()
+    prompts = [run["prompt"] for run in ref["cases"]["generate"]["runs"] if "prompt" in run]
+    ids, mask = _left_pad(prompts)
+    P, seeds = ids.shape[1], torch.tensor([3, 4, 5, 6, 7])
+    sampled = GenerationSettings(8, 8, 4, remasking="random", temperature=1.0)
+    batched = generate(denoise, ids, mask, sampled, MASK_ID, seeds)[:, P:]
+    assert (batched != MASK_ID).all()
+    for row, prompt, seed in zip(batched, prompts, seeds):
+        alone = generate(denoise, torch.tensor([prompt]), None, sampled, MASK_ID, seed[None])
+        assert row.tolist() == alone[0, len(prompt):].tolist()
+    assert torch.equal(generate(denoise, ids, mask, sampled, MASK_ID, seeds)[:, P:], batched)
+    assert not torch.equal(generate(denoise, ids, mask, sampled, MASK_ID, seeds + 100)[:, P:], batched)
+    greedy = generate(denoise, ids, mask, GenerationSettings(8, 8, 4), MASK_ID)[:, P:]
+    for settings in (sampled, GenerationSettings(8, 8, 4, temperature=1.0), GenerationSettings(8, 8, 4, remasking="random")):
+        assert not torch.equal(generate(denoise, ids, mask, settings, MASK_ID, seeds)[:, P:], greedy), settings
+
+
+def test_gumbel_noise_samples_the_softmax():
+    """The hashed uniforms make Gumbel-max draw from softmax(logits / temperature)."""
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0]).expand(4, 5000, 4)
+    keys = noise_keys(torch.tensor([1, 2, 3, 4]), 0, 5, torch.arange(5000))
+    for temperature in (1.0, 0.5):
+        picked = add_gumbel_noise(logits, temperature, keys).argmax(-1).flatten()
+        share = torch.bincount(picked, minlength=4) / picked.numel()
+        assert torch.allclose(share, torch.softmax(logits[0, 0] / temperature, 0), atol=0.015), temperature
+
+
+def test_sampling_needs_row_seeds():
+    with pytest.raises(ValueError, match="row_seeds"):
+        generate(lambda *a: None, torch.tensor([[1, 2]]), None, GenerationSettings(4, 4, 4, temperature=1.0), 9)

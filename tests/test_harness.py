@@ -147,6 +147,19 @@ def test_generation_is_upstream_and_independent_of_batch_size(ref_dir, ref):
     assert one[2] == upstream
 
 
+def test_sampled_generation_does_not_depend_on_batch_size(ref_dir, ref):
+    """temperature 1 and random remasking: batch 1 and batch 4 decode the same text for a seed, and
+    the sampler samples (another seed, or greedy decoding, give other text)."""
+    kwargs = {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 4, "temperature": 1.0, "remasking": "random"}
+    requests = gen_requests(ref, kwargs)
+    assert len(requests) == 5
+    one = make_lm(ref_dir, batch_size=1).generate_until(requests)
+    assert make_lm(ref_dir, batch_size=4).generate_until(requests) == one
+    assert make_lm(ref_dir, batch_size=4, seed=7).generate_until(requests) != one
+    greedy = make_lm(ref_dir, batch_size=4).generate_until(gen_requests(ref, {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 4}))
+    assert greedy != one
+
+
 def test_until_cuts_the_text(ref_dir, ref):
     run = ref["cases"]["generate"]["runs"][1]  # steps 8, gen_length 16, block_length 4
     answer = run["output"][len(run["prompt"]):]
