@@ -33,9 +33,10 @@ from .router import RoutedSkip, RouterCheckpoint, load_routers
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
 
-# Generation settings a task's generation_kwargs may set (they override model_args).
-_GEN_KEYS = {"gen_length", "steps", "block_length", "cfg", "remasking", "temperature"}
-# lm-eval generation kwargs that mean nothing to diffusion decoding.
+# Decoding settings both model_args and a task's generation_kwargs may set (see choose_settings).
+GENERATION_KEYS = ("gen_length", "steps", "block_length", "cfg", "remasking", "temperature")
+# lm-eval's names for the answer length (max_gen_toks and its aliases) and kwargs meaningless here.
+_LENGTH_KEYS = {"max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}
 _IGNORED_GEN_KEYS = {"do_sample", "top_p", "top_k", "num_beams", "repetition_penalty", "min_p"}
 
 
@@ -60,13 +61,13 @@ class LLaDASkipLM(TemplateLM):
         max_length: int | None = None,
         mc_num: int = 128,
         mc_batch: int = 16,
-        cfg: float = 0.0,
+        cfg: float | None = None,
         check_greedy: bool = False,
         gen_length: int | None = None,
         steps: int | None = None,
         block_length: int | None = None,
-        remasking: str = "low_confidence",
-        temperature: float = 0.0,
+        remasking: str | None = None,
+        temperature: float | None = None,
         skip_layers: list[int] | int | str | None = None,
         skip_random: int | None = None,
         skip_profile: str | None = None,
@@ -99,10 +100,12 @@ class LLaDASkipLM(TemplateLM):
         self.seed = int(seed)  # random skipping and sampled decoding
         self.mc_seed = int(mc_seed)  # the Monte-Carlo masks alone, so runs that vary `seed` score alike
         self.check_greedy = bool(check_greedy)  # is_greedy for multiple-choice requests too
-        self.likelihood = LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=float(cfg))
+        self.likelihood = LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=float(cfg or 0.0))
         self.likelihood.check()
-        self.gen_defaults = {"gen_length": gen_length, "steps": steps, "block_length": block_length}
-        self.generation = GenerationSettings(cfg=float(cfg), remasking=remasking, temperature=float(temperature))
+        # What the user typed for decoding (None: not given, the task or the default decides).
+        self.gen_args = {"gen_length": gen_length, "steps": steps, "block_length": block_length,
+                         "cfg": cfg, "remasking": remasking, "temperature": temperature}
+        self._announced: set[str] = set()  # tasks whose decoding settings were logged
         self.policy, skip, flops = self._skip_policy(
             checkpoint.fingerprint, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
             bool(allow_mismatch), bool(compile),
@@ -115,7 +118,7 @@ class LLaDASkipLM(TemplateLM):
             "skip": skip,
             "likelihood": asdict(self.likelihood),
             "check_greedy": self.check_greedy,
-            "generation": {**self.gen_defaults, "cfg": float(cfg), "remasking": remasking, "temperature": float(temperature)},
+            "generation": dict(self.gen_args),
             "seed": self.seed,
             "mc_seed": self.mc_seed,
             "compile": bool(compile),
@@ -433,27 +436,45 @@ class LLaDASkipLM(TemplateLM):
         return scores
 
     # ---- generate_until ----------------------------------------------------------------------
-    def generation_settings(self, gen_kwargs: dict) -> tuple[GenerationSettings, list[str]]:
-        """Task generation_kwargs override model_args; gen_length defaults to max_gen_toks."""
-        unknown = set(gen_kwargs) - _GEN_KEYS - _IGNORED_GEN_KEYS - {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}
+    def generation_settings(self, gen_kwargs: dict) -> tuple[GenerationSettings, list[str], dict[str, str]]:
+        """A request's decoding settings, its stop strings, and each setting's value and source.
+
+        model_args win over the task's generation_kwargs, which fill what model_args leave out;
+        then gen_length defaults to max_gen_toks, steps and block_length to gen_length.
+        """
+        unknown = set(gen_kwargs) - set(GENERATION_KEYS) - _IGNORED_GEN_KEYS - _LENGTH_KEYS - {"until"}
         if unknown:
             raise ValueError(
                 f"generation_kwargs {sorted(unknown)} are not understood by llada_skip; "
-                f"it takes {sorted(_GEN_KEYS)} plus until/max_gen_toks"
+                f"it takes {sorted(GENERATION_KEYS)} plus until/max_gen_toks"
             )
         normalized = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=256)
         until = handle_stop_sequences(normalized.get("until"), eos=None)
-        gen_length = gen_kwargs.get("gen_length", self.gen_defaults["gen_length"] or normalized["max_gen_toks"])
-        explicit = {k: gen_kwargs[k] for k in _GEN_KEYS - {"gen_length"} if k in gen_kwargs}
-        settings = replace(
-            self.generation,
-            gen_length=int(gen_length),
-            steps=int(explicit.pop("steps", self.gen_defaults["steps"] or gen_length)),
-            block_length=int(explicit.pop("block_length", self.gen_defaults["block_length"] or gen_length)),
-            **{k: (v if k == "remasking" else float(v)) for k, v in explicit.items()},
-        )
-        settings.check()
-        return settings, until
+        task = {k: gen_kwargs[k] for k in GENERATION_KEYS if k in gen_kwargs}
+        if "gen_length" not in task and _LENGTH_KEYS & set(gen_kwargs):
+            task["gen_length"] = normalized["max_gen_toks"]
+        check_length_change(self.gen_args, task)
+        chosen = choose_settings(self.gen_args, task)
+        gen_length = chosen.setdefault("gen_length", (normalized["max_gen_toks"], "default"))[0]
+        for key in ("steps", "block_length"):
+            chosen.setdefault(key, (gen_length, "default: gen_length"))
+        default = GenerationSettings()
+        settings = replace(default, **{k: type(getattr(default, k))(value) for k, (value, _) in chosen.items()})
+        origin = {k: f"{getattr(settings, k)} ({source})" for k, (_, source) in chosen.items()}
+        try:
+            settings.check()
+        except ValueError as err:
+            sources = ", ".join(f"{k}={v}" for k, v in origin.items())
+            raise ValueError(f"{err} [settings and their sources: {sources}]") from None
+        return settings, until, origin
+
+    def _announce(self, tasks, origin: dict[str, str]) -> None:
+        """Log the decoding settings of each task once; a warning when model_args replaced a task's value."""
+        for task in sorted(set(tasks) - self._announced):
+            self._announced.add(task)
+            level = logging.WARNING if any("over the task's" in v for v in origin.values()) else logging.INFO
+            described = ", ".join(f"{k}={v}" for k, v in origin.items())
+            log.log(level, "llada_skip [%s] decodes with %s", task, described)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         if not requests:
@@ -467,7 +488,8 @@ class LLaDASkipLM(TemplateLM):
         bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip generate_until")
         for chunk in collator.get_batched(n=self._generation_batch_size(items)):
             contexts, all_kwargs, chunk_tasks = zip(*chunk)
-            settings, until = self.generation_settings(dict(all_kwargs[0]))
+            settings, until, origin = self.generation_settings(dict(all_kwargs[0]))
+            self._announce(chunk_tasks, origin)
             ids, attention_mask = self._encode_prompts(list(contexts), self.max_length - settings.gen_length)
             owners = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
             row_seeds = sampling_seeds(self.seed, ids, attention_mask)
@@ -493,7 +515,7 @@ class LLaDASkipLM(TemplateLM):
         if not self.batch_size_arg.startswith("auto"):
             return self._batch_size(1, 1)
         longest = max(len(self.tok_encode(c)) for c, _, _ in items)
-        settings, _ = self.generation_settings(dict(items[0][1]))
+        settings, _, _ = self.generation_settings(dict(items[0][1]))
         return self._batch_size(2 if settings.cfg else 1, min(longest + settings.gen_length, self.max_length))
 
     def _encode_prompts(self, contexts: list[str], max_prompt: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -513,6 +535,34 @@ class LLaDASkipLM(TemplateLM):
             attention[i, P - len(enc) :] = 1
         padded = not bool(attention.all())
         return ids.to(self._device), attention.to(self._device) if padded else None
+
+
+def choose_settings(user: dict[str, Any], task: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """Each setting either source gives, as (value, source): the user's model_args (typed for this
+    run) where given, else the task's generation_kwargs. The one precedence rule for every key."""
+    chosen = {}
+    for key in dict.fromkeys([*user, *task]):
+        if user.get(key) is not None:
+            replaced = f", over the task's {task[key]}" if key in task and task[key] != user[key] else ""
+            chosen[key] = (user[key], f"model_args{replaced}")
+        elif key in task:
+            chosen[key] = (task[key], "task")
+    return chosen
+
+
+def check_length_change(user: dict[str, Any], task: dict[str, Any]) -> None:
+    """Refuse a model_args gen_length other than the task's while the task's steps/block_length (set
+    for its own length) would still apply: gen_length=1024 on a task of 256 steps in one block of 256
+    would silently decode 4 blocks of 64 steps."""
+    if user.get("gen_length") is None or task.get("gen_length") in (None, user["gen_length"]):
+        return
+    inherited = [f"{k}={task[k]}" for k in ("steps", "block_length") if k in task and user.get(k) is None]
+    if inherited:
+        raise ValueError(
+            f"gen_length={user['gen_length']} (model_args) replaces the task's {task['gen_length']}, but the task's "
+            f"{', '.join(inherited)} were set for {task['gen_length']} tokens; give steps and block_length in "
+            "model_args too (e.g. steps=gen_length,block_length=gen_length), or use a task made for that length"
+        )
 
 
 def sampling_seeds(seed: int, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from lm_eval_dlmskip.harness import LLaDASkipLM
 from lm_eval_dlmskip.likelihood import LikelihoodSettings, mc_loglikelihood, request_generator
 
 from .conftest import EOS_ID, MASK_ID, greedy_answer, model_denoiser, words, write_task
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_lm(ref_dir, **kwargs) -> LLaDASkipLM:
@@ -176,16 +179,58 @@ def test_special_tokens_are_removed_after_cutting(lm):
     assert lm.decode_answer([5, 7, 251, 6], ["t7"]) == "t5"
 
 
-def test_task_generation_kwargs_override_model_args(ref_dir):
-    lm = make_lm(ref_dir, steps=4, block_length=4, gen_length=8)
-    settings, until = lm.generation_settings({"until": "t3", "max_gen_toks": 32})
-    assert (settings.gen_length, settings.steps, settings.block_length) == (8, 4, 4)
-    assert until == ["t3"]
-    settings, _ = lm.generation_settings({"until": [], "max_gen_toks": 32, "steps": 16, "block_length": 8, "gen_length": 16})
-    assert (settings.gen_length, settings.steps, settings.block_length) == (16, 16, 8)
+def test_model_args_override_task_generation_kwargs(ref_dir):
+    """One precedence for every decoding setting: model_args the user typed, else the task's
+    generation_kwargs, else the default (gen_length: max_gen_toks; steps, block_length: gen_length)."""
+    lm = make_lm(ref_dir, steps=4, block_length=4, gen_length=8, temperature=0.5)
+    settings, until, origin = lm.generation_settings({"until": "t3", "max_gen_toks": 8})
+    assert (settings.gen_length, settings.steps, settings.block_length, settings.temperature) == (8, 4, 4, 0.5)
+    assert until == ["t3"] and origin["steps"] == "4 (model_args)"
+    task = {"until": [], "max_gen_toks": 8, "steps": 16, "block_length": 8, "gen_length": 8, "temperature": 0.0, "remasking": "random"}
+    settings, _, origin = lm.generation_settings(task)
+    assert (settings.gen_length, settings.steps, settings.block_length, settings.temperature) == (8, 4, 4, 0.5)
+    assert settings.remasking == "random" and origin["remasking"] == "random (task)"
+    assert origin["steps"] == "4 (model_args, over the task's 16)" and origin["temperature"] == "0.5 (model_args, over the task's 0.0)"
     default = make_lm(ref_dir)
-    settings, _ = default.generation_settings({"until": [], "max_gen_toks": 12, "do_sample": False})
+    settings, _, origin = default.generation_settings({"until": [], "max_gen_toks": 12, "do_sample": False})
     assert (settings.gen_length, settings.steps, settings.block_length, settings.temperature) == (12, 12, 12, 0.0)
+    assert origin["gen_length"] == "12 (task)" and origin["block_length"] == "12 (default: gen_length)"
+    settings, _, _ = default.generation_settings({"until": [], "max_gen_toks": 16, "steps": 8, "block_length": 4})
+    assert (settings.gen_length, settings.steps, settings.block_length) == (16, 8, 4)
+
+
+def test_a_user_gen_length_does_not_inherit_the_tasks_steps_and_blocks(ref_dir):
+    """gen_length=1024 on gsm8k_llada (256 tokens, 256 steps, one block of 256) would run 4 blocks of
+    64 steps nobody asked for: refused, naming both sources, until model_args give steps and blocks."""
+    import yaml
+
+    task = yaml.safe_load((ROOT / "tasks" / "gsm8k_llada.yaml").read_text())["generation_kwargs"]
+    lm = make_lm(ref_dir, gen_length=1024)
+    with pytest.raises(ValueError, match=r"gen_length=1024 \(model_args\) replaces the task's 256, but the task's "
+                                         r"steps=256, block_length=256 were set for 256 tokens"):
+        lm.generation_settings(task)
+    settings, _, _ = make_lm(ref_dir, gen_length=1024, steps=1024, block_length=1024).generation_settings(task)
+    assert (settings.gen_length, settings.steps, settings.block_length) == (1024, 1024, 1024)
+    settings, _, _ = make_lm(ref_dir, gen_length=256).generation_settings(task)  # the task's own length
+    assert (settings.gen_length, settings.steps, settings.block_length) == (256, 256, 256)
+
+
+def test_settings_that_cannot_be_honoured_name_their_sources(ref_dir):
+    with pytest.raises(ValueError, match=r"not a multiple of block_length=3.*gen_length=8 \(task\).*block_length=3 \(model_args\)"):
+        make_lm(ref_dir, block_length=3).generation_settings({"max_gen_toks": 8})
+
+
+def test_generation_settings_are_logged_once_per_task(ref_dir, ref, caplog):
+    lm = make_lm(ref_dir, steps=8, batch_size=2)
+    kwargs = {"until": [], "max_gen_toks": 8, "steps": 4, "block_length": 8}
+    with caplog.at_level(logging.INFO, logger="lm_eval.llada_skip"):
+        lm.generate_until(gen_requests(ref, kwargs, task="g1")[:3] + gen_requests(ref, kwargs, task="g2")[:1])
+        lm.generate_until(gen_requests(ref, kwargs, task="g1")[:1])
+    records = [r for r in caplog.records if "decodes with" in r.getMessage()]
+    assert sorted(r.getMessage().split("[")[1].split("]")[0] for r in records) == ["g1", "g2"]
+    assert "steps=8 (model_args, over the task's 4)" in records[0].getMessage()
+    assert "block_length=8 (task)" in records[0].getMessage()
+    assert all(r.levelno == logging.WARNING for r in records)  # a task's value was overridden
 
 
 def test_generation_kwargs_errors(ref_dir):
