@@ -26,7 +26,7 @@ from .flops import FlopsMeter, FlopsModel
 from .generation import GenerationSettings, generate
 from .graphs import GraphRunner
 from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
-from .loading import load_llada, load_tokenizer, merge_lora
+from .loading import adapter_fingerprint, load_llada, load_tokenizer, merge_lora, with_adapter
 from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers, row_keys
 from .report.calibrate import load_profile
 from .router import RoutedSkip, RouterCheckpoint, load_routers
@@ -88,7 +88,10 @@ class LLaDASkipLM(TemplateLM):
         self._setup_distributed(device)
         checkpoint = load_llada(pretrained, revision=str(revision), dtype=dtype, device=self._device)
         self.checkpoint = checkpoint
-        self.model = merge_lora(checkpoint.model, peft, str(revision)) if peft else checkpoint.model
+        self.model, fingerprint = checkpoint.model, checkpoint.fingerprint
+        if peft:  # skip profiles and routers must fit the weights evaluated, adapter merged
+            self.model = merge_lora(checkpoint.model, peft, str(revision))
+            fingerprint = with_adapter(fingerprint, adapter_fingerprint(peft, str(revision)))
         if compile:
             self.model.compile_blocks()
         self.cfg = checkpoint.model.cfg
@@ -107,14 +110,14 @@ class LLaDASkipLM(TemplateLM):
                          "cfg": cfg, "remasking": remasking, "temperature": temperature}
         self._announced: set[str] = set()  # tasks whose decoding settings were logged
         self.policy, skip, flops = self._skip_policy(
-            checkpoint.fingerprint, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
+            fingerprint, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
             bool(allow_mismatch), bool(compile),
         )
         self.settings = {
             "pretrained": pretrained,
             "revision": str(revision),
             "peft": peft,
-            "fingerprint": checkpoint.fingerprint,
+            "fingerprint": fingerprint,  # with peft's adapter; a router's own adapter belongs to the router
             "skip": skip,
             "likelihood": asdict(self.likelihood),
             "check_greedy": self.check_greedy,
