@@ -13,31 +13,29 @@ import difflib
 import inspect
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import CacheHook, TemplateLM
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import Collator, postprocess_generated_text
 from tqdm import tqdm
 
-from .flops import FlopsMeter, FlopsModel
+from .cache import AnswerCache, files_digest
+from .flops import FlopsMeter, FlopsModel, TaskTotals
+from .gen_kwargs import resolve_generation
 from .generation import GenerationSettings, generate
 from .graphs import GraphRunner
 from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
-from .loading import adapter_fingerprint, load_llada, load_tokenizer, merge_lora, with_adapter
+from .loading import adapter_fingerprint, load_llada, load_tokenizer, merge_lora, tokenizer_fingerprint, with_adapter
 from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers, row_keys
 from .report.calibrate import load_profile
 from .router import RoutedSkip, RouterCheckpoint, load_routers
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
 
-# Decoding settings both model_args and a task's generation_kwargs may set (see choose_settings).
-GENERATION_KEYS = ("gen_length", "steps", "block_length", "cfg", "remasking", "temperature")
-# lm-eval's names for the answer length (max_gen_toks and its aliases) and kwargs meaningless here.
-_LENGTH_KEYS = {"max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}
-_IGNORED_GEN_KEYS = {"do_sample", "top_p", "top_k", "num_beams", "repetition_penalty", "min_p"}
 
 
 class LLaDASkipLM(TemplateLM):
@@ -129,6 +127,8 @@ class LLaDASkipLM(TemplateLM):
             "max_length": self._max_length,
         }
         self.meter = FlopsMeter(flops, self._device)
+        self.answer_cache: AnswerCache | None = None  # with --use_cache
+        self._unmerged: list[dict[str, TaskTotals]] = []  # this rank's FLOPs since the last merge
         # Generation repeats one shape for every denoising step: replay it from CUDA graphs.
         use_graphs = bool(cuda_graphs) and self._device.type == "cuda"
         self.generation_forward = GraphRunner(self.model) if use_graphs else self.model
@@ -228,31 +228,41 @@ class LLaDASkipLM(TemplateLM):
         return result
 
     def barrier(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+        """lm-eval calls this on every rank after each request type, whether or not the rank's
+        requests reached the model (--use_cache may have served them all), so the ranks' FLOPs
+        merge here: a collective inside loglikelihood or generate_until could wait forever."""
+        if self.accelerator is None:
+            return
+        self._count_served()
+        mine, self._unmerged = self._unmerged, []
+        gathered = self.gather_object(mine)
+        if self.rank == 0:
+            others = [part for parts in gathered[1:] for part in parts]
+            self.meter.merge(others)
+            self._log_flops("all ranks", {task for part in [*mine, *others] for task in part})
+        self.accelerator.wait_for_everyone()
 
     def set_cache_hook(self, cache_hook: CacheHook) -> None:
-        """lm-eval's --use_cache keys ignore model_args: refuse a cache written by other settings."""
-        db = cache_hook.dbdict
-        if db is not None:
-            key = "__llada_skip_settings__"
-            mine = json.dumps(self.cache_identity(), sort_keys=True)
-            theirs = db.get(key)
-            if theirs is not None and theirs != mine:
-                raise ValueError(
-                    "--use_cache: this cache was written by llada_skip with other settings "
-                    f"({theirs}); lm-eval's cache keys ignore model_args, so its answers would be reused "
-                    f"for {mine}. Give each configuration its own --use_cache path."
-                )
-            db[key] = mine
-            db.commit()
+        """--use_cache: refuse a cache written with other settings; keep each answer's FLOPs with it."""
+        if cache_hook.dbdict is not None:
+            self.answer_cache = AnswerCache(cache_hook.dbdict, self.cache_identity(), self.meter.flops, self._device)
         super().set_cache_hook(cache_hook)
 
     def cache_identity(self) -> dict:
-        """The settings that change answers (all of them but the batch layout)."""
-        return {k: v for k, v in self.settings.items() if k not in ("max_length", "compile", "cuda_graphs")}
+        """Every setting that can change an answer: the settings but the speed switches (the batch
+        layout never changes one), the dtype, max_length (truncation), the tokenizer, and the
+        router's weights (a router retrained in place keeps its path)."""
+        identity = {k: v for k, v in self.settings.items() if k not in ("compile", "cuda_graphs")}
+        identity.update(dtype=str(self.model.dtype), tokenizer=tokenizer_fingerprint(self.tokenizer))
+        router = self.settings["skip"].get("router")
+        if router is not None:
+            identity["router_weights"] = files_digest(
+                [Path(router) / "router.safetensors", Path(router) / "adapter" / "adapter_model.safetensors"]
+            )
+        return identity
 
     def get_model_info(self) -> dict:
+        self._count_served()
         flops = self.meter.summary()
         return {
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
@@ -279,46 +289,70 @@ class LLaDASkipLM(TemplateLM):
                 self.model(ids, policy=self.policy)
             return batch_size
 
-        size = probe()
-        if self.world_size > 1:
-            size = int(self.all_gather(torch.tensor([size], device=self._device)).min())
+        size = probe()  # per rank, no collective: a rank served wholly by --use_cache never probes
         log.info("batch_size=auto: %d requests per batch", size)
         return size
 
-    def _denoiser(self, row_tasks: torch.Tensor, answer_len: torch.Tensor, forward=None):
-        """A ``denoise(ids, attention_mask, logits_at)`` that charges every forward to its tasks.
-
-        ``state`` holds each row's task and answer length; CFG doubles the rows, so both repeat."""
-        state = {"row_tasks": row_tasks, "answer_len": answer_len}
+    def _denoiser(self, task: torch.Tensor, answer_len: torch.Tensor, answer: torch.Tensor | None, forward=None):
+        """A ``denoise(ids, attention_mask, logits_at)`` that charges every forward to its rows'
+        tasks (and answers, under --use_cache); ``task``, ``answer_len``, ``answer`` [B] describe
+        the requests of the batch. ``denoise.select(rows)`` names the request of each row of the
+        next forwards (default: row i is request i); CFG doubles the rows, so they repeat."""
+        state = {"rows": torch.arange(len(task), device=task.device)}
         forward = forward or self.model
 
         def denoise(ids, attention_mask, logits_at):
             logits, trace = forward(ids, attention_mask, policy=self.policy, logits_at=logits_at)
-            tasks, lengths = state["row_tasks"], state["answer_len"]
-            repeat = len(ids) // len(tasks)
-            self.meter.record(trace, tasks.repeat(repeat), lengths.repeat(repeat))
+            rows = state["rows"].repeat(len(ids) // len(state["rows"]))
+            self.meter.record(trace, task[rows], answer_len[rows])
+            if answer is not None:
+                self.answer_cache.meter.record(trace, answer[rows], answer_len[rows])
             return logits
 
-        denoise.state = state
+        denoise.select = lambda rows: state.update(rows=rows)
         return denoise
 
-    def _finish_call(self, kind: str) -> None:
-        """Read the device sums, merge other ranks' (a collective), and log this call's figures."""
+    def _answer_rows(self, answer_index: dict[int, int] | None, owners) -> torch.Tensor | None:
+        """[B] the --use_cache meter index of each request's answer (None without a cache)."""
+        return None if answer_index is None else torch.tensor([answer_index[o] for o in owners], device=self._device)
+
+    def _finish_call(self, kind: str, requests: list[Instance]) -> None:
+        """Read this call's device sums (one sync), store each answer's FLOPs under --use_cache, and
+        log them; under several processes ``barrier`` merges the ranks' figures and logs them."""
         added = self.meter.flush()
+        if self.answer_cache is not None:
+            self.answer_cache.store(kind, requests)
         if self.world_size > 1:
-            gathered = self.gather_object(added)
-            if self.rank == 0:
-                self.meter.merge(gathered[1:])
-        if self.rank == 0:
-            summaries = self.meter.summary()
-            for task in sorted(added):
-                summary = summaries[task]
-                log.info(
-                    "llada_skip %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), "
-                    "%.2f of %d blocks executed on average over %d forwards",
-                    kind, task, summary["normalized_flops_papers"], summary["normalized_flops_whole_model"],
-                    summary["mean_executed_blocks"], self.cfg.n_layers, summary["forwards"],
-                )
+            self._unmerged.append(added)
+        else:
+            self._log_flops(kind, added)
+
+    def _count_served(self) -> None:
+        """Add the FLOPs of the answers lm-eval served from --use_cache without calling the model."""
+        if self.answer_cache is None:
+            return
+        served, missing = self.answer_cache.served()
+        if missing:
+            log.warning("--use_cache served %d answers whose FLOPs were never stored (their run stopped "
+                        "before the end of its call); the per-task FLOPs leave them out", missing)
+        if served:
+            log.info("llada_skip: counted the FLOPs of %d answers served by --use_cache", len(served))
+        self.meter.merge(served)
+        if self.world_size > 1:
+            self._unmerged.extend(served)
+
+    def _log_flops(self, kind: str, tasks) -> None:
+        if self.rank != 0:
+            return
+        summaries = self.meter.summary()
+        for task in sorted(tasks):
+            summary = summaries[task]
+            log.info(
+                "llada_skip %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), "
+                "%.2f of %d blocks executed on average over %d forwards",
+                kind, task, summary["normalized_flops_papers"], summary["normalized_flops_whole_model"],
+                summary["mean_executed_blocks"], self.cfg.n_layers, summary["forwards"],
+            )
 
     # ---- loglikelihood -----------------------------------------------------------------------
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -332,58 +366,57 @@ class LLaDASkipLM(TemplateLM):
             encoded.append(((context, continuation), ctx, cont))
         tasks = [req.task_name for req in requests]
         greedy = greedy_wanted(requests, self.check_greedy)
-        return self._loglikelihood_tokens(encoded, tasks=tasks, greedy=greedy, disable_tqdm=disable_tqdm)
+        scores = self._loglikelihood_tokens(encoded, tasks=tasks, greedy=greedy, disable_tqdm=disable_tqdm)
+        self._finish_call("loglikelihood", requests)
+        return scores
 
     def _loglikelihood_tokens(
         self, requests, tasks: list[str | None] | None = None, greedy: list[bool] | None = None,
-        disable_tqdm: bool = False, **kwargs,
+        owners: list[int] | None = None, disable_tqdm: bool = False, **kwargs,
     ):
         """(score, is_greedy) per (strings, context ids, continuation ids); is_greedy is computed
-        where ``greedy`` asks for it (a forward per answer token) and False elsewhere."""
+        where ``greedy`` asks for it (a forward per answer token) and False elsewhere. ``owners``
+        says which answer each item is part of (its FLOPs go there; default: item i is answer i)."""
         tasks = tasks or [None] * len(requests)
         greedy = greedy or [False] * len(requests)
+        owners = owners or list(range(len(requests)))
         task_index = self.meter.start([str(t) for t in tasks])
-        items = [(req, str(task), wanted) for req, task, wanted in zip(requests, tasks, greedy)]
-        for (strings, ctx, cont), _, _ in items:
+        answer_index = self.answer_cache.start(owners) if self.answer_cache is not None else None
+        items = list(zip(requests, map(str, tasks), greedy, owners))
+        for (strings, ctx, cont), _, _, _ in items:
             if not cont:
                 raise ValueError(f"loglikelihood: continuation {strings[1]!r} encodes to no tokens")
         collator = Collator(items, sort_fn=lambda item: (-len(item[0][1]) - len(item[0][2]), item[0][1]))
-        longest = max(len(c) + len(a) for (_, c, a), _, _ in items) if items else 1
+        longest = max(len(c) + len(a) for (_, c, a), _, _, _ in items) if items else 1
         rows = self.likelihood.group_size * (2 if self.likelihood.cfg else 1)
         batch_size = self._batch_size(rows, min(longest, self.max_length))
         results = []
         bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip loglikelihood")
         for chunk in collator.get_batched(n=batch_size):
-            prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _, _ in chunk))
-            owners = torch.tensor([task_index[task] for _, task, _ in chunk], device=self._device)
+            prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _, _, _ in chunk))
+            task_rows = torch.tensor([task_index[task] for _, task, _, _ in chunk], device=self._device)
             lengths = torch.tensor([len(a) for a in answers], device=self._device)
-            denoise = self._denoiser(owners, lengths)
+            denoise = self._denoiser(task_rows, lengths, self._answer_rows(answer_index, [o for *_, o in chunk]))
             generators = [request_generator(self.mc_seed, p, a) for p, a in zip(prompts, answers)]
-
-            def on_rows(row_owner: torch.Tensor) -> None:
-                denoise.state.update(row_tasks=owners[row_owner], answer_len=lengths[row_owner])
-
             scores = mc_loglikelihood(
                 denoise, list(prompts), list(answers), self.likelihood, self.mask_id, self.tokenizer.pad_token_id,
-                generators, self._device, on_rows=on_rows,
+                generators, self._device, on_rows=denoise.select,
             )
-            is_greedy = self._greedy(denoise, chunk, prompts, answers, owners, lengths)
-            for ((strings, _, _), _, _), score, is_greedy in zip(chunk, scores, is_greedy):
+            greedy_flags = self._greedy(denoise, chunk, prompts, answers)
+            for ((strings, _, _), _, _, _), score, is_greedy in zip(chunk, scores, greedy_flags):
                 results.append((score, bool(is_greedy)))
                 self.cache_hook.add_partial("loglikelihood", strings, (score, bool(is_greedy)))
             bar.update(len(chunk))
         bar.close()
-        self._finish_call("loglikelihood")
         return collator.get_original(results)
 
-    def _greedy(self, denoise, chunk, prompts, answers, owners: torch.Tensor, lengths: torch.Tensor) -> list[bool]:
+    def _greedy(self, denoise, chunk, prompts, answers) -> list[bool]:
         """is_greedy for the rows of ``chunk`` that want it (upstream's suffix_greedy_prediction)."""
-        wanted = [i for i, (_, _, wants) in enumerate(chunk) if wants]
+        wanted = [i for i, (_, _, wants, _) in enumerate(chunk) if wants]
         result = [False] * len(chunk)
         if not wanted:
             return result
-        rows = torch.tensor(wanted, device=self._device)
-        denoise.state.update(row_tasks=owners[rows], answer_len=lengths[rows])
+        denoise.select(torch.tensor(wanted, device=self._device))
         matches = greedy_matches(
             denoise, [prompts[i] for i in wanted], [answers[i] for i in wanted], self.likelihood.cfg,
             self.mask_id, self.tokenizer.pad_token_id, self._device,
@@ -429,47 +462,20 @@ class LLaDASkipLM(TemplateLM):
         scores = [0.0] * len(requests)
         cache_hook, self.cache_hook = self.cache_hook, CacheHook(None)  # windows are not lm-eval requests
         try:
-            window_scores = self._loglikelihood_tokens(windows, tasks=tasks, disable_tqdm=disable_tqdm) if windows else []
+            window_scores = self._loglikelihood_tokens(windows, tasks=tasks, owners=owners, disable_tqdm=disable_tqdm) if windows else []
         finally:
             self.cache_hook = cache_hook
         for owner, (score, _) in zip(owners, window_scores):
             scores[owner] += score
         for req, score in zip(requests, scores):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, score)
+        self._finish_call("loglikelihood_rolling", requests)
         return scores
 
     # ---- generate_until ----------------------------------------------------------------------
     def generation_settings(self, gen_kwargs: dict) -> tuple[GenerationSettings, list[str], dict[str, str]]:
-        """A request's decoding settings, its stop strings, and each setting's value and source.
-
-        model_args win over the task's generation_kwargs, which fill what model_args leave out;
-        then gen_length defaults to max_gen_toks, steps and block_length to gen_length.
-        """
-        unknown = set(gen_kwargs) - set(GENERATION_KEYS) - _IGNORED_GEN_KEYS - _LENGTH_KEYS - {"until"}
-        if unknown:
-            raise ValueError(
-                f"generation_kwargs {sorted(unknown)} are not understood by llada_skip; "
-                f"it takes {sorted(GENERATION_KEYS)} plus until/max_gen_toks"
-            )
-        normalized = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=256)
-        until = handle_stop_sequences(normalized.get("until"), eos=None)
-        task = {k: gen_kwargs[k] for k in GENERATION_KEYS if k in gen_kwargs}
-        if "gen_length" not in task and _LENGTH_KEYS & set(gen_kwargs):
-            task["gen_length"] = normalized["max_gen_toks"]
-        check_length_change(self.gen_args, task)
-        chosen = choose_settings(self.gen_args, task)
-        gen_length = chosen.setdefault("gen_length", (normalized["max_gen_toks"], "default"))[0]
-        for key in ("steps", "block_length"):
-            chosen.setdefault(key, (gen_length, "default: gen_length"))
-        default = GenerationSettings()
-        settings = replace(default, **{k: type(getattr(default, k))(value) for k, (value, _) in chosen.items()})
-        origin = {k: f"{getattr(settings, k)} ({source})" for k, (_, source) in chosen.items()}
-        try:
-            settings.check()
-        except ValueError as err:
-            sources = ", ".join(f"{k}={v}" for k, v in origin.items())
-            raise ValueError(f"{err} [settings and their sources: {sources}]") from None
-        return settings, until, origin
+        """A request's decoding settings, stop strings, and each setting's value and source."""
+        return resolve_generation(gen_kwargs, self.gen_args)
 
     def _announce(self, tasks, origin: dict[str, str]) -> None:
         """Log the decoding settings of each task once; a warning when model_args replaced a task's value."""
@@ -483,21 +489,23 @@ class LLaDASkipLM(TemplateLM):
         if not requests:
             return []
         task_index = self.meter.start([str(req.task_name) for req in requests])
-        items = [(req.args[0], req.args[1], str(req.task_name)) for req in requests]
+        answer_index = self.answer_cache.start(list(range(len(requests)))) if self.answer_cache is not None else None
+        items = [(req.args[0], req.args[1], str(req.task_name), i) for i, req in enumerate(requests)]
         collator = Collator(
             items, sort_fn=lambda item: (-len(self.tok_encode(item[0])), item[0]), group_by="gen_kwargs", group_fn=lambda item: item[1]
         )
         results = []
         bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip generate_until")
         for chunk in collator.get_batched(n=self._generation_batch_size(items)):
-            contexts, all_kwargs, chunk_tasks = zip(*chunk)
+            contexts, all_kwargs, chunk_tasks, chunk_answers = zip(*chunk)
             settings, until, origin = self.generation_settings(dict(all_kwargs[0]))
             self._announce(chunk_tasks, origin)
             ids, attention_mask = self._encode_prompts(list(contexts), self.max_length - settings.gen_length)
-            owners = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
+            task_rows = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
             row_seeds = sampling_seeds(self.seed, ids, attention_mask)
-            answer_len = torch.full_like(owners, settings.gen_length)
-            denoise = self._denoiser(owners, answer_len, self.generation_forward)
+            answer_len = torch.full_like(task_rows, settings.gen_length)
+            answer_rows = self._answer_rows(answer_index, chunk_answers)
+            denoise = self._denoiser(task_rows, answer_len, answer_rows, self.generation_forward)
             out = generate(denoise, ids, attention_mask, settings, self.mask_id, row_seeds)
             for context, kwargs, answer in zip(contexts, all_kwargs, out[:, ids.shape[1] :].tolist()):
                 text = self.decode_answer(answer, until)
@@ -505,7 +513,7 @@ class LLaDASkipLM(TemplateLM):
                 self.cache_hook.add_partial("generate_until", (context, kwargs), text)
             bar.update(len(chunk))
         bar.close()
-        self._finish_call("generate_until")
+        self._finish_call("generate_until", requests)
         return collator.get_original(results)
 
     def decode_answer(self, answer: list[int], until: list[str]) -> str:
@@ -517,7 +525,7 @@ class LLaDASkipLM(TemplateLM):
     def _generation_batch_size(self, items) -> int:
         if not self.batch_size_arg.startswith("auto"):
             return self._batch_size(1, 1)
-        longest = max(len(self.tok_encode(c)) for c, _, _ in items)
+        longest = max(len(self.tok_encode(c)) for c, *_ in items)
         settings, _, _ = self.generation_settings(dict(items[0][1]))
         return self._batch_size(2 if settings.cfg else 1, min(longest + settings.gen_length, self.max_length))
 
@@ -538,34 +546,6 @@ class LLaDASkipLM(TemplateLM):
             attention[i, P - len(enc) :] = 1
         padded = not bool(attention.all())
         return ids.to(self._device), attention.to(self._device) if padded else None
-
-
-def choose_settings(user: dict[str, Any], task: dict[str, Any]) -> dict[str, tuple[Any, str]]:
-    """Each setting either source gives, as (value, source): the user's model_args (typed for this
-    run) where given, else the task's generation_kwargs. The one precedence rule for every key."""
-    chosen = {}
-    for key in dict.fromkeys([*user, *task]):
-        if user.get(key) is not None:
-            replaced = f", over the task's {task[key]}" if key in task and task[key] != user[key] else ""
-            chosen[key] = (user[key], f"model_args{replaced}")
-        elif key in task:
-            chosen[key] = (task[key], "task")
-    return chosen
-
-
-def check_length_change(user: dict[str, Any], task: dict[str, Any]) -> None:
-    """Refuse a model_args gen_length other than the task's while the task's steps/block_length (set
-    for its own length) would still apply: gen_length=1024 on a task of 256 steps in one block of 256
-    would silently decode 4 blocks of 64 steps."""
-    if user.get("gen_length") is None or task.get("gen_length") in (None, user["gen_length"]):
-        return
-    inherited = [f"{k}={task[k]}" for k in ("steps", "block_length") if k in task and user.get(k) is None]
-    if inherited:
-        raise ValueError(
-            f"gen_length={user['gen_length']} (model_args) replaces the task's {task['gen_length']}, but the task's "
-            f"{', '.join(inherited)} were set for {task['gen_length']} tokens; give steps and block_length in "
-            "model_args too (e.g. steps=gen_length,block_length=gen_length), or use a task made for that length"
-        )
 
 
 def sampling_seeds(seed: int, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

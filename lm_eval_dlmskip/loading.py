@@ -122,7 +122,7 @@ def read_state_dict(files: list[Path], device: torch.device, dtype: torch.dtype)
     state: dict[str, torch.Tensor] = {}
     digest = hashlib.sha256()
     for file in files:
-        with _open(file, str(device)) as f:
+        with _open(file, "cpu" if device.type == "cpu" else str(device)) as f:  # safetensors refuses "cpu:0"
             for key in sorted(f.keys()):
                 try:
                     tensor = f.get_tensor(key)
@@ -198,6 +198,14 @@ def load_tokenizer(path: Path, mask_id: int):
             "as masked positions. Set a different pad_token in tokenizer_config.json (LLaDA uses <|endoftext|>)."
         )
     return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides how text becomes ids: a fast tokenizer's whole definition (vocabulary,
+    merges, normalizer, added tokens), else its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def merge_lora(model: LLaDA, adapter: str, revision: str = "main") -> LLaDA:

@@ -115,7 +115,7 @@ def test_is_greedy_comes_with_every_loglikelihood_task_request(ref_dir, ref_mode
     cases = _greedy_and_not(ref_model)
     requests = [Instance("loglikelihood", {}, (words(p), " " + words(a)), 0, ("lambada", i, 1)) for i, (p, a, _) in enumerate(cases)]
     assert [g for _, g in make_lm(ref_dir, batch_size=3).loglikelihood(requests)] == [c[2] for c in cases]
-    (p0, a0, _), (p1, a1, _) = cases[:2]
+    (p0, a0, _), (_, a1, _) = cases[:2]
     mc = choices(words(p0), [" " + words(a0), " " + words(a1)], "mc")
     lm = make_lm(ref_dir)
     assert [g for _, g in lm.loglikelihood(mc)] == [False, False]
@@ -349,6 +349,41 @@ def test_use_cache_refuses_a_cache_written_with_other_settings(tmp_path, ref_dir
     assert CachingLM(make_lm(ref_dir), cache).loglikelihood(ll_requests(ref)[:2]) == first  # same settings: reused
     with pytest.raises(ValueError, match="--use_cache: this cache was written by llada_skip with other settings"):
         CachingLM(make_lm(ref_dir, skip_layers=[2]), cache)
+
+
+def test_use_cache_key_covers_truncation_dtype_and_tokenizer(tmp_path, ref_dir):
+    """max_length (truncation), dtype and the tokenizer change answers, so each is part of the key."""
+    cache = str(tmp_path / "cache.db")
+    CachingLM(make_lm(ref_dir), cache)
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    shutil.copy(ref_dir / "tokenizer_config.json", tokenizer)
+    vocab = json.loads((ref_dir / "tokenizer.json").read_text())
+    vocab["model"]["vocab"]["t5"], vocab["model"]["vocab"]["t6"] = vocab["model"]["vocab"]["t6"], vocab["model"]["vocab"]["t5"]
+    (tokenizer / "tokenizer.json").write_text(json.dumps(vocab))
+    for other in ({"max_length": 16}, {"dtype": "bfloat16"}, {"tokenizer": str(tokenizer)}):
+        with pytest.raises(ValueError, match="--use_cache: this cache was written by llada_skip with other settings"):
+            CachingLM(make_lm(ref_dir, **other), cache)
+
+
+def test_answers_served_from_the_cache_keep_their_flops(tmp_path, ref_dir, ref):
+    """lm-eval serves a cached answer without calling the model; its FLOPs were stored with it and
+    count again, so a run served wholly or partly from the cache reports the FLOPs of one that is not."""
+    gen_kwargs = {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 8}
+    texts = [words(range(1, 40)), "t20 t21 t22", "t30 t31"]  # several rolling windows, and one
+
+    def run(cache: str, n: int | None = None) -> dict:
+        lm = CachingLM(make_lm(ref_dir, skip_random=2, batch_size=2, max_length=24), str(tmp_path / cache))
+        lm.loglikelihood(ll_requests(ref, task="mc")[:n])
+        lm.generate_until(gen_requests(ref, gen_kwargs, task="gen")[:n])
+        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i, ("ppl", i, 1)) for i, t in enumerate(texts[:n])])
+        return lm.get_model_info()["dlmskip"]["flops"]
+
+    computed = run("full.db")
+    assert set(computed) == {"mc", "gen", "ppl"}
+    assert run("full.db") == computed  # every answer from the cache
+    run("part.db", 2)
+    assert run("part.db") == computed  # two answers of each kind from the cache, the others computed
 
 
 def test_chat_template_is_applied(tmp_path, ref_dir):

@@ -324,7 +324,8 @@ def test_routers_and_profiles_are_checked_against_the_weights_evaluated(tmp_path
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"kind": calibrate.KIND, "format": calibrate.FORMAT_VERSION, "threshold": 0.9,
                                    "selection_order": [2], "base_model": model_identity(base.model.cfg, str(ref_dir), base.fingerprint)}))
-    evaluated = r"the weights evaluated \(base {0} \+ peft adapter [0-9a-f]{{16}}\) have fingerprint {0}\+[0-9a-f]{{16}}".format(base.fingerprint)
+    fp = base.fingerprint
+    evaluated = rf"the weights evaluated \(base {fp} \+ peft adapter [0-9a-f]{{16}}\) have fingerprint {fp}\+[0-9a-f]{{16}}"
     for artifact in ({"router": str(router)}, {"skip_profile": str(profile)}):
         with pytest.raises(ValueError, match=rf"(trained for|measured on) .*fingerprint {base.fingerprint}\); {evaluated}"):
             LLaDASkipLM(pretrained=str(ref_dir), device="cpu", peft=str(adapter), **artifact)
