@@ -4,7 +4,9 @@ Start from the prompt followed by ``gen_length`` mask tokens; split the answer i
 autoregressive blocks; in each block spend ``steps / num_blocks`` denoising steps, each of which
 predicts every masked position and commits the most confident ones (``low_confidence``) or
 random ones (``random``). Every row commits the same number of tokens per step, so one ``topk``
-over the batch replaces upstream's per-row loop with the same result.
+over the batch replaces upstream's per-row loop with the same result. Sampling noise (temperature
+> 0, random remasking) is a hash of (row seed, step, answer position), not a draw from a shared
+generator, so a row decodes the same text whatever batch it sits in.
 
 Accelerated decoding follows Fast-dLLM (``llada/generate.py``). ``cache="prefix"`` or ``"dual"``:
 each semi-autoregressive block starts with one full forward that decodes and fills a key/value
@@ -112,13 +114,43 @@ def transfer_schedule(block_length: int, steps: int) -> list[int]:
     return [base + (1 if i < remainder else 0) for i in range(steps)]
 
 
-def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """Gumbel-max sampling in float64 (low precision hurts generation quality, arXiv:2409.02908)."""
+def add_gumbel_noise(logits: Tensor, temperature: float, keys: Tensor | None) -> Tensor:
+    """Gumbel-max sampling in float64 (low precision hurts generation quality, arXiv:2409.02908);
+    ``keys`` [B, W] give each position its uniforms over the vocabulary."""
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    noise = uniform_noise(keys, logits.shape[-1])
     return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+# splitmix64 (Steele et al. 2014) on int64 with wrapping arithmetic, as torch computes it on CPU and CUDA.
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX = (0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser, elementwise and in place on a fresh tensor ([B, W, V] at a time);
+    >> is arithmetic in torch, so the shifted-in bits are masked."""
+    x ^= (x >> 30) & ((1 << 34) - 1)
+    x *= _MIX[0]
+    x ^= (x >> 27) & ((1 << 37) - 1)
+    x *= _MIX[1]
+    x ^= (x >> 31) & ((1 << 33) - 1)
+    return x
+
+
+def noise_keys(row_seeds: Tensor, stream: int, step: int, positions: Tensor) -> Tensor:
+    """[B, W] int64 keys of (row seed, stream: 0 tokens / 1 remasking, denoising step, answer position)."""
+    row = _mix(_mix(row_seeds * 2 + stream) + step)  # [B]
+    return _mix(row[:, None] + positions[None, :] * _GOLDEN)
+
+
+def uniform_noise(keys: Tensor, n: int) -> Tensor:
+    """[*keys.shape, n] float64 uniforms in (0, 1), the counter-based hash of (key, index)."""
+    index = torch.arange(1, n + 1, device=keys.device) * _GOLDEN
+    bits = _mix(keys[..., None] + index)
+    return ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64).add_(0.5).mul_(2.0**-53)
 
 
 @torch.no_grad()
@@ -128,10 +160,17 @@ def generate(
     attention_mask: Tensor | None,
     settings: GenerationSettings,
     mask_id: int,
-    generator: torch.Generator | None = None,
+    row_seeds: Tensor | None = None,
 ) -> Tensor:
-    """[B, P + gen_length] ids: the (left-padded) prompt followed by the decoded answer."""
+    """[B, P + gen_length] ids: the (left-padded) prompt followed by the decoded answer.
+
+    ``row_seeds`` [B] int64 key each row's sampling noise; needed when temperature > 0 or
+    remasking is random (the harness derives them from the seed and the row's prompt).
+    """
     settings.check()
+    sampling = settings.temperature > 0 or settings.remasking == "random"
+    if sampling and row_seeds is None:
+        raise ValueError("temperature > 0 or remasking='random' samples: pass row_seeds, one int64 key per row")
     B, P = prompt.shape
     G, block_length = settings.gen_length, settings.block_length
     x = torch.full((B, P + G), mask_id, dtype=torch.long, device=prompt.device)
@@ -162,7 +201,9 @@ def generate(
             logits_at = columns if window is None else slice(0, block_length)
             logits = guided_logits(denoise, x, attention_mask, prompt_index, logits_at, settings.cfg, mask_id, cache, window)
             num_transfer = schedule[step] if settings.threshold is None and step < len(schedule) else 0
-            x[:, columns] = unmask(x[:, columns], logits, num_transfer, settings, mask_id, generator)
+            # Noise keys: (block, step within it), which every row shares whatever batch it sits in.
+            noise = None if not sampling else (row_seeds, (block << 20) + step, torch.arange(columns.start - P, end - P, device=x.device))
+            x[:, columns] = unmask(x[:, columns], logits, num_transfer, settings, mask_id, noise)
             step += 1
             if settings.threshold is None:
                 if step == fixed_steps:
@@ -174,18 +215,21 @@ def generate(
 
 def unmask(
     current: Tensor, logits: Tensor, num_transfer: int, settings: GenerationSettings, mask_id: int,
-    generator: torch.Generator | None,
+    noise: tuple[Tensor, int, Tensor] | None,
 ) -> Tensor:
     """``current`` [B, W] with some masked positions filled from ``logits`` [B, W, V]: the
     ``num_transfer`` most confident of each row, or (threshold) every one at least as confident as
-    the threshold and at least the most confident one."""
+    the threshold and at least the most confident one. ``noise`` (row seeds, step, answer
+    positions [W]) keys the sampling noise."""
     masked = current == mask_id
-    x0 = add_gumbel_noise(logits, settings.temperature, generator).argmax(-1)
+    row_seeds, step, positions = (None, 0, None) if noise is None else noise
+    token_keys = noise_keys(row_seeds, 0, step, positions) if settings.temperature > 0 else None
+    x0 = add_gumbel_noise(logits, settings.temperature, token_keys).argmax(-1)
     if settings.remasking == "low_confidence":
         p = F.softmax(logits.double() if settings.fast_dllm else logits, dim=-1)
         confidence = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     else:
-        confidence = torch.rand(x0.shape, device=x0.device, generator=generator)
+        confidence = uniform_noise(noise_keys(row_seeds, 1, step, positions), 1)[..., 0]
     confidence = torch.where(masked, confidence, -torch.inf)
     if settings.threshold is None:
         chosen = torch.zeros_like(masked).scatter_(1, confidence.topk(num_transfer, dim=1).indices, True)
@@ -194,3 +238,4 @@ def unmask(
         top = confidence.topk(1, dim=1).indices
         chosen.scatter_(1, top, True)
     return torch.where(chosen & masked, x0, current)
+

@@ -13,30 +13,29 @@ import difflib
 import inspect
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import CacheHook, TemplateLM
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import Collator, postprocess_generated_text
 from tqdm import tqdm
 
-from .flops import FlopsMeter, FlopsModel
+from .cache import AnswerCache, files_digest
+from .flops import FlopsMeter, FlopsModel, TaskTotals
+from .gen_kwargs import check_user_settings, resolve_generation
 from .generation import GenerationSettings, generate
 from .graphs import GraphRunner
 from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
-from .loading import load_llada, load_tokenizer, merge_lora
-from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers
+from .loading import adapter_fingerprint, load_llada, load_tokenizer, merge_lora, tokenizer_fingerprint, with_adapter
+from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers, row_keys
 from .report.calibrate import load_profile
 from .router import RoutedSkip, RouterCheckpoint, load_routers
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
 
-# Generation settings a task's generation_kwargs may set (they override model_args).
-_GEN_KEYS = {"gen_length", "steps", "block_length", "cfg", "remasking", "temperature"}
-# lm-eval generation kwargs that mean nothing to diffusion decoding.
-_IGNORED_GEN_KEYS = {"do_sample", "top_p", "top_k", "num_beams", "repetition_penalty", "min_p"}
 
 
 class LLaDASkipLM(TemplateLM):
@@ -60,13 +59,16 @@ class LLaDASkipLM(TemplateLM):
         max_length: int | None = None,
         mc_num: int = 128,
         mc_batch: int = 16,
-        cfg: float = 0.0,
+        cfg: float | None = None,
         check_greedy: bool = False,
         gen_length: int | None = None,
         steps: int | None = None,
         block_length: int | None = None,
-        remasking: str = "low_confidence",
-        temperature: float = 0.0,
+        remasking: str | None = None,
+        temperature: float | None = None,
+        cache: str | None = None,
+        threshold: float | None = None,
+        decide_every: str | None = None,
         skip_layers: list[int] | int | str | None = None,
         skip_random: int | None = None,
         skip_profile: str | None = None,
@@ -75,18 +77,27 @@ class LLaDASkipLM(TemplateLM):
         router_tau: float | None = None,
         allow_mismatch: bool = False,
         seed: int = 1234,
+        mc_seed: int = 1234,
         compile: bool = False,
         cuda_graphs: bool = True,
         peft: str | None = None,
         trust_remote_code: bool | None = None,
     ) -> None:
         super().__init__()
+        # What the user typed for decoding (None: not given, the task or the default decides).
+        self.gen_args = {"gen_length": gen_length, "steps": steps, "block_length": block_length, "cfg": cfg,
+                         "remasking": remasking, "temperature": temperature, "cache": cache, "threshold": threshold,
+                         "decide_every": decide_every}
+        check_user_settings(self.gen_args)  # before anything is loaded
         if trust_remote_code:
             log.info("trust_remote_code is not needed: llada_skip runs its own LLaDA code and executes none from the hub")
         self._setup_distributed(device)
         checkpoint = load_llada(pretrained, revision=str(revision), dtype=dtype, device=self._device)
         self.checkpoint = checkpoint
-        self.model = merge_lora(checkpoint.model, peft, str(revision)) if peft else checkpoint.model
+        self.model, fingerprint = checkpoint.model, checkpoint.fingerprint
+        if peft:  # skip profiles and routers must fit the weights evaluated, adapter merged
+            self.model = merge_lora(checkpoint.model, peft, str(revision))
+            fingerprint = with_adapter(fingerprint, adapter_fingerprint(peft, str(revision)))
         if compile:
             self.model.compile_blocks()
         self.cfg = checkpoint.model.cfg
@@ -95,31 +106,34 @@ class LLaDASkipLM(TemplateLM):
         self._max_length = max_length or self.cfg.max_sequence_length
         self.batch_size_arg = str(batch_size)
         self.max_batch_size = max_batch_size or 64
-        self.seed = int(seed)
-        self.check_greedy = bool(check_greedy)
-        self.likelihood = LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=float(cfg))
+        self.seed = int(seed)  # random skipping and sampled decoding
+        self.mc_seed = int(mc_seed)  # the Monte-Carlo masks alone, so runs that vary `seed` score alike
+        self.check_greedy = bool(check_greedy)  # is_greedy for multiple-choice requests too
+        self.likelihood = LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=float(cfg or 0.0))
         self.likelihood.check()
-        self.gen_defaults = {"gen_length": gen_length, "steps": steps, "block_length": block_length}
-        self.generation = GenerationSettings(cfg=float(cfg), remasking=remasking, temperature=float(temperature))
+        self._announced: set[str] = set()  # tasks whose decoding settings were logged
         self.policy, skip, flops = self._skip_policy(
-            checkpoint.fingerprint, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
+            fingerprint, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
             bool(allow_mismatch), bool(compile),
         )
         self.settings = {
             "pretrained": pretrained,
             "revision": str(revision),
             "peft": peft,
-            "fingerprint": checkpoint.fingerprint,
+            "fingerprint": fingerprint,  # with peft's adapter; a router's own adapter belongs to the router
             "skip": skip,
             "likelihood": asdict(self.likelihood),
             "check_greedy": self.check_greedy,
-            "generation": {**self.gen_defaults, "cfg": float(cfg), "remasking": remasking, "temperature": float(temperature)},
+            "generation": dict(self.gen_args),
             "seed": self.seed,
+            "mc_seed": self.mc_seed,
             "compile": bool(compile),
             "cuda_graphs": bool(cuda_graphs),
             "max_length": self._max_length,
         }
         self.meter = FlopsMeter(flops, self._device)
+        self.answer_cache: AnswerCache | None = None  # with --use_cache
+        self._unmerged: list[dict[str, TaskTotals]] = []  # this rank's FLOPs since the last merge
         # Generation repeats one shape for every denoising step: replay it from CUDA graphs.
         use_graphs = bool(cuda_graphs) and self._device.type == "cuda"
         self.generation_forward = GraphRunner(self.model) if use_graphs else self.model
@@ -219,31 +233,41 @@ class LLaDASkipLM(TemplateLM):
         return result
 
     def barrier(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+        """lm-eval calls this on every rank after each request type, whether or not the rank's
+        requests reached the model (--use_cache may have served them all), so the ranks' FLOPs
+        merge here: a collective inside loglikelihood or generate_until could wait forever."""
+        if self.accelerator is None:
+            return
+        self._count_served()
+        mine, self._unmerged = self._unmerged, []
+        gathered = self.gather_object(mine)
+        if self.rank == 0:
+            others = [part for parts in gathered[1:] for part in parts]
+            self.meter.merge(others)
+            self._log_flops("all ranks", {task for part in [*mine, *others] for task in part})
+        self.accelerator.wait_for_everyone()
 
     def set_cache_hook(self, cache_hook: CacheHook) -> None:
-        """lm-eval's --use_cache keys ignore model_args: refuse a cache written by other settings."""
-        db = cache_hook.dbdict
-        if db is not None:
-            key = "__llada_skip_settings__"
-            mine = json.dumps(self.cache_identity(), sort_keys=True)
-            theirs = db.get(key)
-            if theirs is not None and theirs != mine:
-                raise ValueError(
-                    "--use_cache: this cache was written by llada_skip with other settings "
-                    f"({theirs}); lm-eval's cache keys ignore model_args, so its answers would be reused "
-                    f"for {mine}. Give each configuration its own --use_cache path."
-                )
-            db[key] = mine
-            db.commit()
+        """--use_cache: refuse a cache written with other settings; keep each answer's FLOPs with it."""
+        if cache_hook.dbdict is not None:
+            self.answer_cache = AnswerCache(cache_hook.dbdict, self.cache_identity(), self.meter.flops, self._device)
         super().set_cache_hook(cache_hook)
 
     def cache_identity(self) -> dict:
-        """The settings that change answers (all of them but the batch layout)."""
-        return {k: v for k, v in self.settings.items() if k not in ("max_length", "compile", "cuda_graphs")}
+        """Every setting that can change an answer: the settings but the speed switches (the batch
+        layout never changes one), the dtype, max_length (truncation), the tokenizer, and the
+        router's weights (a router retrained in place keeps its path)."""
+        identity = {k: v for k, v in self.settings.items() if k not in ("compile", "cuda_graphs")}
+        identity.update(dtype=str(self.model.dtype), tokenizer=tokenizer_fingerprint(self.tokenizer))
+        router = self.settings["skip"].get("router")
+        if router is not None:
+            identity["router_weights"] = files_digest(
+                [Path(router) / "router.safetensors", Path(router) / "adapter" / "adapter_model.safetensors"]
+            )
+        return identity
 
     def get_model_info(self) -> dict:
+        self._count_served()
         flops = self.meter.summary()
         return {
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
@@ -270,48 +294,72 @@ class LLaDASkipLM(TemplateLM):
                 self.model(ids, policy=self.policy)
             return batch_size
 
-        size = probe()
-        if self.world_size > 1:
-            size = int(self.all_gather(torch.tensor([size], device=self._device)).min())
+        size = probe()  # per rank, no collective: a rank served wholly by --use_cache never probes
         log.info("batch_size=auto: %d requests per batch", size)
         return size
 
-    def _denoiser(self, row_tasks: torch.Tensor, answer_len: torch.Tensor, forward=None):
-        """A ``denoise(ids, attention_mask, logits_at)`` that charges every forward to its tasks.
-
-        ``state`` holds each row's task and answer length; CFG doubles the rows, so both repeat."""
-        state = {"row_tasks": row_tasks, "answer_len": answer_len}
+    def _denoiser(self, task: torch.Tensor, answer_len: torch.Tensor, answer: torch.Tensor | None, forward=None):
+        """A ``denoise(ids, attention_mask, logits_at, cache, window)`` that charges every forward to its rows'
+        tasks (and answers, under --use_cache); ``task``, ``answer_len``, ``answer`` [B] describe
+        the requests of the batch. ``denoise.select(rows)`` names the request of each row of the
+        next forwards (default: row i is request i); CFG doubles the rows, so they repeat."""
+        state = {"rows": torch.arange(len(task), device=task.device)}
         forward = forward or self.model
 
-        def denoise(ids, attention_mask, logits_at):
-            logits, trace = forward(ids, attention_mask, policy=self.policy, logits_at=logits_at)
-            tasks, lengths = state["row_tasks"], state["answer_len"]
-            repeat = len(ids) // len(tasks)
-            self.meter.record(trace, tasks.repeat(repeat), lengths.repeat(repeat))
+        def denoise(ids, attention_mask, logits_at, cache=None, window=None):
+            logits, trace = forward(ids, attention_mask, policy=self.policy, logits_at=logits_at, cache=cache, window=window)
+            rows = state["rows"].repeat(len(ids) // len(state["rows"]))
+            self.meter.record(trace, task[rows], answer_len[rows])
+            if answer is not None:
+                self.answer_cache.meter.record(trace, answer[rows], answer_len[rows])
             return logits
 
-        denoise.state = state
+        denoise.select = lambda rows: state.update(rows=rows)
         return denoise
 
-    def _finish_call(self, kind: str) -> None:
-        """Read the device sums, merge other ranks' (a collective), and log this call's figures."""
+    def _answer_rows(self, answer_index: dict[int, int] | None, owners) -> torch.Tensor | None:
+        """[B] the --use_cache meter index of each request's answer (None without a cache)."""
+        return None if answer_index is None else torch.tensor([answer_index[o] for o in owners], device=self._device)
+
+    def _finish_call(self, kind: str, requests: list[Instance]) -> None:
+        """Read this call's device sums (one sync), store each answer's FLOPs under --use_cache, and
+        log them; under several processes ``barrier`` merges the ranks' figures and logs them."""
         added = self.meter.flush()
+        if self.answer_cache is not None:
+            self.answer_cache.store(kind, requests)
         if self.world_size > 1:
-            gathered = self.gather_object(added)
-            if self.rank == 0:
-                self.meter.merge(gathered[1:])
-        if self.rank == 0:
-            summaries = self.meter.summary()
-            for task in sorted(added):
-                summary = summaries[task]
-                log.info(
-                    "llada_skip %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), "
-                    "%.2f of %d blocks executed on average over %d forwards",
-                    kind, task, summary["normalized_flops_papers"], summary["normalized_flops_whole_model"],
-                    summary["mean_executed_blocks"], self.cfg.n_layers, summary["forwards"],
-                )
-            for warning in self.meter.router_warnings(added):
-                log.warning(warning)
+            self._unmerged.append(added)
+        else:
+            self._log_flops(kind, added)
+
+    def _count_served(self) -> None:
+        """Add the FLOPs of the answers lm-eval served from --use_cache without calling the model."""
+        if self.answer_cache is None:
+            return
+        served, missing = self.answer_cache.served()
+        if missing:
+            log.warning("--use_cache served %d answers whose FLOPs were never stored (their run stopped "
+                        "before the end of its call); the per-task FLOPs leave them out", missing)
+        if served:
+            log.info("llada_skip: counted the FLOPs of %d answers served by --use_cache", len(served))
+        self.meter.merge(served)
+        if self.world_size > 1:
+            self._unmerged.extend(served)
+
+    def _log_flops(self, kind: str, tasks) -> None:
+        if self.rank != 0:
+            return
+        summaries = self.meter.summary()
+        for task in sorted(tasks):
+            summary = summaries[task]
+            log.info(
+                "llada_skip %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), "
+                "%.2f of %d blocks executed on average over %d forwards",
+                kind, task, summary["normalized_flops_papers"], summary["normalized_flops_whole_model"],
+                summary["mean_executed_blocks"], self.cfg.n_layers, summary["forwards"],
+            )
+        for warning in self.meter.router_warnings(tasks):
+            log.warning(warning)
 
     # ---- loglikelihood -----------------------------------------------------------------------
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -323,50 +371,66 @@ class LLaDASkipLM(TemplateLM):
             else:
                 ctx, cont = self._encode_pair(context, continuation)
             encoded.append(((context, continuation), ctx, cont))
-        return self._loglikelihood_tokens(encoded, tasks=[req.task_name for req in requests], disable_tqdm=disable_tqdm)
+        tasks = [req.task_name for req in requests]
+        greedy = greedy_wanted(requests, self.check_greedy)
+        scores = self._loglikelihood_tokens(encoded, tasks=tasks, greedy=greedy, disable_tqdm=disable_tqdm)
+        self._finish_call("loglikelihood", requests)
+        return scores
 
-    def _loglikelihood_tokens(self, requests, tasks: list[str | None] | None = None, disable_tqdm: bool = False, **kwargs):
+    def _loglikelihood_tokens(
+        self, requests, tasks: list[str | None] | None = None, greedy: list[bool] | None = None,
+        owners: list[int] | None = None, disable_tqdm: bool = False, **kwargs,
+    ):
+        """(score, is_greedy) per (strings, context ids, continuation ids); is_greedy is computed
+        where ``greedy`` asks for it (a forward per answer token) and False elsewhere. ``owners``
+        says which answer each item is part of (its FLOPs go there; default: item i is answer i)."""
         tasks = tasks or [None] * len(requests)
+        greedy = greedy or [False] * len(requests)
+        owners = owners or list(range(len(requests)))
         task_index = self.meter.start([str(t) for t in tasks])
-        items = [(req, str(task)) for req, task in zip(requests, tasks)]
-        for (strings, ctx, cont), _ in items:
+        answer_index = self.answer_cache.start(owners) if self.answer_cache is not None else None
+        items = list(zip(requests, map(str, tasks), greedy, owners))
+        for (strings, ctx, cont), _, _, _ in items:
             if not cont:
                 raise ValueError(f"loglikelihood: continuation {strings[1]!r} encodes to no tokens")
         collator = Collator(items, sort_fn=lambda item: (-len(item[0][1]) - len(item[0][2]), item[0][1]))
-        longest = max(len(c) + len(a) for (_, c, a), _ in items) if items else 1
+        longest = max(len(c) + len(a) for (_, c, a), _, _, _ in items) if items else 1
         rows = self.likelihood.group_size * (2 if self.likelihood.cfg else 1)
         batch_size = self._batch_size(rows, min(longest, self.max_length))
         results = []
         bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip loglikelihood")
         for chunk in collator.get_batched(n=batch_size):
-            prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _ in chunk))
-            owners = torch.tensor([task_index[task] for _, task in chunk], device=self._device)
+            prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _, _, _ in chunk))
+            task_rows = torch.tensor([task_index[task] for _, task, _, _ in chunk], device=self._device)
             lengths = torch.tensor([len(a) for a in answers], device=self._device)
-            denoise = self._denoiser(owners, lengths)
-            generators = [request_generator(self.seed, p, a) for p, a in zip(prompts, answers)]
-
-            def on_rows(row_owner: torch.Tensor) -> None:
-                denoise.state.update(row_tasks=owners[row_owner], answer_len=lengths[row_owner])
-
+            denoise = self._denoiser(task_rows, lengths, self._answer_rows(answer_index, [o for *_, o in chunk]))
+            generators = [request_generator(self.mc_seed, p, a) for p, a in zip(prompts, answers)]
             scores = mc_loglikelihood(
                 denoise, list(prompts), list(answers), self.likelihood, self.mask_id, self.tokenizer.pad_token_id,
-                generators, self._device, on_rows=on_rows,
+                generators, self._device, on_rows=denoise.select,
             )
-            if self.check_greedy:
-                denoise.state.update(row_tasks=owners, answer_len=lengths)
-                greedy = greedy_matches(
-                    denoise, list(prompts), list(answers), self.likelihood.cfg, self.mask_id,
-                    self.tokenizer.pad_token_id, self._device,
-                )
-            else:
-                greedy = [False] * len(scores)
-            for ((strings, _, _), _), score, is_greedy in zip(chunk, scores, greedy):
+            greedy_flags = self._greedy(denoise, chunk, prompts, answers)
+            for ((strings, _, _), _, _, _), score, is_greedy in zip(chunk, scores, greedy_flags):
                 results.append((score, bool(is_greedy)))
                 self.cache_hook.add_partial("loglikelihood", strings, (score, bool(is_greedy)))
             bar.update(len(chunk))
         bar.close()
-        self._finish_call("loglikelihood")
         return collator.get_original(results)
+
+    def _greedy(self, denoise, chunk, prompts, answers) -> list[bool]:
+        """is_greedy for the rows of ``chunk`` that want it (upstream's suffix_greedy_prediction)."""
+        wanted = [i for i, (_, _, wants, _) in enumerate(chunk) if wants]
+        result = [False] * len(chunk)
+        if not wanted:
+            return result
+        denoise.select(torch.tensor(wanted, device=self._device))
+        matches = greedy_matches(
+            denoise, [prompts[i] for i in wanted], [answers[i] for i in wanted], self.likelihood.cfg,
+            self.mask_id, self.tokenizer.pad_token_id, self._device,
+        )
+        for i, match in zip(wanted, matches):
+            result[i] = bool(match)
+        return result
 
     def _fit(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
         """Left-truncate the context so context + continuation fit ``max_length`` (with a warning)."""
@@ -405,65 +469,71 @@ class LLaDASkipLM(TemplateLM):
         scores = [0.0] * len(requests)
         cache_hook, self.cache_hook = self.cache_hook, CacheHook(None)  # windows are not lm-eval requests
         try:
-            window_scores = self._loglikelihood_tokens(windows, tasks=tasks, disable_tqdm=disable_tqdm) if windows else []
+            window_scores = self._loglikelihood_tokens(windows, tasks=tasks, owners=owners, disable_tqdm=disable_tqdm) if windows else []
         finally:
             self.cache_hook = cache_hook
         for owner, (score, _) in zip(owners, window_scores):
             scores[owner] += score
         for req, score in zip(requests, scores):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, score)
+        self._finish_call("loglikelihood_rolling", requests)
         return scores
 
     # ---- generate_until ----------------------------------------------------------------------
-    def generation_settings(self, gen_kwargs: dict) -> tuple[GenerationSettings, list[str]]:
-        """Task generation_kwargs override model_args; gen_length defaults to max_gen_toks."""
-        unknown = set(gen_kwargs) - _GEN_KEYS - _IGNORED_GEN_KEYS - {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}
-        if unknown:
-            raise ValueError(
-                f"generation_kwargs {sorted(unknown)} are not understood by llada_skip; "
-                f"it takes {sorted(_GEN_KEYS)} plus until/max_gen_toks"
-            )
-        normalized = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=256)
-        until = handle_stop_sequences(normalized.get("until"), eos=None)
-        gen_length = gen_kwargs.get("gen_length", self.gen_defaults["gen_length"] or normalized["max_gen_toks"])
-        explicit = {k: gen_kwargs[k] for k in _GEN_KEYS - {"gen_length"} if k in gen_kwargs}
-        settings = replace(
-            self.generation,
-            gen_length=int(gen_length),
-            steps=int(explicit.pop("steps", self.gen_defaults["steps"] or gen_length)),
-            block_length=int(explicit.pop("block_length", self.gen_defaults["block_length"] or gen_length)),
-            **{k: (v if k == "remasking" else float(v)) for k, v in explicit.items()},
-        )
-        settings.check()
-        return settings, until
+    def generation_settings(self, gen_kwargs: dict) -> tuple[GenerationSettings, list[str], dict[str, str]]:
+        """A request's decoding settings, stop strings, and each setting's value and source."""
+        return resolve_generation(gen_kwargs, self.gen_args)
+
+    def _announce(self, tasks, origin: dict[str, str]) -> None:
+        """Log the decoding settings of each task once; a warning when model_args replaced a task's value."""
+        for task in sorted(set(tasks) - self._announced):
+            self._announced.add(task)
+            level = logging.WARNING if any("over the task's" in v for v in origin.values()) else logging.INFO
+            described = ", ".join(f"{k}={v}" for k, v in origin.items())
+            log.log(level, "llada_skip [%s] decodes with %s", task, described)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         if not requests:
             return []
         task_index = self.meter.start([str(req.task_name) for req in requests])
-        items = [(req.args[0], req.args[1], str(req.task_name)) for req in requests]
+        answer_index = self.answer_cache.start(list(range(len(requests)))) if self.answer_cache is not None else None
+        items = [(req.args[0], req.args[1], str(req.task_name), i) for i, req in enumerate(requests)]
         collator = Collator(
             items, sort_fn=lambda item: (-len(self.tok_encode(item[0])), item[0]), group_by="gen_kwargs", group_fn=lambda item: item[1]
         )
         results = []
         bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip generate_until")
         for chunk in collator.get_batched(n=self._generation_batch_size(items)):
-            contexts, all_kwargs, chunk_tasks = zip(*chunk)
-            settings, until = self.generation_settings(dict(all_kwargs[0]))
+            contexts, all_kwargs, chunk_tasks, chunk_answers = zip(*chunk)
+            settings, until, origin = self.generation_settings(dict(all_kwargs[0]))
+            self._announce(chunk_tasks, origin)
             ids, attention_mask = self._encode_prompts(list(contexts), self.max_length - settings.gen_length)
-            owners = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
-            generator = torch.Generator(self._device).manual_seed(self.seed) if settings.temperature > 0 or settings.remasking == "random" else None
-            answer_len = torch.full_like(owners, settings.gen_length)
-            denoise = self._denoiser(owners, answer_len, self.generation_forward)
-            out = generate(denoise, ids, attention_mask, settings, self.mask_id, generator)
+            task_rows = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
+            row_seeds = sampling_seeds(self.seed, ids, attention_mask)
+            answer_len = torch.full_like(task_rows, settings.gen_length)
+            answer_rows = self._answer_rows(answer_index, chunk_answers)
+            denoise = self._denoiser(task_rows, answer_len, answer_rows, self.generation_forward)
+            self._count_decoding(task_rows, answer_rows, ids, attention_mask, settings)
+            out = generate(denoise, ids, attention_mask, settings, self.mask_id, row_seeds)
             for context, kwargs, answer in zip(contexts, all_kwargs, out[:, ids.shape[1] :].tolist()):
                 text = self.decode_answer(answer, until)
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, kwargs), text)
             bar.update(len(chunk))
         bar.close()
-        self._finish_call("generate_until")
+        self._finish_call("generate_until", requests)
         return collator.get_original(results)
+
+    def _count_decoding(self, task_rows, answer_rows, ids, attention_mask, settings: GenerationSettings) -> None:
+        """Count the batch's rows for NFE per request, and what upstream's uncached decoding without
+        skipping would have spent on them (its steps, each a full forward with the head over a block)."""
+        rows = 2 if settings.cfg else 1
+        real = ids.shape[1] if attention_mask is None else attention_mask.sum(1)
+        seq_lens = (torch.as_tensor(real, device=self._device) + settings.gen_length).expand(len(ids)).repeat(rows)
+        plain = self.meter.flops.plain_decoding(seq_lens, settings.steps, settings.block_length)
+        self.meter.decoding(task_rows.repeat(rows), plain)
+        if answer_rows is not None:
+            self.answer_cache.meter.decoding(answer_rows.repeat(rows), plain)
 
     def decode_answer(self, answer: list[int], until: list[str]) -> str:
         """As upstream's evaluation: decode, cut at the first stop string, then drop special tokens
@@ -474,8 +544,8 @@ class LLaDASkipLM(TemplateLM):
     def _generation_batch_size(self, items) -> int:
         if not self.batch_size_arg.startswith("auto"):
             return self._batch_size(1, 1)
-        longest = max(len(self.tok_encode(c)) for c, _, _ in items)
-        settings, _ = self.generation_settings(dict(items[0][1]))
+        longest = max(len(self.tok_encode(c)) for c, *_ in items)
+        settings, _, _ = self.generation_settings(dict(items[0][1]))
         return self._batch_size(2 if settings.cfg else 1, min(longest + settings.gen_length, self.max_length))
 
     def _encode_prompts(self, contexts: list[str], max_prompt: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -495,6 +565,28 @@ class LLaDASkipLM(TemplateLM):
             attention[i, P - len(enc) :] = 1
         padded = not bool(attention.all())
         return ids.to(self._device), attention.to(self._device) if padded else None
+
+
+def sampling_seeds(seed: int, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B] int64 noise keys from (seed, each row's prompt tokens): sampled decoding of a request
+    then depends on the request alone, never on the batch it shares."""
+    return row_keys(ids, attention_mask) + ((seed % 2**32) << 31)  # row keys are < 2^31
+
+
+def greedy_wanted(requests: list[Instance], every: bool) -> list[bool]:
+    """Which loglikelihood requests need ``is_greedy``: those of ``loglikelihood`` tasks, whose ``acc``
+    (LAMBADA's) is "the answer is the greedy one"; every request when ``every`` (check_greedy=True:
+    only an ``exact_match`` metric on a multiple_choice task reads it there).
+
+    An Instance does not name its task's output type, but a multiple_choice task sends the choices
+    of a document as idx 0, 1, ... while a loglikelihood task sends one request, idx 0: a document
+    with a request of idx > 0 is multiple choice. (A lone idx-0 choice, its siblings served by
+    --use_cache, is taken for a loglikelihood request: a greedy check too many, no wrong answer.)
+    """
+    if every:
+        return [True] * len(requests)
+    multiple_choice = {(req.task_name, req.doc_id) for req in requests if req.idx > 0}
+    return [(req.task_name, req.doc_id) not in multiple_choice for req in requests]
 
 
 def parse_layers(value: Any, name: str) -> list[int]:

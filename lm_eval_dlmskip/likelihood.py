@@ -52,7 +52,7 @@ def stratified_counts(answer_len: int, settings: LikelihoodSettings, generator: 
 
     Upstream rounds k + i T / b as a whole with round-half-to-even, so at exact halves l_i depends
     on the parity of k and its marginal is not uniform (T=3, b=16 gives l=1,2,3 with weights
-    31:32:33), which biases the estimate. Rounding the offset alone keeps the stratification and
+    17:16:15 over the 3 x 16 choices of k and slot), which biases the estimate. Rounding the offset alone keeps the stratification and
     makes every sample's l exactly uniform on 1..T, as the estimator intends.
     """
     b, T = settings.group_size, answer_len

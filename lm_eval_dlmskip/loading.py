@@ -122,7 +122,7 @@ def read_state_dict(files: list[Path], device: torch.device, dtype: torch.dtype)
     state: dict[str, torch.Tensor] = {}
     digest = hashlib.sha256()
     for file in files:
-        with _open(file, str(device)) as f:
+        with _open(file, "cpu" if device.type == "cpu" else str(device)) as f:  # safetensors refuses "cpu:0"
             for key in sorted(f.keys()):
                 try:
                     tensor = f.get_tensor(key)
@@ -200,6 +200,14 @@ def load_tokenizer(path: Path, mask_id: int):
     return tokenizer
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides how text becomes ids: a fast tokenizer's whole definition (vocabulary,
+    merges, normalizer, added tokens), else its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def merge_lora(model: LLaDA, adapter: str, revision: str = "main") -> LLaDA:
     """Merge a PEFT LoRA adapter (upstream or our key names) into the weights, via peft."""
     from peft import PeftConfig, PeftModel
@@ -218,6 +226,25 @@ def merge_lora(model: LLaDA, adapter: str, revision: str = "main") -> LLaDA:
             f"peft={adapter!r} does not fit this model: missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}"
         )
     return peft_model.merge_and_unload().fuse_projections()
+
+
+def adapter_fingerprint(adapter: str, revision: str = "main") -> str:
+    """sha256 of a LoRA adapter's weight files and its merge settings (adapter_config.json without
+    the fields that only say where and with which peft it was saved)."""
+    path = resolve_adapter(adapter, revision)
+    config = json.loads((path / "adapter_config.json").read_text())
+    for where in ("base_model_name_or_path", "revision", "peft_version", "inference_mode"):
+        config.pop(where, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for file in sorted(path.glob("adapter_model.*")):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def with_adapter(fingerprint: str, adapter: str) -> str:
+    """The identity of weights with a LoRA adapter merged: ``base+adapter`` (readable, and equal
+    only for the same base and the same adapter)."""
+    return f"{fingerprint}+{adapter}"
 
 
 def resolve_adapter(adapter: str, revision: str) -> Path:
@@ -244,12 +271,15 @@ def model_identity(cfg: LLaDAConfig, name: str, fingerprint: str) -> dict:
 
 def check_identity(base: dict, cfg: LLaDAConfig, fingerprint: str, allow_mismatch: bool, subject: str) -> None:
     """Refuse an artifact made on another model: other shapes always, other weights unless allowed.
-    ``subject`` begins the message, e.g. "router='x' was trained for"."""
+    ``subject`` begins the message, e.g. "router='x' was trained for"; ``fingerprint`` is that of
+    the weights evaluated, adapters merged (see ``with_adapter``)."""
     made_on = f"{base['name']} (n_layers={base['n_layers']}, d_model={base['d_model']}, fingerprint {base['fingerprint']})"
     if (base["n_layers"], base["d_model"]) != (cfg.n_layers, cfg.d_model):
         raise ValueError(f"{subject} {made_on}; this model has n_layers={cfg.n_layers}, d_model={cfg.d_model}")
     if base["fingerprint"] != fingerprint and not allow_mismatch:
+        checkpoint, *adapters = fingerprint.split("+")
+        merged = f" (base {checkpoint}{''.join(f' + peft adapter {a}' for a in adapters)})" if adapters else ""
         raise ValueError(
-            f"{subject} {made_on}; this model's weights have fingerprint {fingerprint}. "
+            f"{subject} {made_on}; the weights evaluated{merged} have fingerprint {fingerprint}. "
             "Use the model it was made for, or pass allow_mismatch=True to use it anyway."
         )

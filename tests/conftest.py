@@ -47,6 +47,17 @@ def model_denoiser(model, policy=None):
     return denoise
 
 
+def greedy_answer(denoise, prompt: list[int], length: int) -> list[int]:
+    """The answer upstream's greedy check accepts, by its definition: from a fully masked answer,
+    unmask the single most confident position at a time."""
+    ids = torch.tensor([prompt + [MASK_ID] * length])
+    for _ in range(length):
+        probs = denoise(ids, None, None)[0].softmax(-1).max(-1)
+        pos = torch.where(ids[0] == MASK_ID, probs.values, -1.0).argmax()
+        ids[0, pos] = probs.indices[pos]
+    return ids[0, len(prompt) :].tolist()
+
+
 def words(ids: list[int]) -> str:
     """Text for the reference tokenizer: token id 17 is the word t17."""
     return " ".join(f"t{i}" for i in ids)

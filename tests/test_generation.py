@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_eval_dlmskip.generation import GenerationSettings, generate, transfer_schedule
+from lm_eval_dlmskip.generation import GenerationSettings, add_gumbel_noise, generate, noise_keys, transfer_schedule
 
 from .conftest import EOS_ID, MASK_ID, model_denoiser
 
@@ -57,6 +57,36 @@ def test_transfer_schedule_spreads_the_remainder_first():
     assert sum(transfer_schedule(256, 256)) == 256
 
 
+def _upstream_num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
+    """Upstream generate.py ``get_num_transfer_tokens``, copied: equal shares, the remainder added
+    to the first steps."""
+    mask_num = mask_index.sum(dim=1, keepdim=True)
+    base = mask_num // steps
+    remainder = mask_num % steps
+    num_transfer_tokens = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+    for i in range(mask_num.size(0)):
+        num_transfer_tokens[i, : remainder[i]] += 1
+    return num_transfer_tokens
+
+
+@pytest.mark.parametrize("gen_length, block_length, steps", [(5, 5, 2), (7, 7, 3), (12, 6, 8), (10, 5, 6)])
+def test_uneven_steps_commit_what_upstream_commits(gen_length, block_length, steps):
+    """When the steps of a block do not divide its length, each step of ``generate`` commits the
+    count upstream's get_num_transfer_tokens gives for that block's masks."""
+    masked_before = []
+
+    def denoise(ids, attention_mask, logits_at):
+        masked_before.append(int((ids == 9).sum()))
+        return torch.randn(ids.shape[0], ids[:, logits_at].shape[1], 9)
+
+    generate(denoise, torch.tensor([[1, 2, 3]]), None, GenerationSettings(gen_length, steps, block_length), 9)
+    per_block = steps // (gen_length // block_length)
+    block_masks = torch.ones(1, block_length, dtype=torch.bool)
+    expected = _upstream_num_transfer_tokens(block_masks, per_block)[0].tolist() * (gen_length // block_length)
+    committed = [a - b for a, b in zip(masked_before, masked_before[1:] + [0])]
+    assert committed == expected
+
+
 def test_fake_denoiser_commits_most_confident_first():
     """A denoiser that is surest about the last position fills the block from the right."""
     V, order = 10, []
@@ -103,10 +133,36 @@ def test_bad_settings_are_named(settings, message):
         settings.check()
 
 
-def test_random_remasking_and_temperature_are_seeded(ref_model):
+def test_random_remasking_and_temperature_are_seeded_and_sample(ref, ref_model):
+    """A row's noise is a function of its seed: the same seed decodes the same text, alone or in a
+    padded batch; another seed decodes other text; and the sampler departs from greedy decoding."""
     denoise = model_denoiser(ref_model)
-    prompt = torch.tensor([[5, 6, 7, 8]])
-    settings = GenerationSettings(8, 8, 8, remasking="random", temperature=0.7)
-    first = generate(denoise, prompt, None, settings, MASK_ID, torch.Generator().manual_seed(3))
-    again = generate(denoise, prompt, None, settings, MASK_ID, torch.Generator().manual_seed(3))
-    assert torch.equal(first, again) and (first != MASK_ID).all()
+    prompts = [run["prompt"] for run in ref["cases"]["generate"]["runs"] if "prompt" in run]
+    ids, mask = _left_pad(prompts)
+    P, seeds = ids.shape[1], torch.tensor([3, 4, 5, 6, 7])
+    sampled = GenerationSettings(8, 8, 4, remasking="random", temperature=1.0)
+    batched = generate(denoise, ids, mask, sampled, MASK_ID, seeds)[:, P:]
+    assert (batched != MASK_ID).all()
+    for row, prompt, seed in zip(batched, prompts, seeds):
+        alone = generate(denoise, torch.tensor([prompt]), None, sampled, MASK_ID, seed[None])
+        assert row.tolist() == alone[0, len(prompt):].tolist()
+    assert torch.equal(generate(denoise, ids, mask, sampled, MASK_ID, seeds)[:, P:], batched)
+    assert not torch.equal(generate(denoise, ids, mask, sampled, MASK_ID, seeds + 100)[:, P:], batched)
+    greedy = generate(denoise, ids, mask, GenerationSettings(8, 8, 4), MASK_ID)[:, P:]
+    for settings in (sampled, GenerationSettings(8, 8, 4, temperature=1.0), GenerationSettings(8, 8, 4, remasking="random")):
+        assert not torch.equal(generate(denoise, ids, mask, settings, MASK_ID, seeds)[:, P:], greedy), settings
+
+
+def test_gumbel_noise_samples_the_softmax():
+    """The hashed uniforms make Gumbel-max draw from softmax(logits / temperature)."""
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0]).expand(4, 5000, 4)
+    keys = noise_keys(torch.tensor([1, 2, 3, 4]), 0, 5, torch.arange(5000))
+    for temperature in (1.0, 0.5):
+        picked = add_gumbel_noise(logits, temperature, keys).argmax(-1).flatten()
+        share = torch.bincount(picked, minlength=4) / picked.numel()
+        assert torch.allclose(share, torch.softmax(logits[0, 0] / temperature, 0), atol=0.015), temperature
+
+
+def test_sampling_needs_row_seeds():
+    with pytest.raises(ValueError, match="row_seeds"):
+        generate(lambda *a: None, torch.tensor([[1, 2]]), None, GenerationSettings(4, 4, 4, temperature=1.0), 9)

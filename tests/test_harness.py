@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from lm_eval.api.model import CachingLM
 from lm_eval_dlmskip.harness import LLaDASkipLM
 from lm_eval_dlmskip.likelihood import LikelihoodSettings, mc_loglikelihood, request_generator
 
-from .conftest import EOS_ID, MASK_ID, model_denoiser, words
+from .conftest import EOS_ID, MASK_ID, greedy_answer, model_denoiser, words, write_task
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_lm(ref_dir, **kwargs) -> LLaDASkipLM:
@@ -24,10 +27,16 @@ def make_lm(ref_dir, **kwargs) -> LLaDASkipLM:
 
 
 def ll_requests(ref, task="task_a"):
+    """The first four fixture cases as the four choices (idx 0..3) of one multiple-choice document."""
     return [
-        Instance("loglikelihood", {}, (words(r["prompt"]), " " + words(r["answer"])), i, (task, i, 1))
+        Instance("loglikelihood", {}, (words(r["prompt"]), " " + words(r["answer"])), i, (task, 0, 1))
         for i, r in enumerate(ref["cases"]["loglikelihood"]["runs"][:4])
     ]
+
+
+def choices(context: str, continuations: list[str], task: str, doc: int = 0) -> list[Instance]:
+    """The requests of one multiple-choice document."""
+    return [Instance("loglikelihood", {}, (context, c), i, (task, doc, 1)) for i, c in enumerate(continuations)]
 
 
 def gen_requests(ref, gen_kwargs, task="task_g"):
@@ -45,10 +54,10 @@ def test_loglikelihood_is_the_estimator_on_the_tokenized_request(lm, ref, ref_mo
     runs = ref["cases"]["loglikelihood"]["runs"][:4]
     for (score, greedy), run in zip(scores, runs):
         settings = LikelihoodSettings(mc_num=16)
-        gen = [request_generator(lm.seed, run["prompt"], run["answer"])]
+        gen = [request_generator(lm.mc_seed, run["prompt"], run["answer"])]
         direct = mc_loglikelihood(model_denoiser(ref_model), [run["prompt"]], [run["answer"]], settings, MASK_ID, EOS_ID, gen, torch.device("cpu"))
         assert score == pytest.approx(direct[0], abs=1e-4)
-        assert greedy is False  # not computed unless check_greedy=True
+        assert greedy is False  # choices of a multiple-choice document: lm-eval does not read is_greedy
     assert scores[0][0] == pytest.approx(runs[0]["expected_loglik"], abs=1e-4)  # one-token answer: exact
 
 
@@ -58,6 +67,32 @@ def test_loglikelihood_does_not_depend_on_batch_size(ref_dir, ref):
     assert [s for s, _ in one] == pytest.approx([s for s, _ in four], abs=1e-4)
 
 
+def _record_inputs(lm: LLaDASkipLM) -> list[torch.Tensor]:
+    """The ids of every forward the harness runs (they show the Monte-Carlo masks drawn)."""
+    seen, model = [], lm.model
+
+    def forward(ids, attention_mask=None, **kwargs):
+        seen.append(ids.clone())
+        return model(ids, attention_mask, **kwargs)
+
+    lm.model = forward
+    return seen
+
+
+def test_mc_seed_alone_draws_the_masks(ref_dir, ref):
+    """A random-skip run with its own seed scores with the base run's masks; only mc_seed changes them."""
+    requests = ll_requests(ref)[1:]  # answers of several tokens: the masks are random
+    base, random_k = make_lm(ref_dir), make_lm(ref_dir, skip_random=2, seed=5)
+    seen_base, seen_random = _record_inputs(base), _record_inputs(random_k)
+    base.loglikelihood(requests)
+    random_k.loglikelihood(requests)
+    assert len(seen_base) == len(seen_random) and all(torch.equal(a, b) for a, b in zip(seen_base, seen_random))
+    scores = [s for s, _ in make_lm(ref_dir, seed=1).loglikelihood(requests)]
+    assert [s for s, _ in make_lm(ref_dir, seed=2).loglikelihood(requests)] == scores
+    assert [s for s, _ in make_lm(ref_dir, seed=2, mc_seed=7).loglikelihood(requests)] != scores
+    assert make_lm(ref_dir, mc_seed=7).get_model_info()["dlmskip"]["mc_seed"] == 7
+
+
 def test_batch_size_auto_finds_a_size_and_keeps_the_scores(ref_dir, ref):
     lm = make_lm(ref_dir, batch_size="auto", max_batch_size=3)
     assert lm._batch_size(16, 12) == 3  # nothing runs out of memory on the CPU: the upper bound
@@ -65,11 +100,44 @@ def test_batch_size_auto_finds_a_size_and_keeps_the_scores(ref_dir, ref):
     assert [s for s, _ in auto] == pytest.approx([s for s, _ in make_lm(ref_dir).loglikelihood(ll_requests(ref))], abs=1e-4)
 
 
-def test_check_greedy_runs_the_greedy_passes_only_when_asked(ref_dir, ref):
-    lm = make_lm(ref_dir, check_greedy=True)
-    results = lm.loglikelihood(ll_requests(ref))
-    assert all(isinstance(g, bool) for _, g in results)
-    assert lm.get_model_info()["dlmskip"]["check_greedy"] is True
+def _greedy_and_not(ref_model) -> list[tuple[list[int], list[int], bool]]:
+    """(prompt, answer, is it the greedy answer) for four prompts: two greedy answers, two not."""
+    denoise, cases = model_denoiser(ref_model), []
+    for i, prompt in enumerate([[11, 12, 13, 14], [40, 41, 42], [7, 8, 9, 10, 11], [60, 61]]):
+        answer = greedy_answer(denoise, prompt, 3)
+        cases.append((prompt, answer, True) if i % 2 == 0 else (prompt, [(t + 1) % 240 for t in answer], False))
+    return cases
+
+
+def test_is_greedy_comes_with_every_loglikelihood_task_request(ref_dir, ref_model):
+    """A loglikelihood task (one request per document) gets is_greedy without any flag; the choices of
+    a multiple-choice document get it only with check_greedy=True, which costs greedy passes."""
+    cases = _greedy_and_not(ref_model)
+    requests = [Instance("loglikelihood", {}, (words(p), " " + words(a)), 0, ("lambada", i, 1)) for i, (p, a, _) in enumerate(cases)]
+    assert [g for _, g in make_lm(ref_dir, batch_size=3).loglikelihood(requests)] == [c[2] for c in cases]
+    (p0, a0, _), (_, a1, _) = cases[:2]
+    mc = choices(words(p0), [" " + words(a0), " " + words(a1)], "mc")
+    lm = make_lm(ref_dir)
+    assert [g for _, g in lm.loglikelihood(mc)] == [False, False]
+    forwards = lm.get_model_info()["dlmskip"]["flops"]["mc"]["forwards"]
+    asked = make_lm(ref_dir, check_greedy=True)
+    assert [g for _, g in asked.loglikelihood(mc)] == [True, False]
+    assert asked.get_model_info()["dlmskip"]["flops"]["mc"]["forwards"] == forwards + 2 * 3  # a forward per answer token
+
+
+def test_a_lambada_style_task_scores_greedy_answers(tmp_path, ref_dir, ref_model):
+    """Through lm-eval: a loglikelihood task's acc is the share of documents whose answer is greedy."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"context": words(p), "target": " " + words(a)} for p, a, _ in _greedy_and_not(ref_model)]
+    root = write_task(
+        tmp_path / "tasks", "ref_lambada", docs,
+        'output_type: loglikelihood\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{target}}"\ntarget_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n",
+    )
+    results = simple_evaluate(model=make_lm(ref_dir, batch_size=4), tasks=["ref_lambada"], task_manager=TaskManager(include_path=str(root)))
+    assert results["results"]["ref_lambada"]["acc,none"] == 0.5
 
 
 def test_generation_is_upstream_and_independent_of_batch_size(ref_dir, ref):
@@ -80,6 +148,19 @@ def test_generation_is_upstream_and_independent_of_batch_size(ref_dir, ref):
     run = ref["cases"]["generate"]["runs"][2]  # steps 16, gen_length 16, block_length 8
     upstream = words(run["output"][len(run["prompt"]):])
     assert one[2] == upstream
+
+
+def test_sampled_generation_does_not_depend_on_batch_size(ref_dir, ref):
+    """temperature 1 and random remasking: batch 1 and batch 4 decode the same text for a seed, and
+    the sampler samples (another seed, or greedy decoding, give other text)."""
+    kwargs = {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 4, "temperature": 1.0, "remasking": "random"}
+    requests = gen_requests(ref, kwargs)
+    assert len(requests) == 5
+    one = make_lm(ref_dir, batch_size=1).generate_until(requests)
+    assert make_lm(ref_dir, batch_size=4).generate_until(requests) == one
+    assert make_lm(ref_dir, batch_size=4, seed=7).generate_until(requests) != one
+    greedy = make_lm(ref_dir, batch_size=4).generate_until(gen_requests(ref, {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 4}))
+    assert greedy != one
 
 
 def test_until_cuts_the_text(ref_dir, ref):
@@ -98,16 +179,58 @@ def test_special_tokens_are_removed_after_cutting(lm):
     assert lm.decode_answer([5, 7, 251, 6], ["t7"]) == "t5"
 
 
-def test_task_generation_kwargs_override_model_args(ref_dir):
-    lm = make_lm(ref_dir, steps=4, block_length=4, gen_length=8)
-    settings, until = lm.generation_settings({"until": "t3", "max_gen_toks": 32})
-    assert (settings.gen_length, settings.steps, settings.block_length) == (8, 4, 4)
-    assert until == ["t3"]
-    settings, _ = lm.generation_settings({"until": [], "max_gen_toks": 32, "steps": 16, "block_length": 8, "gen_length": 16})
-    assert (settings.gen_length, settings.steps, settings.block_length) == (16, 16, 8)
+def test_model_args_override_task_generation_kwargs(ref_dir):
+    """One precedence for every decoding setting: model_args the user typed, else the task's
+    generation_kwargs, else the default (gen_length: max_gen_toks; steps, block_length: gen_length)."""
+    lm = make_lm(ref_dir, steps=4, block_length=4, gen_length=8, temperature=0.5)
+    settings, until, origin = lm.generation_settings({"until": "t3", "max_gen_toks": 8})
+    assert (settings.gen_length, settings.steps, settings.block_length, settings.temperature) == (8, 4, 4, 0.5)
+    assert until == ["t3"] and origin["steps"] == "4 (model_args)"
+    task = {"until": [], "max_gen_toks": 8, "steps": 16, "block_length": 8, "gen_length": 8, "temperature": 0.0, "remasking": "random"}
+    settings, _, origin = lm.generation_settings(task)
+    assert (settings.gen_length, settings.steps, settings.block_length, settings.temperature) == (8, 4, 4, 0.5)
+    assert settings.remasking == "random" and origin["remasking"] == "random (task)"
+    assert origin["steps"] == "4 (model_args, over the task's 16)" and origin["temperature"] == "0.5 (model_args, over the task's 0.0)"
     default = make_lm(ref_dir)
-    settings, _ = default.generation_settings({"until": [], "max_gen_toks": 12, "do_sample": False})
+    settings, _, origin = default.generation_settings({"until": [], "max_gen_toks": 12, "do_sample": False})
     assert (settings.gen_length, settings.steps, settings.block_length, settings.temperature) == (12, 12, 12, 0.0)
+    assert origin["gen_length"] == "12 (task)" and origin["block_length"] == "12 (default: gen_length)"
+    settings, _, _ = default.generation_settings({"until": [], "max_gen_toks": 16, "steps": 8, "block_length": 4})
+    assert (settings.gen_length, settings.steps, settings.block_length) == (16, 8, 4)
+
+
+def test_a_user_gen_length_does_not_inherit_the_tasks_steps_and_blocks(ref_dir):
+    """gen_length=1024 on gsm8k_llada (256 tokens, 256 steps, one block of 256) would run 4 blocks of
+    64 steps nobody asked for: refused, naming both sources, until model_args give steps and blocks."""
+    import yaml
+
+    task = yaml.safe_load((ROOT / "tasks" / "gsm8k_llada.yaml").read_text())["generation_kwargs"]
+    lm = make_lm(ref_dir, gen_length=1024)
+    with pytest.raises(ValueError, match=r"gen_length=1024 \(model_args\) replaces the task's 256, but the task's "
+                                         r"steps=256, block_length=256 were set for 256 tokens"):
+        lm.generation_settings(task)
+    settings, _, _ = make_lm(ref_dir, gen_length=1024, steps=1024, block_length=1024).generation_settings(task)
+    assert (settings.gen_length, settings.steps, settings.block_length) == (1024, 1024, 1024)
+    settings, _, _ = make_lm(ref_dir, gen_length=256).generation_settings(task)  # the task's own length
+    assert (settings.gen_length, settings.steps, settings.block_length) == (256, 256, 256)
+
+
+def test_settings_that_cannot_be_honoured_name_their_sources(ref_dir):
+    with pytest.raises(ValueError, match=r"not a multiple of block_length=3.*gen_length=8 \(task\).*block_length=3 \(model_args\)"):
+        make_lm(ref_dir, block_length=3).generation_settings({"max_gen_toks": 8})
+
+
+def test_generation_settings_are_logged_once_per_task(ref_dir, ref, caplog):
+    lm = make_lm(ref_dir, steps=8, batch_size=2)
+    kwargs = {"until": [], "max_gen_toks": 8, "steps": 4, "block_length": 8}
+    with caplog.at_level(logging.INFO, logger="lm_eval.llada_skip"):
+        lm.generate_until(gen_requests(ref, kwargs, task="g1")[:3] + gen_requests(ref, kwargs, task="g2")[:1])
+        lm.generate_until(gen_requests(ref, kwargs, task="g1")[:1])
+    records = [r for r in caplog.records if "decodes with" in r.getMessage()]
+    assert sorted(r.getMessage().split("[")[1].split("]")[0] for r in records) == ["g1", "g2"]
+    assert "steps=8 (model_args, over the task's 4)" in records[0].getMessage()
+    assert "block_length=8 (task)" in records[0].getMessage()
+    assert all(r.levelno == logging.WARNING for r in records)  # a task's value was overridden
 
 
 def test_generation_kwargs_errors(ref_dir):
@@ -120,7 +243,8 @@ def test_generation_kwargs_errors(ref_dir):
 
 def test_flops_per_task_reach_get_model_info(ref_dir, ref):
     lm = make_lm(ref_dir, skip_layers=[1, 3])
-    lm.loglikelihood(ll_requests(ref, task="mc") + ll_requests(ref, task="mc2")[:1])
+    one_token = ref["cases"]["loglikelihood"]["runs"][0]
+    lm.loglikelihood(ll_requests(ref, task="mc") + choices(words(one_token["prompt"]), [" " + words(one_token["answer"]), " t9"], "mc2"))
     lm.generate_until(gen_requests(ref, {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 8}, task="gen"))
     info = lm.get_model_info()["dlmskip"]
     assert set(info["flops"]) == {"mc", "mc2", "gen"}
@@ -128,15 +252,33 @@ def test_flops_per_task_reach_get_model_info(ref_dir, ref):
         assert task["normalized_flops_papers"] == pytest.approx(4 / 6)
         assert task["block_execution_ratio"] == [1, 0, 1, 0, 1, 1]
     assert info["flops"]["gen"]["forwards"] == 5 * 8  # five prompts, eight denoising steps
-    assert info["flops"]["mc2"]["forwards"] == 1  # a one-token answer: one exact sample
+    assert info["flops"]["mc2"]["forwards"] == 2  # two one-token answers: one exact sample each
     assert info["skip"] == {"method": "static", "skip_layers": [1, 3], "k": 2}
     assert info["likelihood"]["mc_num"] == 16 and info["fingerprint"]
 
 
+def test_the_lm_head_is_charged_only_where_logits_are_used(ref_dir):
+    """Whole-model FLOPs by hand: a denoising step computes logits for its block only, a one-token
+    answer's likelihood sample for its one masked position only."""
+    d, kv, f, V, layers = 64, 64, 160, 256, 6  # the reference config
+
+    def forward(n: int, head: int) -> int:
+        return 4 * d * n + layers * (n * (2 * d * (2 * d + 2 * kv) + 6 * d * f) + 4 * n * n * d) + 2 * d * V * head
+
+    lm = make_lm(ref_dir)
+    kwargs = {"until": [], "max_gen_toks": 8, "steps": 4, "block_length": 4}
+    lm.generate_until([Instance("generate_until", {}, ("t5 t6 t7", kwargs), 0, ("gen", 0, 1))])
+    choices = [Instance("loglikelihood", {}, ("t5 t6 t7", c), i, ("mc", 0, 1)) for i, c in enumerate([" t9", " t10"])]
+    lm.loglikelihood(choices)
+    flops = lm.get_model_info()["dlmskip"]["flops"]
+    assert flops["gen"]["tflops"] * 1e12 == pytest.approx(4 * forward(3 + 8, 4))  # 2 blocks x 2 steps
+    assert flops["mc"]["tflops"] * 1e12 == pytest.approx(2 * forward(4, 1))
+
+
 def test_cfg_doubles_the_forwards_and_counts_them(ref_dir, ref):
     lm = make_lm(ref_dir, cfg=0.5)
-    lm.loglikelihood(ll_requests(ref)[:1])
-    assert lm.get_model_info()["dlmskip"]["flops"]["task_a"]["forwards"] == 2
+    lm.loglikelihood(choices("t5 t6", [" t7", " t9"], "task_a"))
+    assert lm.get_model_info()["dlmskip"]["flops"]["task_a"]["forwards"] == 2 * 2  # two one-token answers, twice
 
 
 def test_loglikelihood_rolling_sums_windows(ref_dir, ref):
@@ -149,7 +291,7 @@ def test_loglikelihood_rolling_sums_windows(ref_dir, ref):
     windows = [([EOS_ID], t[0:7]), ([t[6]], t[7:14]), (t[12:14], t[14:20])]
     expected = 0.0
     for context, chunk in windows:
-        gen = [request_generator(lm.seed, context, chunk)]
+        gen = [request_generator(lm.mc_seed, context, chunk)]
         expected += mc_loglikelihood(model_denoiser(lm.model), [context], [chunk], lm.likelihood, MASK_ID, EOS_ID, gen, torch.device("cpu"))[0]
     assert total == pytest.approx(expected, abs=1e-3)
 
@@ -207,6 +349,41 @@ def test_use_cache_refuses_a_cache_written_with_other_settings(tmp_path, ref_dir
     assert CachingLM(make_lm(ref_dir), cache).loglikelihood(ll_requests(ref)[:2]) == first  # same settings: reused
     with pytest.raises(ValueError, match="--use_cache: this cache was written by llada_skip with other settings"):
         CachingLM(make_lm(ref_dir, skip_layers=[2]), cache)
+
+
+def test_use_cache_key_covers_truncation_dtype_and_tokenizer(tmp_path, ref_dir):
+    """max_length (truncation), dtype and the tokenizer change answers, so each is part of the key."""
+    cache = str(tmp_path / "cache.db")
+    CachingLM(make_lm(ref_dir), cache)
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    shutil.copy(ref_dir / "tokenizer_config.json", tokenizer)
+    vocab = json.loads((ref_dir / "tokenizer.json").read_text())
+    vocab["model"]["vocab"]["t5"], vocab["model"]["vocab"]["t6"] = vocab["model"]["vocab"]["t6"], vocab["model"]["vocab"]["t5"]
+    (tokenizer / "tokenizer.json").write_text(json.dumps(vocab))
+    for other in ({"max_length": 16}, {"dtype": "bfloat16"}, {"tokenizer": str(tokenizer)}):
+        with pytest.raises(ValueError, match="--use_cache: this cache was written by llada_skip with other settings"):
+            CachingLM(make_lm(ref_dir, **other), cache)
+
+
+def test_answers_served_from_the_cache_keep_their_flops(tmp_path, ref_dir, ref):
+    """lm-eval serves a cached answer without calling the model; its FLOPs were stored with it and
+    count again, so a run served wholly or partly from the cache reports the FLOPs of one that is not."""
+    gen_kwargs = {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 8}
+    texts = [words(range(1, 40)), "t20 t21 t22", "t30 t31"]  # several rolling windows, and one
+
+    def run(cache: str, n: int | None = None) -> dict:
+        lm = CachingLM(make_lm(ref_dir, skip_random=2, batch_size=2, max_length=24), str(tmp_path / cache))
+        lm.loglikelihood(ll_requests(ref, task="mc")[:n])
+        lm.generate_until(gen_requests(ref, gen_kwargs, task="gen")[:n])
+        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i, ("ppl", i, 1)) for i, t in enumerate(texts[:n])])
+        return lm.get_model_info()["dlmskip"]["flops"]
+
+    computed = run("full.db")
+    assert set(computed) == {"mc", "gen", "ppl"}
+    assert run("full.db") == computed  # every answer from the cache
+    run("part.db", 2)
+    assert run("part.db") == computed  # two answers of each kind from the cache, the others computed
 
 
 def test_chat_template_is_applied(tmp_path, ref_dir):

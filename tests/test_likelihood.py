@@ -3,7 +3,10 @@ reproducible and independent of how requests are batched."""
 
 from __future__ import annotations
 
+import math
+import re
 import statistics
+from collections import Counter
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ from lm_eval_dlmskip.likelihood import (
     stratified_counts,
 )
 
-from .conftest import EOS_ID, MASK_ID, model_denoiser
+from .conftest import EOS_ID, MASK_ID, greedy_answer, model_denoiser
 
 CPU = torch.device("cpu")
 
@@ -67,12 +70,81 @@ def test_stratified_counts_have_a_uniform_marginal():
             assert sorted(slot.tolist()) == list(range(1, T + 1))
 
 
-def test_masks_have_the_stratified_sizes_and_spare_the_prompt(ref_model):
+def _upstream_counts(T: int, b: int) -> list[int]:
+    """How often upstream's rule gives each l in 1..T over every k in 1..T and slot i in 0..b-1
+    (``forward_process`` of upstream ``get_log_likelihood.py``, with torch's half-to-even round)."""
+    counts = [0] * T
+    for k in range(1, T + 1):
+        x = torch.round(torch.linspace(float(k), k + (b - 1) * (T / b), steps=b)).long()
+        for l in (((x - 1) % T) + 1).tolist():
+            counts[l - 1] += 1
+    return counts
+
+
+def test_the_docstring_quotes_upstreams_weights_and_ours_are_uniform():
+    """The weights ``stratified_counts`` quotes for upstream's rounding (T=3, b=16) are what
+    enumerating upstream's rule gives; ours give every l exactly b times over the k."""
+    quoted = re.search(r"T=3, b=16 gives l=1,2,3 with weights\s+(\d+):(\d+):(\d+)", stratified_counts.__doc__)
+    assert quoted is not None
+    assert [int(w) for w in quoted.groups()] == _upstream_counts(3, 16) == [17, 16, 15]
+    settings = LikelihoodSettings(mc_num=16, mc_batch=16)
+    by_k = {}
+    for seed in range(200):
+        counts = stratified_counts(3, settings, torch.Generator().manual_seed(seed))
+        by_k[int(counts[0])] = counts.tolist()
+    assert sorted(by_k) == [1, 2, 3]
+    assert Counter(l for counts in by_k.values() for l in counts) == {1: 16, 2: 16, 3: 16}
+
+
+def test_masks_have_the_stratified_sizes(ref_model):
     settings = LikelihoodSettings(mc_num=32, mc_batch=16)
     pattern, count = sample_masks(6, settings, torch.Generator().manual_seed(1))
     assert pattern.shape == (32, 6) and torch.equal(pattern.sum(1), count)
     assert count.min() >= 1 and count.max() <= 6
     assert len(set(count[:16].tolist())) == 6  # one group spans every size
+
+
+def _recording_denoiser(seen: list, vocab: int = 256):
+    """Uniform logits (every masked token costs log V); keeps the ids of every forward."""
+
+    def denoise(ids, attention_mask, logits_at):
+        seen.append(ids.clone())
+        return torch.zeros(len(logits_at), vocab)
+
+    return denoise
+
+
+@pytest.mark.parametrize("cfg", [0.0, 0.5])
+def test_the_prompt_is_never_masked(cfg):
+    """Every row carries its request's prompt intact and masks only answer positions; with CFG the
+    unconditional half masks the whole prompt and nothing else changes."""
+    prompts, answers = [[11, 12, 13, 14], [21, 22]], [[5, 6, 7, 8, 9], [30, 31, 32]]
+    seen = []
+    generators = [request_generator(0, p, a) for p, a in zip(prompts, answers)]
+    settings = LikelihoodSettings(mc_num=32, mc_batch=16, cfg=cfg)
+    mc_loglikelihood(_recording_denoiser(seen), prompts, answers, settings, MASK_ID, EOS_ID, generators, CPU)
+    assert len(seen) == 2
+    for ids in seen:
+        conditional, unconditional = ids.chunk(2) if cfg else (ids, None)
+        assert len(conditional) == 32  # 16 samples of each request per round
+        for r, (prompt, answer) in enumerate(zip(prompts, answers)):
+            rows = conditional[16 * r : 16 * (r + 1), : len(prompt) + len(answer)]
+            assert (rows[:, : len(prompt)] == torch.tensor(prompt)).all()
+            masked = rows[:, len(prompt) :] == MASK_ID
+            assert masked.any(1).all() and (rows[:, len(prompt) :][~masked] == torch.tensor(answer).expand_as(masked)[~masked]).all()
+            if cfg:
+                un = unconditional[16 * r : 16 * (r + 1), : len(prompt) + len(answer)]
+                assert (un[:, : len(prompt)] == MASK_ID).all() and torch.equal(un[:, len(prompt) :], rows[:, len(prompt) :])
+
+
+def test_each_sample_is_weighted_by_t_over_l():
+    """With uniform logits a masked token costs log V, so a sample of l masks scores l log V and,
+    weighted by T / l, every sample gives T log V: the estimate is exact whatever l was drawn."""
+    prompts, answers = [[11, 12, 13, 14], [21, 22]], [[5, 6, 7, 8, 9], [30, 31, 32]]
+    for seed in range(3):
+        generators = [request_generator(seed, p, a) for p, a in zip(prompts, answers)]
+        got = mc_loglikelihood(_recording_denoiser([]), prompts, answers, LikelihoodSettings(mc_num=32), MASK_ID, EOS_ID, generators, CPU)
+        assert got == pytest.approx([-5 * math.log(256), -3 * math.log(256)], rel=1e-6)
 
 
 def test_batched_requests_equal_requests_alone(ref, ref_model):
@@ -117,17 +189,7 @@ def test_settings_errors():
 def test_greedy_check_recognises_the_models_own_greedy_answer(ref_model):
     prompts = [[11, 12, 13, 14], [40, 41, 42]]
     denoise = model_denoiser(ref_model)
-    # Build each greedy answer by the definition: unmask the single most confident position.
-    answers = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt + [MASK_ID] * 4])
-        for _ in range(4):
-            logits = denoise(ids, None, None)[0]
-            probs = logits.softmax(-1).max(-1)
-            masked = ids[0] == MASK_ID
-            pos = torch.where(masked, probs.values, -1.0).argmax()
-            ids[0, pos] = probs.indices[pos]
-        answers.append(ids[0, len(prompt):].tolist())
+    answers = [greedy_answer(denoise, prompt, 4) for prompt in prompts]
     assert greedy_matches(denoise, prompts, answers, 0.0, MASK_ID, EOS_ID, CPU) == [True, True]
     wrong = [answers[0], [(t + 1) % 240 for t in answers[1]]]
     assert greedy_matches(denoise, prompts, wrong, 0.0, MASK_ID, EOS_ID, CPU) == [True, False]

@@ -212,9 +212,15 @@ def test_bias_and_tied_embeddings_are_supported():
     cfg = LLaDAConfig.from_dict(dict(d_model=16, n_layers=1, n_heads=2, vocab_size=20, mask_token_id=19,
                                      include_bias=True, bias_for_layer_norm=False, weight_tying=True,
                                      mlp_ratio=2))
+    torch.manual_seed(0)
     model = LLaDA(cfg)
     assert model.ff_out is None and model.blocks[0].q_proj.bias is not None
-    assert model(torch.zeros(1, 3, dtype=torch.long))[0].shape == (1, 3, 20)
+    assert "ff_out.weight" not in model.state_dict()
+    ids = torch.tensor([[3, 7, 11, 19]])
+    logits, _ = model(ids)
+    h, _ = model.trunk(ids)
+    assert logits.shape == (1, 4, 20)
+    assert torch.allclose(logits, model.ln_f(h) @ model.wte.weight.T, atol=1e-6)  # the head is the embedding
 
 
 def test_fast_path_is_taken_and_equals_the_plain_path(ref_dir, ref_tensors):

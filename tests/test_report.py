@@ -144,7 +144,7 @@ def test_sweep_plans_the_grid_and_resumes(tmp_path, monkeypatch):
     assert names == ["base", "static-k1", "static-k2", "random-k1-seed0", "random-k1-seed1", "random-k3-seed0",
                      "random-k3-seed1", "routed-gsm8k-l0.3"]
     plans = dict(sweep.plan_runs(args))
-    assert plans["static-k2"] == {"pretrained": "M", "mc_num": 16, "cfg": 0, "skip_profile": "p.json", "skip_k": 2}
+    assert plans["static-k2"] == {"pretrained": "M", "mc_seed": 1234, "mc_num": 16, "cfg": 0, "skip_profile": "p.json", "skip_k": 2}
     calls = []
 
     def fake_run(cmd):
@@ -164,6 +164,17 @@ def test_sweep_plans_the_grid_and_resumes(tmp_path, monkeypatch):
     assert len(calls) == 1 and "random-k3-seed1" in " ".join(calls[0])
     manifest = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [r["run"] for r in manifest["runs"]] == names
+
+
+def test_sweep_gives_every_run_the_same_mask_seed(tmp_path):
+    """Random runs vary ``seed`` (the skipping draw); the Monte-Carlo masks stay those of the base run."""
+    args = _sweep_args(tmp_path, random_k="2", random_seeds="0,1,2", routers=["r"])
+    plans = dict(sweep.plan_runs(args))
+    assert {run["mc_seed"] for run in plans.values()} == {1234}
+    assert [plans[f"random-k2-seed{s}"]["seed"] for s in range(3)] == [0, 1, 2]
+    assert {run["mc_seed"] for run in dict(sweep.plan_runs(_sweep_args(tmp_path, random_k="2", mc_seed=7))).values()} == {7}
+    given = _sweep_args(tmp_path, random_k="2", model_args="mc_seed=9")
+    assert {run["mc_seed"] for run in dict(sweep.plan_runs(given)).values()} == {9}
 
 
 def test_sweep_refuses_static_without_profile(tmp_path):

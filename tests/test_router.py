@@ -437,6 +437,60 @@ def test_checkpoint_for_another_model_is_refused(tmp_path, ref_dir):
     LLaDASkipLM(pretrained=str(tmp_path / "other"), device="cpu", router=str(path), allow_mismatch=True)
 
 
+def _lora_adapter(tmp_path, ref_dir, seed: int = 0):
+    """A tiny LoRA adapter (nonzero, so it changes the weights), saved as peft saves it; and its model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(load_llada(str(ref_dir)).model, config)
+    model.save_pretrained(str(tmp_path / f"adapter{seed}"))
+    return tmp_path / f"adapter{seed}", model
+
+
+def test_routers_and_profiles_are_checked_against_the_weights_evaluated(tmp_path, ref_dir):
+    """Made on the base weights, a router or a skip profile does not fit base + a peft adapter: the
+    identity checked is that of the weights after merging the adapter."""
+    from lm_eval_dlmskip.report import calibrate
+
+    _, router = _saved_routers(tmp_path, ref_dir)
+    adapter, _ = _lora_adapter(tmp_path, ref_dir)
+    base = load_llada(str(ref_dir))
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"kind": calibrate.KIND, "format": calibrate.FORMAT_VERSION, "threshold": 0.9,
+                                   "selection_order": [2], "base_model": model_identity(base.model.cfg, str(ref_dir), base.fingerprint)}))
+    fp = base.fingerprint
+    evaluated = rf"the weights evaluated \(base {fp} \+ peft adapter [0-9a-f]{{16}}\) have fingerprint {fp}\+[0-9a-f]{{16}}"
+    for artifact in ({"router": str(router)}, {"skip_profile": str(profile)}):
+        with pytest.raises(ValueError, match=rf"(trained for|measured on) .*fingerprint {base.fingerprint}\); {evaluated}"):
+            LLaDASkipLM(pretrained=str(ref_dir), device="cpu", peft=str(adapter), **artifact)
+        LLaDASkipLM(pretrained=str(ref_dir), device="cpu", **artifact)  # the base weights: accepted
+        LLaDASkipLM(pretrained=str(ref_dir), device="cpu", peft=str(adapter), allow_mismatch=True, **artifact)
+    with_adapter = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", peft=str(adapter)).get_model_info()["dlmskip"]
+    other, _ = _lora_adapter(tmp_path, ref_dir, seed=1)
+    assert with_adapter["fingerprint"].startswith(base.fingerprint + "+")
+    assert LLaDASkipLM(pretrained=str(ref_dir), device="cpu", peft=str(other)).get_model_info()["dlmskip"]["fingerprint"] not in (
+        with_adapter["fingerprint"], base.fingerprint)
+
+
+def test_a_router_with_its_own_adapter_is_checked_before_merging_it(tmp_path, ref_dir):
+    """A router trained with LoRA records the base it was trained on; its adapter is merged after
+    the check, so it loads on that base, and is refused on base + another peft adapter."""
+    routers, _ = _saved_routers(tmp_path, ref_dir)
+    _, lora_model = _lora_adapter(tmp_path, ref_dir)
+    base = load_llada(str(ref_dir))
+    path = tmp_path / "lora-router"
+    save_routers(path, routers, model_identity(base.model.cfg, str(ref_dir), base.fingerprint),
+                 {"lambda": 0.3, "alpha_target": 0.5, "mask_scaling": True}, lora_model=lora_model)
+    lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", router=str(path))
+    ids = torch.randint(0, 240, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids)[0], lora_model(ids)[0], atol=1e-4)
+    adapter, _ = _lora_adapter(tmp_path, ref_dir, seed=1)
+    with pytest.raises(ValueError, match=r"was trained for .*the weights evaluated \(base [0-9a-f]{16} \+ peft adapter"):
+        LLaDASkipLM(pretrained=str(ref_dir), device="cpu", router=str(path), peft=str(adapter))
+
+
 def test_damaged_checkpoints_are_refused_cleanly(tmp_path, ref_dir):
     _, path = _saved_routers(tmp_path, ref_dir)
     cfg, fingerprint = load_llada(str(ref_dir)).model.cfg, load_llada(str(ref_dir)).fingerprint

@@ -2,7 +2,8 @@
 
 Runs, each into ``OUT/<run>/`` with ``lm_eval --output_path``: ``base``; ``static-k<k>`` for k = 1..K
 from a skip profile (its first k choices, ``skip_profile=..,skip_k=k``); ``random-k<k>-seed<s>``;
-``routed-<name>`` for every router checkpoint. A run whose directory already holds a results file
+``routed-<name>`` for every router checkpoint. Every run gets the same ``mc_seed``, so they all score
+with the same Monte-Carlo masks. A run whose directory already holds a results file
 is skipped, so an interrupted sweep resumes where it stopped. ``OUT/sweep.json`` lists every run
 with its command.
 """
@@ -21,7 +22,8 @@ from ..files import write_json
 
 def plan_runs(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(run name, model_args) for every configuration of the grid."""
-    base = {"pretrained": args.model, **_parse_model_args(args.model_args)}
+    # One mask seed for every run, so random runs (which vary `seed`) score with the base run's masks.
+    base = {"pretrained": args.model, "mc_seed": args.mc_seed, **_parse_model_args(args.model_args)}
     runs = [("base", base)]
     if args.static_k:
         if not args.skip_profile:
@@ -94,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--static-k", type=int, default=0, help="static runs with the profile's first 1..K blocks")
     a("--random-k", help="random-skip runs, e.g. 1,2,4")
     a("--random-seeds", default="0", help="seeds of the random runs, e.g. 0,1,2")
+    a("--mc-seed", type=int, default=1234, help="Monte-Carlo mask seed, the same for every run")
     a("--routers", nargs="*", help="router checkpoint directories")
     a("--model-args", help="extra model_args for every run, in lm-eval syntax (mc_num=128,cfg=0)")
     a("--lm-eval-args", help='extra lm_eval arguments, e.g. "--batch_size 8 --device cuda --limit 200"')

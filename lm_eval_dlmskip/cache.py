@@ -1,0 +1,89 @@
+"""``--use_cache`` for llada_skip: settings checked, and FLOPs kept with the answers.
+
+lm-eval keys a cached answer by the request alone and, when it has one, serves it without calling
+the model. So a cache written with other settings is refused, and the FLOPs each answer cost are
+stored beside it (keys of our own in the same database) and counted again when lm-eval serves it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import hash_args
+from sqlitedict import SqliteDict
+
+from .flops import FlopsMeter, FlopsModel, TaskTotals
+
+SETTINGS_KEY = "__llada_skip_settings__"
+FLOPS_PREFIX = "__llada_skip_flops__|"
+
+
+class _ServedAnswers(SqliteDict):
+    """lm-eval's cache database, remembering the keys read from it: lm-eval's CachingLM reads
+    ``db[key]`` for exactly the answers it serves instead of calling the model."""
+
+    served: list[str]
+
+    def __getitem__(self, key: str):
+        value = super().__getitem__(key)
+        self.served.append(key)
+        return value
+
+
+class AnswerCache:
+    """The llada_skip side of lm-eval's answer cache: its settings, and a FLOPs meter per answer."""
+
+    def __init__(self, db: SqliteDict, identity: dict, flops: FlopsModel, device: torch.device) -> None:
+        mine = json.dumps(identity, sort_keys=True)
+        theirs = db.get(SETTINGS_KEY)
+        if theirs is not None and theirs != mine:
+            raise ValueError(
+                "--use_cache: this cache was written by llada_skip with other settings "
+                f"({theirs}); lm-eval's cache keys ignore model_args, so its answers would be reused "
+                f"for {mine}. Give each configuration its own --use_cache path."
+            )
+        db[SETTINGS_KEY] = mine
+        db.commit()
+        db.__class__ = _ServedAnswers  # from here on, note what lm-eval serves
+        db.served = []
+        self.db = db
+        self.meter = FlopsMeter(flops, device)  # "tasks" are the answers of one call
+
+    def start(self, answers: list[int]) -> dict[int, int]:
+        """Begin a call whose rows belong to the requests ``answers``; their meter indices."""
+        return {int(a): i for a, i in self.meter.start([str(a) for a in answers]).items()}
+
+    def store(self, kind: str, requests: list[Instance]) -> None:
+        """Write the FLOPs of this call's answers beside them (lm-eval writes the answers)."""
+        for answer, totals in self.meter.flush().items():
+            request = requests[int(answer)]
+            self.db[FLOPS_PREFIX + hash_args(kind, request.args)] = {"task": str(request.task_name), **asdict(totals)}
+
+    def served(self) -> tuple[list[dict[str, TaskTotals]], int]:
+        """Per-task FLOPs of the answers lm-eval served since the last look, and how many had none
+        stored (written by a run that stopped before storing them)."""
+        keys, self.db.served = self.db.served, []
+        found, missing = [], 0
+        for key in keys:
+            try:
+                stored = dict(SqliteDict.__getitem__(self.db, FLOPS_PREFIX + key))  # not noted as served
+            except KeyError:
+                missing += 1
+                continue
+            task = stored.pop("task")
+            found.append({task: TaskTotals(**stored)})
+        return found, missing
+
+
+def files_digest(paths: list[Path]) -> str:
+    """sha256 of the files that exist among ``paths`` (a router's weights and adapter)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if path.exists():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
