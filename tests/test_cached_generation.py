@@ -5,6 +5,9 @@ with padding, batch-size invariance, and skipping in the cached regime."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,9 @@ import torch
 
 from lm_eval_dlmskip.generation import GenerationSettings, generate
 from lm_eval_dlmskip.graphs import GraphRunner
+from lm_eval_dlmskip.loading import load_llada, model_identity
 from lm_eval_dlmskip.policies import NO_SKIP, RandomSkip, StaticSkip
+from lm_eval_dlmskip.router import RouterConfig, Routers, save_routers
 
 from .conftest import EOS_ID, MASK_ID
 
@@ -110,3 +115,49 @@ def test_a_block_skipped_in_the_fill_stays_skipped_until_the_next_fill(ref_model
         for _, trace in traces[start + 1 : stop]:
             assert torch.equal(trace.executed, fill)
             assert torch.equal(trace.keys, mask.sum(1) + 16)  # the window attends to the whole cached row
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "lm_eval", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_decodes_with_a_cache_a_threshold_and_skipping(tmp_path, ref_dir, ref_tasks):
+    """The real CLI with cache=dual, threshold and static or routed skipping: NFE below the fixed
+    schedule's, tokens per forward below the canvas, FLOPs against plain decoding in the results."""
+    torch.manual_seed(4)
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16, init_bias=0.0))
+    for r in routers.routers:
+        torch.nn.init.normal_(r.net[-1].weight, std=3.0)
+    checkpoint = load_llada(str(ref_dir))
+    save_routers(tmp_path / "router", routers, model_identity(checkpoint.model.cfg, str(ref_dir), checkpoint.fingerprint),
+                 {"lambda": 0.3, "alpha_target": 0.5, "mask_scaling": True})
+    for name, skip in (("static", "skip_layers=[1,3]"), ("routed", f"router={tmp_path / 'router'}")):
+        out = tmp_path / name
+        _cli("--model", "llada_skip", "--model_args", f"pretrained={ref_dir},cache=dual,threshold=0.3,{skip}",
+             "--tasks", "ref_gen", "--include_path", str(ref_tasks), "--device", "cpu", "--batch_size", "4",
+             "--output_path", str(out))
+        [results_file] = list(out.rglob("results_*.json"))
+        info = json.loads(results_file.read_text())["config"]["dlmskip"]
+        flops = info["flops"]["ref_gen"]
+        assert info["generation"]["cache"] == "dual" and info["generation"]["threshold"] == 0.3
+        assert 2 * 2 <= flops["nfe_per_request"] < 8  # 2 blocks: a fill and a window forward at least; fewer than the 8 steps
+        assert flops["tokens_per_forward"] < 12  # windows of 4 among canvases of 12-17 tokens
+        assert flops["normalized_flops_vs_plain_decoding"] < flops["normalized_flops_whole_model"] < 1
+        if name == "static":
+            assert flops["block_execution_ratio"] == [1, 0, 1, 0, 1, 1]
+        else:
+            assert 0 < flops["normalized_flops_papers"] < 1
+
+
+def test_decoding_model_args_are_refused_before_loading(tmp_path):
+    from lm_eval_dlmskip.harness import LLaDASkipLM
+
+    missing = str(tmp_path / "no-such-checkpoint")
+    for args, message in (({"cache": "full"}, "cache='full'"), ({"threshold": 1.5}, "threshold=1.5"),
+                          ({"decide_every": "sometimes"}, "decide_every='sometimes'")):
+        with pytest.raises(ValueError, match=message):
+            LLaDASkipLM.create_from_arg_obj({"pretrained": missing, **args})
