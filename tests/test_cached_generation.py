@@ -161,3 +161,16 @@ def test_decoding_model_args_are_refused_before_loading(tmp_path):
                           ({"decide_every": "sometimes"}, "decide_every='sometimes'")):
         with pytest.raises(ValueError, match=message):
             LLaDASkipLM.create_from_arg_obj({"pretrained": missing, **args})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "tasks").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_task_configs_give_valid_decoding_settings(path):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from lm_eval_dlmskip.gen_kwargs import resolve_generation
+
+    config = load_yaml(str(path), resolve_func=False)  # MBPP's metric would fetch code_eval from the hub
+    settings, until, _ = resolve_generation(config["generation_kwargs"], {})
+    assert until and settings.gen_length == config["generation_kwargs"]["max_gen_toks"]
+    if path.stem.startswith("gsm8k_fastdllm"):
+        assert (settings.block_length, settings.threshold, config["num_fewshot"]) == (32, 0.9, 5)
