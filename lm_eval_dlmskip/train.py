@@ -565,7 +565,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dlmskip train", description=__doc__.split("\n\n")[0])
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="dlmskip train", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -202,3 +202,17 @@ def test_demo_runs_offline(tmp_path):
     assert done.stdout.count("demo_reverse_mc") >= 4  # two tables and two FLOPs lines
     assert "normalized FLOPs 0.7500 (papers)" in done.stdout
     assert (tmp_path / "demo" / "llada-demo" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "calibrate", "analyze", "sweep", "compare"])
+def test_help_shows_the_defaults(command, capsys):
+    from lm_eval_dlmskip.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    expected = {"demo": "(default: dlmskip-demo)", "train": "--lr LR (default: 5e-05)",
+                "calibrate": "--revision REVISION (default: main)", "analyze": "(default: 32)",
+                "sweep": "(default: 1234)", "compare": "(default: papers)"}[command]
+    assert expected in text
+    assert "(default: None)" not in text and "(default: False)" not in text
