@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
@@ -47,25 +46,25 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_arguments(add_parser("sweep", "run base, static, random and routed configurations through lm-eval"))
     compare.add_arguments(add_parser("compare", "leaderboard (and plots) of llada_skip runs"))
 
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return _run(args)
+        return _run(args, argv[1:])
     except (ValueError, FileNotFoundError) as err:
         print(f"dlmskip {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, command_argv: list[str]) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo(args.out, args.skip_layers)
     if args.command == "train":
-        from .train import config_from_args, train
+        from .train import run_train
 
-        print(json.dumps(train(config_from_args(args))))
-        return 0
+        return run_train(args, command_argv)
     from .report import analyze, calibrate, compare, sweep
 
     run = {"calibrate": calibrate.run_calibrate, "analyze": analyze.run_analyze,
