@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
 
     demo = add_parser("demo", "build a tiny offline LLaDA and task, then run lm_eval with and without skipping")
-    demo.add_argument("--out", default="dlmskip-demo", help="directory for the checkpoint, task and results")
-    demo.add_argument("--skip-layers", default="[1,3]", help="0-based blocks to skip in the second run")
+    demo.add_argument("--out", default="dlmskip-demo",
+                      help="folder for the checkpoint (llada-demo/), the tasks (tasks/) and the results (results/); "
+                           "created in the current folder unless a path is given")
+    demo.add_argument("--skip-layers", default="1,3", help="0-based blocks (0..7) to skip in the second run: 1,3 or '[1,3]' or '1 3'")
     train_arguments(add_parser("train", "train router checkpoints that lm_eval's router= consumes"))
     calibrate.add_arguments(add_parser("calibrate", "choose a static skip set from hidden-state similarity"))
     analyze.add_arguments(add_parser("analyze", "plot hidden-state similarity and norms across blocks and steps"))
