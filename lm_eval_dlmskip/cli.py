@@ -3,45 +3,70 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, also where the option has no help text; not None, a flag's
+    True/False, or one the help already names."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._shown_default(action):
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return super()._get_help_string(action) if self._shown_default(action) else action.help
+
+    @staticmethod
+    def _shown_default(action: argparse.Action) -> bool:
+        default = action.default
+        return (action.option_strings != [] and default is not None and not isinstance(default, bool)
+                and default is not argparse.SUPPRESS and "default" not in (action.help or ""))
 
 
 def main(argv: list[str] | None = None) -> int:
     from .report import analyze, calibrate, compare, sweep
     from .train import add_arguments as train_arguments
 
-    parser = argparse.ArgumentParser(prog="dlmskip", description="Layer skipping for diffusion LMs in lm-eval")
+    parser = argparse.ArgumentParser(prog="dlmskip", description="Layer skipping for diffusion LMs in lm-eval",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a tiny offline LLaDA and task, then run lm_eval with and without skipping")
-    demo.add_argument("--out", default="dlmskip-demo", help="directory for the checkpoint, task and results")
-    demo.add_argument("--skip-layers", default="[1,3]", help="0-based blocks to skip in the second run")
-    train_arguments(sub.add_parser("train", help="train router checkpoints that lm_eval's router= consumes"))
-    calibrate.add_arguments(sub.add_parser("calibrate", help="choose a static skip set from hidden-state similarity"))
-    analyze.add_arguments(sub.add_parser("analyze", help="plot hidden-state similarity and norms across blocks and steps"))
-    sweep.add_arguments(sub.add_parser("sweep", help="run base, static, random and routed configurations through lm-eval"))
-    compare.add_arguments(sub.add_parser("compare", help="leaderboard (and plots) of llada_skip runs"))
 
+    def add_parser(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+    demo = add_parser("demo", "build a tiny offline LLaDA and task, then run lm_eval with and without skipping")
+    demo.add_argument("--out", default="dlmskip-demo",
+                      help="folder for the checkpoint (llada-demo/), the tasks (tasks/) and the results (results/); "
+                           "created in the current folder unless a path is given")
+    demo.add_argument("--skip-layers", default="1,3", help="0-based blocks (0..7) to skip in the second run: 1,3 or '[1,3]' or '1 3'")
+    train_arguments(add_parser("train", "train router checkpoints that lm_eval's router= consumes"))
+    calibrate.add_arguments(add_parser("calibrate", "choose a static skip set from hidden-state similarity"))
+    analyze.add_arguments(add_parser("analyze", "plot hidden-state similarity and norms across blocks and steps"))
+    sweep.add_arguments(add_parser("sweep", "run base, static, random and routed configurations through lm-eval"))
+    compare.add_arguments(add_parser("compare", "leaderboard (and plots) of llada_skip runs"))
+
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return _run(args)
+        return _run(args, argv[1:])
     except (ValueError, FileNotFoundError) as err:
         print(f"dlmskip {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, command_argv: list[str]) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo(args.out, args.skip_layers)
     if args.command == "train":
-        from .train import config_from_args, train
+        from .train import run_train
 
-        print(json.dumps(train(config_from_args(args))))
-        return 0
+        return run_train(args, command_argv)
     from .report import analyze, calibrate, compare, sweep
 
     run = {"calibrate": calibrate.run_calibrate, "analyze": analyze.run_analyze,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -138,7 +139,7 @@ def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int =
 def write_tasks(out: Path, n_docs: int = 40, n_train: int = 200, seed: int = 1) -> Path:
     """Two lm-eval tasks over local JSONL files (no dataset hub), with a training split for routers."""
     rng = random.Random(seed)
-    tasks = out / "tasks"
+    tasks = out.resolve() / "tasks"  # absolute data paths: lm_eval --include_path works from any folder
     tasks.mkdir(parents=True, exist_ok=True)
     splits = {"test": tasks / "reverse.jsonl", "train": tasks / "reverse_train.jsonl"}
     for split, count in (("test", n_docs), ("train", n_train)):
@@ -193,29 +194,55 @@ def build_demo(out: str | Path, train_steps: int = 400) -> Path:
     return checkpoint
 
 
+def parse_skip_layers(value: str, n_layers: int = DEMO_CONFIG["n_layers"]) -> list[int]:
+    """``4,6``, ``[4,6]`` or ``4 6`` -> [4, 6]; 0-based blocks of the demo model, checked."""
+    items = value.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()
+    try:
+        layers = [int(item) for item in items]
+    except ValueError:
+        raise ValueError(f"--skip-layers {value!r}: write 0-based block numbers, e.g. 1,3 or '[1,3]' or '1 3'") from None
+    if not layers:
+        raise ValueError(f"--skip-layers {value!r}: name at least one block, e.g. 1,3")
+    wrong = [layer for layer in layers if not 0 <= layer < n_layers]
+    if wrong:
+        raise ValueError(f"--skip-layers: {', '.join(map(str, wrong))} out of range; the demo model's blocks are "
+                         f"0-based, 0..{n_layers - 1}")
+    if len(set(layers)) < len(layers):
+        raise ValueError(f"--skip-layers {value!r}: a block is named twice")
+    if len(layers) == n_layers:
+        raise ValueError(f"--skip-layers {value!r}: skipping all {n_layers} blocks leaves no model; keep at least one")
+    return sorted(layers)
+
+
+def lm_eval_command(checkpoint: Path, tasks: Path, results: Path, extra: str = "") -> list[str]:
+    """The lm_eval command line of one demo run (absolute paths: it works from any folder)."""
+    return [
+        "lm_eval", "--model", "llada_skip",
+        "--model_args", f"pretrained={checkpoint.resolve()},mc_num=8,dtype=float32{extra}",
+        "--tasks", "demo_reverse_mc,demo_reverse_gen", "--include_path", str(tasks.resolve()),
+        "--device", "cpu", "--batch_size", "8", "--output_path", str(results.resolve()),
+    ]
+
+
 def run_demo(out: str, skip_layers: str) -> int:
     """Build everything, then evaluate the demo model with and without skipping through lm_eval."""
+    layers = parse_skip_layers(skip_layers)
     start = time.time()
     checkpoint = build_demo(out)
-    print(f"demo checkpoint: {checkpoint} ({time.time() - start:.0f}s)")
-    for name, extra in (("base", ""), ("skip", f",skip_layers={skip_layers}")):
+    tasks = Path(out) / "tasks"
+    print(f"demo checkpoint: {checkpoint.resolve()} ({time.time() - start:.0f}s)\ndemo tasks: {tasks.resolve()}")
+    skip = f",skip_layers=[{','.join(map(str, layers))}]"
+    for name, extra in (("base", ""), ("skip", skip)):
         results = Path(out) / "results" / name
-        cmd = [
-            sys.executable, "-m", "lm_eval", "--model", "llada_skip",
-            "--model_args", f"pretrained={checkpoint},mc_num=8,dtype=float32{extra}",
-            "--tasks", "demo_reverse_mc,demo_reverse_gen", "--include_path", str(Path(out) / "tasks"),
-            "--device", "cpu", "--batch_size", "8", "--output_path", str(results),
-        ]
-        print("$ " + " ".join(cmd), flush=True)
-        done = subprocess.run(cmd, text=True, capture_output=True)
+        cmd = lm_eval_command(checkpoint, tasks, results, extra)
+        print("$ " + shlex.join(cmd), flush=True)
+        done = subprocess.run([sys.executable, "-m", *cmd], text=True, capture_output=True)
         if done.returncode:
             print(done.stdout + done.stderr)
             return done.returncode
-        print(done.stdout)
-        for file in sorted(results.rglob("results_*.json"))[-1:]:
-            flops = json.loads(file.read_text())["config"]["dlmskip"]["flops"]
-            for task, f in flops.items():
-                print(f"  {task}: normalized FLOPs {f['normalized_flops_papers']:.4f} (papers), "
-                      f"{f['normalized_flops_whole_model']:.4f} (whole model), {f['mean_executed_blocks']:.2f} blocks")
-    print(f"demo finished in {time.time() - start:.0f}s; results under {Path(out) / 'results'}")
+        print(done.stdout)  # lm-eval's results table, then llada_skip's FLOPs table
+    print(f"demo finished in {time.time() - start:.0f}s; everything is under {Path(out).resolve()}:\n"
+          f"  checkpoint  {checkpoint.resolve()}\n  tasks       {tasks.resolve()}\n"
+          f"  results     {(Path(out) / 'results').resolve()}\nrerun the skipping run from any folder with:\n"
+          f"  {shlex.join(lm_eval_command(checkpoint, tasks, Path(out) / 'results' / 'skip', skip))}")
     return 0

@@ -9,6 +9,21 @@ from pathlib import Path
 from typing import Callable
 
 
+def check_output_dir(path: str | Path, option: str) -> None:
+    """Refuse, before any work, a folder to write into that a file stands in the way of."""
+    blocker = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == Path(path) else f"cannot be created: {blocker} is a file"
+        raise ValueError(f"{option} {path} {where}; give a folder path (created if missing) or move the file away")
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Refuse, before any work, a file to write that is a folder or lies under a file."""
+    if Path(path).is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file path, e.g. {Path(path) / 'leaderboard'}")
+    check_output_dir(Path(path).parent, option)
+
+
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """``write(temp)`` beside ``path``, then rename it over ``path``."""
     path = Path(path)

@@ -228,3 +228,20 @@ class FlopsMeter:
             for task in sorted(tasks)
             if summaries[task]["normalized_flops_whole_model"] >= 1.0
         ]
+
+
+def format_flops_table(summaries: dict[str, dict], n_layers: int) -> str:
+    """Per-task FLOPs as a Markdown table like lm-eval's results table; decoding columns only when
+    some task decoded."""
+    decoded = any("nfe_per_request" in s for s in summaries.values())
+    header = ["Tasks", "Normalized FLOPs (papers)", "Normalized FLOPs (whole model)", f"Mean blocks run (of {n_layers})",
+              "Forwards", *(["NFE/request", "FLOPs vs plain decoding"] if decoded else [])]
+    rows = [[task, f"{s['normalized_flops_papers']:.4f}", f"{s['normalized_flops_whole_model']:.4f}",
+             f"{s['mean_executed_blocks']:.2f}", str(s["forwards"]),
+             *([f"{s['nfe_per_request']:.2f}", f"{s['normalized_flops_vs_plain_decoding']:.4f}"]
+               if "nfe_per_request" in s else ["", ""])][: len(header)]
+            for task, s in sorted(summaries.items())]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["|" + "|".join(c.center(w) for c, w in zip(r, widths)) + "|" for r in [header, *rows]]
+    lines.insert(1, "|" + "|".join("-" * w for w in widths) + "|")
+    return "\n".join(["llada_skip FLOPs per task (1.0 = nothing skipped):", *lines])

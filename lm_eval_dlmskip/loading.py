@@ -59,7 +59,8 @@ def resolve_checkpoint(pretrained: str, revision: str = "main") -> Path:
         raise ValueError(f"pretrained={pretrained!r} is a file; give the checkpoint directory that holds config.json")
     if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
         raise ValueError(
-            f"pretrained={pretrained!r}: no such directory, and it is not a hub id of the form 'org/name'"
+            f"pretrained={pretrained!r}: no such local directory (relative to {Path.cwd()}), and it is not "
+            "a hub id of the form 'org/name'; check the path"
         )
     from huggingface_hub import snapshot_download
 
@@ -67,9 +68,10 @@ def resolve_checkpoint(pretrained: str, revision: str = "main") -> Path:
         return Path(snapshot_download(pretrained, revision=revision, allow_patterns=_HUB_FILES))
     except Exception as err:  # the hub client raises many types; all mean "not available here"
         raise ValueError(
-            f"pretrained={pretrained!r} (revision {revision!r}) could not be fetched from the Hugging Face hub "
-            f"or its local cache ({type(err).__name__}: {err}). Download it where the hub is reachable "
-            f"(huggingface-cli download {pretrained}) or pass a local directory."
+            f"pretrained={pretrained!r}: not a local directory (relative to {Path.cwd()}), and as a hub id "
+            f"(revision {revision!r}) not reachable on the Hugging Face hub nor in its local cache "
+            f"({type(err).__name__}: {err}). If it is a path, check it for a typo; if it is a hub id, download it "
+            f"where the hub is reachable (hf download {pretrained}) or pass its local directory."
         ) from err
 
 

@@ -26,7 +26,9 @@ import copy
 import json
 import logging
 import math
+import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -564,14 +566,48 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def run_train(args: argparse.Namespace, argv: list[str]) -> int:
+    """Train; then say where the routers went and how lm_eval uses them. Ctrl-C (exit 130) says
+    how to resume from the last checkpoint, or that none was saved yet. ``argv``: the train arguments."""
+    cfg = config_from_args(args)
+    out = Path(cfg.output).resolve()
+    first_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch, one process speaks
+    try:
+        metrics = train(cfg)
+    except KeyboardInterrupt:
+        if first_process:
+            print(interrupted_message(cfg, argv), file=sys.stderr)
+        return 130
+    print(json.dumps(metrics))
+    if not first_process:
+        return 0
+    model = Path(cfg.model).resolve() if Path(cfg.model).expanduser().is_dir() else cfg.model
+    print(f"router checkpoint: {out}\nevaluate with it: lm_eval --model llada_skip "
+          f"--model_args 'pretrained={model},router={out}' --tasks TASKS")
+    return 0
+
+
+def interrupted_message(cfg: TrainConfig, argv: list[str]) -> str:
+    out = Path(cfg.output).resolve()
+    again = shlex.join(["dlmskip", "train", *[a for a in argv if a != "--resume"]])
+    state = out / "train_state.json"
+    if state.exists():
+        step = json.loads(state.read_text())["step"]
+        return (f"dlmskip train: interrupted; the last checkpoint ({out}) holds step {step}. "
+                f"Continue it with:\n  {again} --resume")
+    return (f"dlmskip train: interrupted before the first checkpoint (every --save-every {cfg.save_every} steps); "
+            f"nothing to resume. Start again with:\n  rm -r {shlex.quote(str(out))}; {again}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dlmskip train", description=__doc__.split("\n\n")[0])
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="dlmskip train", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    metrics = train(config_from_args(args))
-    print(json.dumps(metrics))
-    return 0
+    return run_train(args, argv)
 
 
 if __name__ == "__main__":

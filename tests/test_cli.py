@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -63,6 +64,14 @@ def test_lm_eval_cli_runs_llada_skip_and_writes_flops(tmp_path, ref_dir, ref_tas
     )
     assert "ref_mc" in done.stdout and "ref_gen" in done.stdout
     assert "normalized FLOPs 0.6667 (papers)" in done.stderr
+    # Below lm-eval's results table, the FLOPs table: papers', whole model, blocks, and decoding columns.
+    results_table = done.stdout.index("|  Metric   |")
+    flops_table = done.stdout.index("llada_skip FLOPs per task", results_table)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in done.stdout[flops_table:].splitlines()[3:] if line.startswith("|")}
+    assert set(rows) == {"ref_mc", "ref_gen"}
+    assert rows["ref_mc"][:3] == ["0.6667", rows["ref_mc"][1], "4.00"] and rows["ref_mc"][4:] == ["", ""]
+    assert rows["ref_gen"][0] == "0.6667" and rows["ref_gen"][4] == "8.00"  # NFE: eight denoising steps
     [results_file] = list(out.rglob("results_*.json"))
     results = json.loads(results_file.read_text())
     assert set(results["results"]) == {"ref_mc", "ref_gen"}
@@ -199,6 +208,65 @@ def test_wheel_ships_the_hook_and_entry_point_and_works_in_a_fresh_venv(tmp_path
 
 def test_demo_runs_offline(tmp_path):
     done = run([sys.executable, "-m", "lm_eval_dlmskip.cli", "demo", "--out", str(tmp_path / "demo")], timeout=600)
-    assert done.stdout.count("demo_reverse_mc") >= 4  # two tables and two FLOPs lines
-    assert "normalized FLOPs 0.7500 (papers)" in done.stdout
+    assert done.stdout.count("demo_reverse_mc") >= 4  # two results tables and two FLOPs tables
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines() if line.startswith("|")]
+    assert ["demo_reverse_mc", "0.7500"] in [row[:2] for row in cells]  # the FLOPs table of the skipping run
     assert (tmp_path / "demo" / "llada-demo" / "model.safetensors.index.json").exists()
+    # It says where everything went and how to rerun, with absolute paths.
+    assert f"checkpoint  {tmp_path / 'demo' / 'llada-demo'}" in done.stdout
+    assert f"tasks       {tmp_path / 'demo' / 'tasks'}" in done.stdout
+    rerun = done.stdout.split("rerun the skipping run from any folder with:\n")[1].strip()
+    assert rerun.startswith("lm_eval --model llada_skip") and "skip_layers=[1,3]" in rerun
+    elsewhere = tmp_path / "elsewhere"  # the tasks' data paths hold from another folder
+    elsewhere.mkdir()
+    run([sys.executable, "-m", *shlex.split(rerun), "--limit", "2"], cwd=elsewhere)
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "calibrate", "analyze", "sweep", "compare"])
+def test_help_shows_the_defaults(command, capsys):
+    from lm_eval_dlmskip.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    expected = {"demo": "(default: dlmskip-demo)", "train": "--lr LR (default: 5e-05)",
+                "calibrate": "--revision REVISION (default: main)", "analyze": "(default: 32)",
+                "sweep": "(default: 1234)", "compare": "(default: papers)"}[command]
+    assert expected in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("value", ["4,6", "[4,6]", "4 6", " [4, 6] ", "6,4"])
+def test_demo_takes_the_natural_forms_of_skip_layers(value):
+    from lm_eval_dlmskip.demo import parse_skip_layers
+
+    assert parse_skip_layers(value) == [4, 6]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("8", "8 out of range; the demo model's blocks are 0-based, 0..7"),
+    ("-1,2", "-1 out of range"),
+    ("1;3", "write 0-based block numbers"),
+    ("", "name at least one block"),
+    ("2,2", "named twice"),
+    ("0,1,2,3,4,5,6,7", "leaves no model"),
+])
+def test_demo_refuses_bad_skip_layers_before_any_work(value, message, tmp_path, capsys):
+    from lm_eval_dlmskip.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), f"--skip-layers={value}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_tasks_hold_absolute_data_paths(tmp_path, monkeypatch):
+    """lm_eval --include_path dlmskip-demo/tasks works from another folder."""
+    import yaml
+
+    from lm_eval_dlmskip.demo import write_tasks
+
+    monkeypatch.chdir(tmp_path)
+    tasks = write_tasks(Path("demo"), n_docs=2, n_train=2)
+    for name in ("demo_reverse_mc", "demo_reverse_gen"):
+        files = yaml.safe_load((tasks / f"{name}.yaml").read_text())["dataset_kwargs"]["data_files"]
+        assert all(Path(f).is_absolute() and Path(f).exists() for f in files.values()), files

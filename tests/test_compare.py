@@ -245,3 +245,17 @@ def test_bad_runs_are_named(tmp_path):
     broken.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not an lm-eval results file"):
         compare(broken)
+
+
+def test_outputs_in_the_way_are_refused_before_reading_runs(tmp_path, capsys):
+    from lm_eval_dlmskip.cli import main
+
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    missing = tmp_path / "no_such_run"  # not read: the outputs are checked first
+    assert main(["compare", str(missing), "--plot", str(taken)]) == 2
+    assert f"--plot {taken} is a file; give a folder path" in capsys.readouterr().err
+    assert main(["compare", str(missing), "--plot", str(taken / "plots")]) == 2
+    assert f"{taken} is a file" in capsys.readouterr().err
+    assert main(["compare", str(missing), "--markdown", str(tmp_path)]) == 2
+    assert f"--markdown {tmp_path} is a folder" in capsys.readouterr().err

@@ -127,7 +127,7 @@ def test_missing_files_are_named(tmp_path, ref_dir):
     (ckpt / "config.json").unlink()
     with pytest.raises(ValueError, match="config.json is missing"):
         load_llada(str(ckpt))
-    with pytest.raises(ValueError, match="no such directory"):
+    with pytest.raises(ValueError, match="no such local directory"):
         load_llada(str(tmp_path / "nowhere" / "deeper"))
 
 
@@ -164,8 +164,19 @@ def test_weights_that_do_not_fit_the_config_are_listed(tmp_path, ref_dir):
 
 def test_hub_id_that_cannot_be_fetched_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="could not be fetched from the Hugging Face hub"):
+    with pytest.raises(ValueError, match="not reachable on the Hugging Face hub") as err:
         load_llada("GSAI-ML/LLaDA-8B-Base")
+    assert "hf download GSAI-ML/LLaDA-8B-Base" in str(err.value) and "huggingface-cli" not in str(err.value)
+
+
+def test_a_mistyped_local_path_says_it_is_no_local_directory(tmp_path, monkeypatch):
+    """``dlmskip-demo/llada-dmo`` looks like a hub id; the message still names the missing folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dlmskip-demo" / "llada-demo").mkdir(parents=True)
+    with pytest.raises(ValueError, match="'dlmskip-demo/llada-dmo': not a local directory") as err:
+        load_llada("dlmskip-demo/llada-dmo")
+    assert "check it for a typo" in str(err.value) and "hf download" in str(err.value)
 
 
 def test_bad_dtype_is_refused(ref_dir):

@@ -180,3 +180,21 @@ def test_sweep_gives_every_run_the_same_mask_seed(tmp_path):
 def test_sweep_refuses_static_without_profile(tmp_path):
     with pytest.raises(ValueError, match="--static-k needs --skip-profile"):
         sweep.plan_runs(_sweep_args(tmp_path, static_k=2))
+
+
+def test_analyze_refuses_an_out_that_is_a_file_before_loading_the_model(tmp_path, capsys):
+    from lm_eval_dlmskip.cli import main
+
+    taken = tmp_path / "taken.png"
+    taken.write_text("")
+    code = main(["analyze", "--model", str(tmp_path / "no_model_here"), "--data", str(taken), "--out", str(taken)])
+    assert code == 2
+    assert f"--out {taken} is a file; give a folder path" in capsys.readouterr().err
+
+
+def test_matplotlib_is_a_plain_dependency():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("matplotlib") for d in project["dependencies"])

@@ -635,3 +635,52 @@ def test_jsonl_pairs_and_validation_split(tmp_path, ref_dir):
     bad.write_text('{"prompt": "t1"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: each line needs"):
         jsonl_texts(bad)
+
+
+def _cli_train_args(ref_dir, tmp_path, name: str, *extra: str) -> list[str]:
+    return ["train", "--model", str(ref_dir), "--data", str(_pairs_file(tmp_path)), "--output", str(tmp_path / name),
+            "--router-hidden", "16", "--batch-size", "8", "--effective-batch-size", "16", "--warmup-steps", "2",
+            "--dtype", "float32", "--device", "cpu", "--eval-every", "100", *extra]
+
+
+def test_train_says_where_the_router_went_and_how_lm_eval_uses_it(ref_dir, tmp_path, capsys):
+    from lm_eval_dlmskip.cli import main
+
+    assert main(_cli_train_args(ref_dir, tmp_path, "r", "--max-steps", "2")) == 0
+    out = capsys.readouterr().out
+    router = (tmp_path / "r").resolve()
+    assert f"router checkpoint: {router}" in out
+    assert f"lm_eval --model llada_skip --model_args 'pretrained={ref_dir.resolve()},router={router}'" in out
+
+
+def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(ref_dir, tmp_path, monkeypatch, capsys):
+    import shlex
+
+    import lm_eval_dlmskip.train as train_module
+    from lm_eval_dlmskip.cli import main
+
+    real = train_module.step_examples
+
+    def dies_at_step(stop):
+        def step_examples(pairs, step, per_step, seed):
+            if step == stop:
+                raise KeyboardInterrupt
+            return real(pairs, step, per_step, seed)
+        return step_examples
+
+    monkeypatch.setattr(train_module, "step_examples", dies_at_step(1))
+    args = _cli_train_args(ref_dir, tmp_path, "early", "--max-steps", "6", "--save-every", "3")
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before the first checkpoint" in err and "Traceback" not in err
+    assert f"rm -r {(tmp_path / 'early').resolve()}; dlmskip {shlex.join(args)}" in err
+
+    monkeypatch.setattr(train_module, "step_examples", dies_at_step(4))
+    args = _cli_train_args(ref_dir, tmp_path, "late", "--max-steps", "6", "--save-every", "3")
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert f"the last checkpoint ({(tmp_path / 'late').resolve()}) holds step 3" in err
+    resume = f"dlmskip {shlex.join(args)} --resume"
+    assert resume in err
+    monkeypatch.setattr(train_module, "step_examples", real)
+    assert main(shlex.split(resume)[1:]) == 0

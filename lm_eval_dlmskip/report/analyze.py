@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..files import write_json
+from ..files import check_output_dir, write_json
 from ..generation import GenerationSettings, generate
 from ..model import LLaDA
 from .calibrate import add_model_and_prompt_arguments, consecutive_similarity, load_model_and_examples
@@ -75,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     checkpoint, tokenizer, examples, source = load_model_and_examples(args)
     settings = GenerationSettings(args.gen_length, args.steps or args.gen_length, args.block_length or args.gen_length)
     trace = record_trajectory(checkpoint.model, [e.prompt for e in examples], settings, tokenizer.pad_token_id)

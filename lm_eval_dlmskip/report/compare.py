@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..files import write_atomically
+from ..files import check_output_dir, check_output_file, write_atomically
 
 # Automatic metric choice: the first present wins; a key ending in "," matches any filter.
 PREFERRED_METRICS = (
@@ -444,11 +444,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="FLOPs figure for the Δ column, the sort and the plots' x axis")
     a("--markdown", metavar="PATH", help="also write the table and footnotes as Markdown")
     a("--csv", metavar="PATH", help="also write one CSV row per (run, task) with unformatted numbers")
-    a("--plot", metavar="DIR", help="write accuracy-vs-FLOPs per task and the routed block heatmap (needs matplotlib)")
+    a("--plot", metavar="DIR", help="write accuracy-vs-FLOPs per task and the routed block heatmap")
 
 
 def run_compare(args: argparse.Namespace) -> int:
     """Print the leaderboard; write the Markdown, CSV and plots asked for. Bad RUNs raise with their name."""
+    for option, path in (("--markdown", args.markdown), ("--csv", args.csv)):
+        if path:
+            check_output_file(path, option)
+    if args.plot:
+        check_output_dir(args.plot, "--plot")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     board = build_leaderboard(load_runs(args.runs), metric=args.metric, tasks=tasks, figure=args.flops)
     print(format_table(board, args.flops))

@@ -1,7 +1,7 @@
 """Figures: of a leaderboard, accuracy against normalized FLOPs per task (as the router paper's Figure 2)
 and the per-block execution ratio of routed runs (its Figure 4); of ``dlmskip analyze``, the static
-paper's similarity and norm pictures. matplotlib is imported here only, when a plot is asked for,
-and draws off-screen (Agg)."""
+paper's similarity and norm pictures. matplotlib (a dependency) is imported here only, when a plot
+is drawn, and draws off-screen (Agg)."""
 
 from __future__ import annotations
 
@@ -133,10 +133,7 @@ def plot_analysis(trace: dict, out: Path, title: str) -> list[Path]:
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError("--plot needs matplotlib: pip install 'lm-eval-dlmskip[plots]'") from err
+    import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
