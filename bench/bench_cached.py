@@ -32,7 +32,7 @@ from lm_eval_dlmskip.flops import FlopsModel  # noqa: E402
 from lm_eval_dlmskip.generation import GenerationSettings, generate  # noqa: E402
 from lm_eval_dlmskip.graphs import GraphRunner  # noqa: E402
 from lm_eval_dlmskip.loading import load_llada  # noqa: E402
-from lm_eval_dlmskip.policies import NO_SKIP, RandomSkip, SkipTrace, StaticSkip  # noqa: E402
+from lm_eval_dlmskip.policies import NO_SKIP, RandomSkip, StaticSkip  # noqa: E402
 from lm_eval_dlmskip.router import RoutedSkip, RouterConfig, Routers  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llada-tiny-reference"
