@@ -70,8 +70,8 @@ def _static(t: Tensor | None) -> Tensor | None:
 class _ShapeGraphs:
     """Static buffers and graphs for one forward shape: (batch, computed, canvas, padded, cache role)."""
 
-    def __init__(self, model: LLaDA, x: Tensor, ctx: ForwardContext, capture: _Capture, kv: tuple[Tensor, Tensor] | None) -> None:
-        self.model, self.capture, self.device = model, capture, x.device
+    def __init__(self, n_layers: int, x: Tensor, ctx: ForwardContext, capture: _Capture, kv: tuple[Tensor, Tensor] | None) -> None:
+        self.capture, self.device = capture, x.device
         self.h = torch.empty_like(x)
         b = ctx.batch
         self.ctx = ForwardContext(
@@ -83,7 +83,7 @@ class _ShapeGraphs:
         B = x.shape[0]
         self.decision = torch.empty(B, dtype=torch.bool, device=self.device)
         self.host = torch.empty(B, dtype=torch.bool, pin_memory=self.device.type == "cuda")
-        self.blocks: list[Callable[[], None] | None] = [None] * model.cfg.n_layers
+        self.blocks: list[Callable[[], None] | None] = [None] * n_layers
         self.routers: dict[tuple[int, int], Callable[[], None] | None] = {}  # (id(policy), block) -> replay; None: host-known
 
     def load(self, x: Tensor, ctx: ForwardContext) -> ForwardContext:
@@ -153,7 +153,7 @@ class GraphRunner(Executor):
         graphs = self.cache.pop(key, None)
         if graphs is None or (ctx.cache is not None and graphs.ctx.cache.k is not ctx.cache.k):
             kv = None if ctx.cache is None else (ctx.cache.k, ctx.cache.v)  # graphs hold the cache's storage
-            graphs = _ShapeGraphs(model, x, ctx, self.capture, kv)
+            graphs = _ShapeGraphs(model.cfg.n_layers, x, ctx, self.capture, kv)
         self.cache[key] = graphs
         while len(self.cache) > self.shapes:
             self.cache.popitem(last=False)
