@@ -257,12 +257,14 @@ def test_fast_path_steps_aside_when_a_projection_changes(ref_dir, ref_tensors):
     assert fast.blocks[2].fused_weights() is None and fast.blocks[1].fused_weights() is not None
     ids = ref_tensors["forward.input_ids"]
     assert torch.allclose(fast(ids)[0], plain(ids)[0], atol=1e-5)
-    stale = {id(block): [b.data_ptr() for b in block._fused.values()] for block in fast.blocks}
+    # Hold the old buffers, so the allocator cannot hand their addresses to the new ones.
+    stale = {id(block): list(block._fused.values()) for block in fast.blocks}
     fast.double()  # casting copies every parameter: no block may keep using its stale buffer
     for i, block in enumerate(fast.blocks):  # a fused block is fused again, into a fresh buffer
         fused = block.fused_weights()
         assert (fused is None) == (i == 2)
-        assert fused is None or all(b.dtype == torch.float64 and b.data_ptr() not in stale[id(block)] for b in fused.values())
+        old = {t.data_ptr() for t in stale[id(block)]}
+        assert fused is None or all(b.dtype == torch.float64 and b.data_ptr() not in old for b in fused.values())
     assert torch.allclose(fast(ids)[0].float(), plain(ids)[0], atol=1e-4)
     assert torch.allclose(fast.fuse_projections()(ids)[0].float(), plain(ids)[0], atol=1e-4)
 
