@@ -522,8 +522,7 @@ def both(run: Decision | list[bool], allowed: bool | list[bool]) -> Decision | l
         return run
     if allowed is False or run is True:
         return allowed
-    chosen = [a and b for a, b in zip(run, allowed)]
-    return True if all(chosen) else False if not any(chosen) else chosen
+    return resolve([a and b for a, b in zip(run, allowed)])
 
 
 def run_block(block: Block, layer: int, x: Tensor, run: Decision | list[bool], ctx: ForwardContext) -> Tensor:
