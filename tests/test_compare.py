@@ -20,7 +20,8 @@ GSM8K = {"exact_match,flexible-extract": 0.45, "exact_match_stderr,flexible-extr
 
 def write_run(root: Path, name: str, skip: dict, scores: dict[str, float], *, flops_papers: float | None = None,
               fingerprint: str = "f1", mc_num: int = 128, llada: bool = True,
-              date: str = "2026-01-01T00-00-00.000000") -> Path:
+              date: str = "2026-01-01T00-00-00.000000", pretrained: str = "GSAI-ML/LLaDA-8B-Base",
+              family: str | None = None) -> Path:
     """A results file as llada_skip writes it, in lm-eval's layout: root/name/<model dir>/results_<date>.json.
     ``scores``: task -> its main score (acc for piqa, strict-match exact match for gsm8k_llada)."""
     if flops_papers is None:
@@ -44,12 +45,14 @@ def write_run(root: Path, name: str, skip: dict, scores: dict[str, float], *, fl
     config = {"model": "llada_skip" if llada else "hf", "limit": None}
     if llada:
         config["dlmskip"] = {
-            "fingerprint": fingerprint, "pretrained": "GSAI-ML/LLaDA-8B-Base", "skip": skip,
+            "fingerprint": fingerprint, "pretrained": pretrained, "skip": skip,
             "likelihood": {"mc_num": mc_num, "mc_batch": 16, "cfg": 0.0}, "check_greedy": False,
             "generation": {"gen_length": None, "steps": None, "block_length": None, "cfg": 0.0,
                            "remasking": "low_confidence", "temperature": 0.0},
             "seed": 1234, "n_layers": N_LAYERS, "flops": flops,
         }
+        if family is not None:
+            config["dlmskip"]["family"] = family
     data = {"results": results, "group_subtasks": {}, "configs": configs, "n-shot": {t: 0 for t in scores},
             "config": config, "chat_template": None, "fewshot_as_multiturn": False, "date": 1.0}
     path = root / name / "GSAI-ML__LLaDA-8B-Base" / f"results_{date}.json"
@@ -108,7 +111,8 @@ def test_terminal_table_shows_percent_points_and_reduction(runs, capsys):
     out = capsys.readouterr().out
     assert "metric for piqa: acc,none" in out and "metric for gsm8k_llada: exact_match,strict-match" in out
     line = next(x for x in out.splitlines() if x.startswith("piqa") and "static k=1 [4]" in x)
-    assert line.split()[-6:] == ["0.9688", "0.9694", "-3.12%", "68.00", "1.07", "-2.00"]
+    assert line.split()[-7:] == ["0.9688", "0.9694", "-3.12%", "68.00", "1.07", "-2.00", "97.1"]
+    assert "model" not in out.splitlines()[3]  # one model: no model column
 
 
 def test_metric_choice(runs, capsys):
@@ -259,3 +263,30 @@ def test_outputs_in_the_way_are_refused_before_reading_runs(tmp_path, capsys):
     assert f"{taken} is a file" in capsys.readouterr().err
     assert main(["compare", str(missing), "--markdown", str(tmp_path)]) == 2
     assert f"--markdown {tmp_path} is a folder" in capsys.readouterr().err
+
+
+def test_families_share_one_leaderboard_each_against_its_own_base(runs, tmp_path, capsys):
+    """The static paper's comparison: LLaDA, Dream and an autoregressive model, each model's skipped
+    runs measured against that model's base (never another model's), retained accuracy beside Δ."""
+    root = tmp_path / "families"
+    dream = dict(pretrained="Dream-org/Dream-v0-Base-7B", family="dream", fingerprint="d")
+    qwen = dict(pretrained="Qwen/Qwen2.5-7B", family="hf", fingerprint="q")
+    more = [
+        write_run(root, "dream-base", {"method": "none"}, {"piqa": 0.80}, **dream),
+        write_run(root, "dream-k2", {"method": "static", "skip_layers": [4, 6], "k": 2}, {"piqa": 0.72}, **dream),
+        write_run(root, "qwen-k2", {"method": "static", "skip_layers": [4, 6], "k": 2}, {"piqa": 0.40}, **qwen),
+    ]
+    board = build_leaderboard(load_runs([*runs, *more]), tasks=["piqa"])
+    piqa = rows_of(board, "piqa")
+    assert piqa["dream-k2"].base.name == "dream-base" and piqa["dream-k2"].differs_from_base == ()
+    assert piqa["dream-k2"].delta_points == pytest.approx(-8.0) and piqa["dream-k2"].retained_pct == pytest.approx(90.0)
+    assert piqa["static2"].base.name == "base" and piqa["static2"].retained_pct == pytest.approx(65 / 70 * 100)
+    assert piqa["qwen-k2"].base is None and piqa["qwen-k2"].delta_points is None
+    assert "piqa: no base run of Qwen/Qwen2.5-7B among the runs; its Δ vs base left empty" in board.notes
+    models = [r.run.model for r in board.rows]
+    assert models == sorted(models, key=[r.run.model for r in board.rows].index)  # each model's rows together
+    assert compare(*runs, *more, "--tasks", "piqa", "--csv", tmp_path / "b.csv") == 0
+    out = capsys.readouterr().out
+    assert "dream: Dream-v0-Base-7B" in out and "llada: LLaDA-8B-Base" in out and "hf: Qwen2.5-7B" in out
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "b.csv").open(newline=""))}
+    assert rows["dream-k2"]["model_family"] == "dream" and float(rows["dream-k2"]["retained_pct"]) == pytest.approx(90.0)

@@ -1,12 +1,15 @@
-"""``dlmskip compare RUN...``: a leaderboard of llada_skip runs, like Table 1 of the router paper.
+"""``dlmskip compare RUN...``: a leaderboard of skipping runs, like Table 1 of the router paper.
 
 Each lm-eval results file (``results_*.json``, searched recursively under a RUN directory, or given
 directly) is one run. Per (run, task) the leaderboard shows the skip method, the normalized FLOPs
 (the papers' figure and the whole-model one, as ``flops.py`` defines them), the score with its
-stderr, and the change against a base run (skip method none) of the same task. A base counts only
-if it was evaluated the same way (``comparable_settings``); when no base was, the row is compared with
-the first base anyway and flagged ``!``, with a footnote naming the settings that differ. Seeds and
-skip settings are not compared: they are what the runs are meant to vary.
+stderr, and the change against a base run (skip method none) of the same model and task, in points
+and as the share of the base's score retained. Runs of several models (LLaDA, Dream, an
+autoregressive model through ``hf_skip``) share one leaderboard, each measured against its own base:
+the static paper's comparison of families. A base counts only if it was evaluated the same way
+(``comparable_settings``); when none of the model's bases was, the row is compared with the model's
+first base anyway and flagged ``!``, with a footnote naming the settings that differ. Seeds and skip
+settings are not compared: they are what the runs are meant to vary.
 
 A results file without ``config.dlmskip`` (another lm-eval model, e.g. ``--model hf``) is listed as
 "base (other model)" with FLOPs 1.0; it never serves as the base, and its rows are flagged for the
@@ -65,6 +68,30 @@ class Run:
     def label(self) -> str:
         return method_label(self.skip if self.dlmskip is not None else None)
 
+    @property
+    def model(self) -> str | None:
+        """The checkpoint evaluated (``pretrained``), which a run's base must share."""
+        if self.dlmskip is not None:
+            return self.dlmskip.get("pretrained")
+        args = (self.data.get("config") or {}).get("model_args")
+        if isinstance(args, dict):
+            return args.get("pretrained")
+        pairs = (part.partition("=") for part in str(args or "").split(","))
+        return next((value for key, _, value in pairs if key.strip() == "pretrained"), None)
+
+    @property
+    def model_family(self) -> str:
+        """llada, dream or hf for our models' runs; lm-eval's model name for other files."""
+        if self.dlmskip is not None:
+            return self.dlmskip.get("family", "llada")
+        return str((self.data.get("config") or {}).get("model"))
+
+    @property
+    def model_label(self) -> str:
+        """``dream: Dream-v0-Base-7B``: the family and the checkpoint's last path component."""
+        name = Path(self.model).name if self.model else "?"
+        return f"{self.model_family}: {name}"
+
 
 @dataclass(frozen=True)
 class Row:
@@ -78,6 +105,7 @@ class Row:
     flops: dict | None  # the run's FLOPs statistics of this task; None if not recorded
     base: Run | None = None  # the run the delta is taken against
     delta_points: float | None = None  # (score - base score) * 100
+    retained_pct: float | None = None  # score / base score * 100: accuracy retained
     differs_from_base: tuple[str, ...] = ()  # settings in which the run differs from its base
 
     @property
@@ -283,25 +311,37 @@ def build_leaderboard(
         keys = list(dict.fromkeys(k for r in task_runs for k in metric_keys(r.data["results"][task])))
         metrics[task] = choose_metric(keys, metric)
         rows += _task_rows(task, task_runs, metrics[task])
-    rows.sort(key=lambda r: _row_order(r, figure))
+    models = {m: i for i, m in enumerate(dict.fromkeys(r.model for r in runs if r.family != "other"))}
+    rows.sort(key=lambda r: _row_order(r, figure, models))
     return Leaderboard(rows, metrics, _notes(rows, metrics, metric, runs))
 
 
 def _task_rows(task: str, runs: list[Run], metric: str | None) -> list[Row]:
-    """Each non-base row against the first base evaluated the same way, else the first base (flagged)."""
+    """Each non-base row against the first base of its model evaluated the same way, else the model's
+    first base (flagged). A file of another lm-eval model with no base of its checkpoint is compared
+    with the first base (flagged); a row of a model that has no base here gets no delta."""
     rows = [Row(task, r, metric, *_score(r, task, metric), task_flops(r, task)) for r in runs]
     settings = [comparable_settings(r, task) for r in runs]
     bases = [(row, s) for row, s in zip(rows, settings) if row.family == "base"]
-    if not bases:
-        return rows
     compared = []
     for row, mine in zip(rows, settings):
-        if row.family != "base":
-            base, theirs = next(((b, s) for b, s in bases if not differences(s, mine)), bases[0])
-            delta = None if row.score is None or base.score is None else (row.score - base.score) * 100.0
-            row = replace(row, base=base.run, delta_points=delta, differs_from_base=tuple(differences(theirs, mine)))
+        own = [(b, s) for b, s in bases if b.run.model == row.run.model]
+        if row.family == "other" and not own:
+            own = bases[:1]
+        if row.family != "base" and own:
+            base, theirs = next(((b, s) for b, s in own if not differences(s, mine)), own[0])
+            row = replace(row, base=base.run, delta_points=_delta(row.score, base.score),
+                          retained_pct=_retained(row.score, base.score), differs_from_base=tuple(differences(theirs, mine)))
         compared.append(row)
     return compared
+
+
+def _delta(score: float | None, base: float | None) -> float | None:
+    return None if score is None or base is None else (score - base) * 100.0
+
+
+def _retained(score: float | None, base: float | None) -> float | None:
+    return None if score is None or not base else score / base * 100.0
 
 
 def _score(run: Run, task: str, metric: str | None) -> tuple[float | None, float | None]:
@@ -312,9 +352,10 @@ def _score(run: Run, task: str, metric: str | None) -> tuple[float | None, float
     return _number(scores.get(metric)), _number(scores.get(f"{name}_stderr,{filter_name}"))
 
 
-def _row_order(row: Row, figure: str) -> tuple:
+def _row_order(row: Row, figure: str, models: dict[str | None, int]) -> tuple:
     flops = row.normalized_flops(figure)
-    return row.task, row.family != "base", flops is None, -(flops or 0.0), row.method, row.run.name
+    model = models.get(row.run.model, len(models)) if row.family != "other" else len(models)
+    return row.task, model, row.family != "base", flops is None, -(flops or 0.0), row.method, row.run.name
 
 
 def _notes(rows: list[Row], metrics: dict[str, str | None], requested: str | None, runs: list[Run]) -> list[str]:
@@ -326,6 +367,11 @@ def _notes(rows: list[Row], metrics: dict[str, str | None], requested: str | Non
             notes.append(f"{task}: no metric {requested or 'at all'} in its results; scores left empty")
         if not any(r.family == "base" for r in task_rows):
             notes.append(f"{task}: no base run (skip method none) among the runs; Δ vs base left empty")
+        else:
+            with_base = {r.run.model for r in task_rows if r.family == "base"}
+            for model in dict.fromkeys(r.run.model for r in task_rows if r.family not in ("base", "other")):
+                if model not in with_base:
+                    notes.append(f"{task}: no base run of {model} among the runs; its Δ vs base left empty")
         for r in task_rows:
             if metrics[task] is not None and r.score is None:
                 notes.append(f"{task} {r.method} ({r.run.name}): has no {metrics[task]}; score left empty")
@@ -338,20 +384,28 @@ def _notes(rows: list[Row], metrics: dict[str, str | None], requested: str | Non
 # ---- output ----------------------------------------------------------------------------------
 
 
-def _header(figure: str) -> list[str]:
-    return ["task", "run", "method", "!", "FLOPs papers", "FLOPs whole", f"FLOPs Δ ({figure})", "acc %", "±",
-            "Δ vs base (pts)"]
+def several_models(board: Leaderboard) -> bool:
+    """Whether the leaderboard needs a model column: runs of more than one checkpoint."""
+    return len({r.run.model for r in board.rows if r.family != "other"}) > 1
 
 
-LEFT_COLUMNS = 4  # task, run, method, !: text, left-aligned; the rest are numbers
+def _header(figure: str, models: bool) -> list[str]:
+    return ["task", *(["model"] if models else []), "run", "method", "!", "FLOPs papers", "FLOPs whole",
+            f"FLOPs Δ ({figure})", "acc %", "±", "Δ vs base (pts)", "retained %"]
 
 
-def _cells(row: Row, figure: str) -> list[str]:
+def _left_columns(models: bool) -> int:
+    """task, (model,) run, method, !: text, left-aligned; the rest are numbers."""
+    return 5 if models else 4
+
+
+def _cells(row: Row, figure: str, models: bool) -> list[str]:
     return [
-        row.task, row.run.name, row.method, "!" if row.differs_from_base else "",
+        row.task, *([row.run.model_label] if models else []), row.run.name, row.method,
+        "!" if row.differs_from_base else "",
         _fmt(row.normalized_flops("papers"), ".4f"), _fmt(row.normalized_flops("whole-model"), ".4f"),
         _fmt(row.flops_change_pct(figure), "+.2f", "%"), _fmt(_pct(row.score), ".2f"), _fmt(_pct(row.stderr), ".2f"),
-        _fmt(row.delta_points, "+.2f"),
+        _fmt(row.delta_points, "+.2f"), _fmt(row.retained_pct, ".1f"),
     ]
 
 
@@ -361,11 +415,13 @@ def metric_lines(board: Leaderboard) -> list[str]:
 
 def format_table(board: Leaderboard, figure: str = "papers") -> str:
     """Aligned columns for the terminal, with the metric per task above and the footnotes below."""
-    table = [_header(figure), *(_cells(r, figure) for r in board.rows)]
+    models = several_models(board)
+    table = [_header(figure, models), *(_cells(r, figure, models) for r in board.rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    left = _left_columns(models)
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < LEFT_COLUMNS else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     body = [line(table[0]), "  ".join("-" * w for w in widths), *(line(c) for c in table[1:])]
     notes = ["", *board.notes] if board.notes else []
@@ -374,18 +430,20 @@ def format_table(board: Leaderboard, figure: str = "papers") -> str:
 
 def format_markdown(board: Leaderboard, figure: str = "papers") -> str:
     """A Markdown table, the metric per task and the footnotes."""
-    header = _header(figure)
-    align = ["---"] * LEFT_COLUMNS + ["---:"] * (len(header) - LEFT_COLUMNS)
-    rows = [header, align, *(_cells(r, figure) for r in board.rows)]
+    models = several_models(board)
+    header = _header(figure, models)
+    left = _left_columns(models)
+    align = ["---"] * left + ["---:"] * (len(header) - left)
+    rows = [header, align, *(_cells(r, figure, models) for r in board.rows)]
     table = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     notes = [f"- {n}" for n in [*metric_lines(board), *board.notes]]
     return "\n".join([*table, "", *notes]) + "\n"
 
 
 CSV_COLUMNS = (
-    "task", "run", "file", "method", "family", "k", "lambda", "tau", "seed", "metric", "score", "stderr",
-    "flops_papers", "flops_whole_model", "flops_change_papers_pct", "flops_change_whole_model_pct",
-    "mean_executed_blocks", "base_run", "delta_points", "differs_from_base",
+    "task", "model", "model_family", "run", "file", "method", "family", "k", "lambda", "tau", "seed", "metric",
+    "score", "stderr", "flops_papers", "flops_whole_model", "flops_change_papers_pct", "flops_change_whole_model_pct",
+    "mean_executed_blocks", "base_run", "delta_points", "retained_pct", "differs_from_base",
 )
 
 
@@ -397,11 +455,12 @@ def format_csv(board: Leaderboard) -> str:
     for r in board.rows:
         skip, dlmskip = r.run.skip, r.run.dlmskip or {}
         writer.writerow(_blank(v) for v in (
-            r.task, r.run.name, r.run.path, r.method, r.family, skip.get("k"), skip.get("lambda"), skip.get("tau"),
+            r.task, r.run.model, r.run.model_family, r.run.name, r.run.path, r.method, r.family, skip.get("k"), skip.get("lambda"), skip.get("tau"),
             skip.get("seed", dlmskip.get("seed")), r.metric, r.score, r.stderr, r.normalized_flops("papers"),
             r.normalized_flops("whole-model"), _round(r.flops_change_pct("papers")),
             _round(r.flops_change_pct("whole-model")), (r.flops or {}).get("mean_executed_blocks"),
-            r.base.name if r.base else None, _round(r.delta_points), ";".join(r.differs_from_base),
+            r.base.name if r.base else None, _round(r.delta_points), _round(r.retained_pct),
+            ";".join(r.differs_from_base),
         ))
     return out.getvalue()
 
