@@ -1,9 +1,9 @@
-"""Start-up hook (run by ``lm_eval_dlmskip.pth``): register ``llada_skip`` when lm-eval loads.
+"""Start-up hook (run by ``lm_eval_dlmskip.pth``): register our models when lm-eval loads.
 
 lm-eval 0.4.13 finds ``--model`` names only in its own registry, so this puts a lazy entry
 there the moment ``lm_eval.api.registry`` finishes importing. Nothing heavy is imported: until
-lm-eval itself is imported this costs one finder on ``sys.meta_path``, and the model class (and
-torch) load only when lm-eval asks for ``llada_skip``. lm-eval's own model table is imported next
+lm-eval itself is imported this costs one finder on ``sys.meta_path``, and a model class (and
+torch) loads only when lm-eval asks for its name. lm-eval's own model table is imported next
 to ours, because its registry loads that table only while the registry is empty.
 """
 
@@ -14,15 +14,18 @@ import importlib.abc
 import sys
 
 REGISTRY = "lm_eval.api.registry"
-MODEL_NAME = "llada_skip"
-MODEL_TARGET = "lm_eval_dlmskip.harness:LLaDASkipLM"
+MODELS = {  # --model name -> class, as pyproject's lm_eval.models entry points
+    "llada_skip": "lm_eval_dlmskip.harness:LLaDASkipLM",
+    "hf_skip": "lm_eval_dlmskip.hf:HFSkipLM",
+}
 
 
 def register(registry_module) -> None:
-    """Add the lazy ``llada_skip`` entry and keep lm-eval's built-in models (hf, vllm, ...) listed."""
+    """Add the lazy entries and keep lm-eval's built-in models (hf, vllm, ...) listed."""
     registry = registry_module.model_registry
-    if MODEL_NAME not in registry:
-        registry.register(MODEL_NAME, target=MODEL_TARGET)
+    for name, target in MODELS.items():
+        if name not in registry:
+            registry.register(name, target=target)
     importlib.import_module("lm_eval.models")
 
 

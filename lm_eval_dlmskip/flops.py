@@ -20,6 +20,8 @@ fraction), so one can see that later denoising steps (little left masked) run fe
 
 from __future__ import annotations
 
+import atexit
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -230,9 +232,9 @@ class FlopsMeter:
         ]
 
 
-def format_flops_table(summaries: dict[str, dict], n_layers: int) -> str:
-    """Per-task FLOPs as a Markdown table like lm-eval's results table; decoding columns only when
-    some task decoded."""
+def format_flops_table(summaries: dict[str, dict], n_layers: int, model: str = "llada_skip") -> str:
+    """Per-task FLOPs of ``--model`` ``model`` as a Markdown table like lm-eval's results table;
+    decoding columns only when some task decoded."""
     decoded = any("nfe_per_request" in s for s in summaries.values())
     header = ["Tasks", "Normalized FLOPs (papers)", "Normalized FLOPs (whole model)", f"Mean blocks run (of {n_layers})",
               "Forwards", *(["NFE/request", "FLOPs vs plain decoding"] if decoded else [])]
@@ -244,4 +246,20 @@ def format_flops_table(summaries: dict[str, dict], n_layers: int) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["|" + "|".join(c.center(w) for c, w in zip(r, widths)) + "|" for r in [header, *rows]]
     lines.insert(1, "|" + "|".join("-" * w for w in widths) + "|")
-    return "\n".join(["llada_skip FLOPs per task (1.0 = nothing skipped):", *lines])
+    return "\n".join([f"{model} FLOPs per task (1.0 = nothing skipped):", *lines])
+
+
+class TableAtExit:
+    """Prints the latest FLOPs table below lm-eval's results table under the ``lm_eval`` CLI:
+    lm-eval asks for the model info (rank 0 only), then prints its tables and exits, so the table
+    is printed at exit. Library callers of ``simple_evaluate`` get nothing printed."""
+
+    def __init__(self) -> None:
+        self.table: str | None = None
+
+    def show(self, table: str) -> None:
+        if getattr(sys.modules.get("__main__"), "cli_evaluate", None) is None:  # not python -m lm_eval / lm_eval
+            return
+        if self.table is None:
+            atexit.register(lambda: print("\n" + self.table, flush=True))
+        self.table = table

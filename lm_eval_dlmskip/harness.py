@@ -9,12 +9,10 @@ lm-eval merges into ``results["config"]``.
 
 from __future__ import annotations
 
-import atexit
 import difflib
 import inspect
 import json
 import logging
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from lm_eval.models.utils import Collator, postprocess_generated_text
 from tqdm import tqdm
 
 from .cache import AnswerCache, files_digest
-from .flops import FlopsMeter, FlopsModel, TaskTotals, format_flops_table
+from .flops import FlopsMeter, FlopsModel, TableAtExit, TaskTotals, format_flops_table
 from .gen_kwargs import check_user_settings, resolve_generation
 from .generation import GenerationSettings, generate
 from .graphs import GraphRunner
@@ -136,7 +134,7 @@ class LLaDASkipLM(TemplateLM):
         self.meter = FlopsMeter(flops, self._device)
         self.answer_cache: AnswerCache | None = None  # with --use_cache
         self._unmerged: list[dict[str, TaskTotals]] = []  # this rank's FLOPs since the last merge
-        self._flops_table: str | None = None  # printed at exit under the lm_eval CLI
+        self._flops_table = TableAtExit()  # printed at exit under the lm_eval CLI
         # Generation repeats one shape for every denoising step: replay it from CUDA graphs.
         use_graphs = bool(cuda_graphs) and self._device.type == "cuda"
         self.generation_forward = GraphRunner(self.model) if use_graphs else self.model
@@ -272,7 +270,7 @@ class LLaDASkipLM(TemplateLM):
     def get_model_info(self) -> dict:
         self._count_served()
         flops = self.meter.summary()
-        self._print_flops_after_results(flops)
+        self._flops_table.show(format_flops_table(flops, self.cfg.n_layers))
         return {
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
             "model_dtype": str(self.model.dtype),
@@ -280,16 +278,6 @@ class LLaDASkipLM(TemplateLM):
             "model_sha": self.checkpoint.hub_commit,
             "dlmskip": {**self.settings, "n_layers": self.cfg.n_layers, "flops": flops},
         }
-
-    def _print_flops_after_results(self, flops: dict) -> None:
-        """Under the ``lm_eval`` CLI, print the per-task FLOPs table below lm-eval's results table:
-        lm-eval asks for the model info (rank 0 only), then prints its tables and exits, so the
-        table is printed at exit. Library callers of ``simple_evaluate`` get nothing printed."""
-        if getattr(sys.modules.get("__main__"), "cli_evaluate", None) is None:  # not python -m lm_eval / lm_eval
-            return
-        if self._flops_table is None:
-            atexit.register(lambda: print("\n" + self._flops_table, flush=True))
-        self._flops_table = format_flops_table(flops, self.cfg.n_layers)
 
     # ---- batching helpers ------------------------------------------------------------------
     def _batch_size(self, rows_per_request: int, seq_len: int) -> int:

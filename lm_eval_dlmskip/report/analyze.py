@@ -11,7 +11,8 @@ the hidden states entering each block (upstream ``output_hidden_states``). From 
 * ``hidden_norms.png`` — L2 norm of the hidden states by depth (mean over tokens, and the largest
   token, which exposes sink tokens).
 
-The numbers behind the pictures go to ``analysis.json``.
+The numbers behind the pictures go to ``analysis.json``. An autoregressive HF model (``hf_skip``'s
+kind) has no denoising steps: its pictures are those of one forward over the prompts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch import Tensor
 from ..files import check_output_dir, write_json
 from ..generation import GenerationSettings, generate
 from ..model import LLaDA
-from .calibrate import add_model_and_prompt_arguments, consecutive_similarity, load_model_and_examples
+from ..hf_model import hidden_states, load_hf
+from .calibrate import add_model_and_prompt_arguments, consecutive_similarity, hf_checkpoint, load_examples, load_model_and_examples
 
 
 @torch.no_grad()
@@ -76,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
+    hf_path = hf_checkpoint(args.model, args.revision)
+    if hf_path is not None:
+        return analyze_hf(args, hf_path)
     checkpoint, tokenizer, examples, source = load_model_and_examples(args)
     settings = GenerationSettings(args.gen_length, args.steps or args.gen_length, args.block_length or args.gen_length)
     trace = record_trajectory(checkpoint.model, [e.prompt for e in examples], settings, tokenizer.pad_token_id)
@@ -86,6 +91,48 @@ def run_analyze(args: argparse.Namespace) -> int:
     write_json(out / "analysis.json", {
         "model": args.model, "source": source, "n_prompts": len(examples), "generation": vars(settings),
         "numbering": "similarity[step][prompt][block] with 0-based blocks; hidden states 0 = embeddings, l = input of block l",
+        **{k: v.tolist() for k, v in trace.items()},
+    })
+    for f in files:
+        print(f)
+    return 0
+
+
+@torch.no_grad()
+def record_prompt_states(model, prompts: list[list[int]], pad_id: int) -> dict:
+    """``record_trajectory``'s measures for an autoregressive model: one forward over the prompts
+    (right-padded), the only "step" it has."""
+    states, real = hidden_states(model, prompts, pad_id)
+    window = min(len(p) for p in prompts)  # left-aligned columns every row has
+    head = [s[:, :window].float() for s in states]
+    norms = torch.stack([s.float().norm(dim=-1) for s in states], 1)  # [B, layers + 1, L]
+    tokenwise = torch.stack([F.cosine_similarity(s[:, :-1], s[:, 1:], dim=-1) for s in head], 1).mean(0).cpu()
+    return {
+        "similarity": consecutive_similarity(states, real).cpu()[None],  # [1, B, n_layers]
+        "tokenwise_first": tokenwise,  # [layers + 1, window - 1]
+        "norm_mean": ((norms * real[:, None]).sum(-1) / real.sum(-1)[:, None]).mean(0).cpu(),
+        "norm_max": (norms * real[:, None]).amax(-1).amax(0).cpu(),
+    }
+
+
+def analyze_hf(args: argparse.Namespace, path: Path) -> int:
+    """``dlmskip analyze`` of an autoregressive HF model: the pictures of one forward over the prompts;
+    the denoising views (similarity per step, first and last step) do not exist for it."""
+    print("an autoregressive model has no denoising steps: similarity_heatmap.png is not drawn, the tokenwise "
+          "picture shows the prompt forward, and --gen-length/--steps/--block-length are not used")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_hf(path, args.dtype, device)
+    examples, source = load_examples(args, tokenizer)
+    prefix = tokenizer("")["input_ids"]  # BOS where the tokenizer adds one
+    trace = record_prompt_states(model, [prefix + e.prompt for e in examples], tokenizer.pad_token_id)
+    out = Path(args.out)
+    from .plots import plot_analysis
+
+    files = plot_analysis(trace, out, Path(args.model).name or args.model, denoising=False)
+    write_json(out / "analysis.json", {
+        "model": args.model, "source": source, "n_prompts": len(examples), "generation": None,
+        "numbering": "similarity[0][prompt][layer] with 0-based layers (one forward over the prompts); "
+                     "hidden states 0 = embeddings, l = input of layer l",
         **{k: v.tolist() for k, v in trace.items()},
     })
     for f in files:

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..files import write_json
-from ..loading import Checkpoint, check_identity, load_llada, load_tokenizer, model_identity
+from ..hf_model import hf_model_type, hidden_states, load_hf, weights_fingerprint
+from ..hf_model import model_identity as hf_identity
+from ..loading import Checkpoint, check_identity, load_llada, load_tokenizer, model_identity, resolve_checkpoint
 from ..model import LLaDA
 from ..train_data import add_source_arguments
 
@@ -158,14 +160,8 @@ def load_model_and_examples(args: argparse.Namespace) -> tuple[Checkpoint, Any, 
 
 def calibrate(args: argparse.Namespace) -> dict:
     """Measure, select, and write the skip profile; returns it."""
-    checkpoint, tokenizer, examples, source = load_model_and_examples(args)
-    model = checkpoint.model
-    fractions = [float(f) for f in str(args.mask_fractions).split(",")]
-    by_fraction = similarity_profile(
-        model, examples, fractions, args.answer_length, tokenizer.pad_token_id, tokenizer.eos_token_id,
-        args.positions, args.batch_size, args.seed,
-    )
-    every = torch.cat(list(by_fraction.values()))  # [examples x states, n_layers]
+    hf_path = hf_checkpoint(args.model, args.revision)
+    every, by_fraction, base_model, data = measure_hf(args, hf_path) if hf_path else measure_llada(args)
     mean = every.mean(0).tolist()
     order = select_blocks(mean, args.threshold, args.max_skip, args.allow_adjacent)
     profile = {
@@ -185,12 +181,57 @@ def calibrate(args: argparse.Namespace) -> dict:
             "std": every.std(0, unbiased=False).tolist(),
             "by_mask_fraction": {str(f): s.mean(0).tolist() for f, s in by_fraction.items()},
         },
-        "base_model": model_identity(model.cfg, args.model, checkpoint.fingerprint),
-        "data": {"source": source, "n_prompts": len(examples), "mask_fractions": fractions,
-                 "answer_length": args.answer_length, "positions": args.positions, "seed": args.seed},
+        "base_model": base_model,
+        "data": {**data, "positions": args.positions, "seed": args.seed},
     }
     write_json(Path(args.output), profile)
     return profile
+
+
+def measure_llada(args: argparse.Namespace) -> tuple[Tensor, dict[float, Tensor], dict, dict]:
+    """S [examples x states, n_layers] of a LLaDA model, S per mask fraction, the model's identity
+    and what was measured."""
+    checkpoint, tokenizer, examples, source = load_model_and_examples(args)
+    model = checkpoint.model
+    fractions = [float(f) for f in str(args.mask_fractions).split(",")]
+    by_fraction = similarity_profile(
+        model, examples, fractions, args.answer_length, tokenizer.pad_token_id, tokenizer.eos_token_id,
+        args.positions, args.batch_size, args.seed,
+    )
+    every = torch.cat(list(by_fraction.values()))  # [examples x states, n_layers]
+    data = {"source": source, "n_prompts": len(examples), "mask_fractions": fractions, "answer_length": args.answer_length}
+    return every, by_fraction, model_identity(model.cfg, args.model, checkpoint.fingerprint), data
+
+
+def hf_checkpoint(model: str, revision: str) -> Path | None:
+    """The checkpoint directory when ``model`` is a causal LM of transformers (``hf_skip``'s kind)."""
+    path = resolve_checkpoint(model, revision)
+    return path if hf_model_type(path) else None
+
+
+def measure_hf(args: argparse.Namespace, path: Path) -> tuple[Tensor, dict, dict, dict]:
+    """As ``measure_llada`` for an autoregressive HF model: one forward over prompt + reference
+    answer (there is no masked state), S averaged over ``--positions`` of those tokens."""
+    if str(args.mask_fractions) != "1.0":
+        raise ValueError("--mask-fractions applies to diffusion models; an autoregressive model is measured once, "
+                         "on the prompt and reference answer")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_hf(path, args.dtype, device)
+    fingerprint = weights_fingerprint(model)
+    examples, source = load_examples(args, tokenizer)
+    prefix = tokenizer("")["input_ids"]  # what the tokenizer starts a text with (BOS for Llama, Gemma)
+    if args.positions == "answer" and not all(e.answer for e in examples):
+        raise ValueError("--positions answer needs a reference answer for every prompt; use task or JSONL data")
+    rows = []
+    for start in range(0, len(examples), args.batch_size):
+        batch = examples[start : start + args.batch_size]
+        states, real = hidden_states(model, [prefix + e.prompt + e.answer for e in batch], tokenizer.pad_token_id)
+        column = torch.arange(real.shape[1], device=real.device)
+        prompt_len = torch.tensor([len(prefix) + len(e.prompt) for e in batch], device=real.device)[:, None]
+        where = {"prompt": column < prompt_len, "answer": real & (column >= prompt_len), "all": real}[args.positions]
+        rows.append(consecutive_similarity(states, where).cpu())
+    data = {"source": source, "n_prompts": len(examples), "mask_fractions": None, "answer_length": None}
+    return torch.cat(rows), {}, hf_identity(model.config, args.model, fingerprint), data
 
 
 def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
@@ -204,6 +245,7 @@ def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, 
         raise ValueError(f"skip_profile={str(path)!r}: not valid JSON ({err})") from err
     if profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
         raise ValueError(f"skip_profile={str(path)!r}: not a skip profile of format {FORMAT_VERSION}")
+    check_family(profile["base_model"], cfg, f"skip_profile={str(path)!r} was measured on")
     check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
     order = profile["selection_order"]
     if k is not None:
@@ -213,10 +255,20 @@ def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, 
     return sorted(order), profile
 
 
+def check_family(base: dict, cfg, subject: str) -> None:
+    """Refuse a profile measured on another model family (``cfg.family``: "hf" for hf_skip's
+    models; LLaDA's config and profiles written before families were recorded mean "llada")."""
+    made_for, family = base.get("family", "llada"), getattr(cfg, "family", "llada")
+    if made_for != family:
+        kind = f"{made_for} ({base['model_type']})" if base.get("model_type") else made_for
+        raise ValueError(f"{subject} {base['name']}, a {kind} model; this is a {family} model. "
+                         "Run dlmskip calibrate on the model you evaluate.")
+
+
 def add_model_and_prompt_arguments(parser: argparse.ArgumentParser, what: str, limit: int) -> None:
     """--model, --revision, --dtype, --device and the prompt source, as calibrate and analyze take them."""
     a = parser.add_argument
-    a("--model", required=True, help="LLaDA hub id or checkpoint directory")
+    a("--model", required=True, help="LLaDA hub id or checkpoint directory, or a causal LM of transformers (hf_skip)")
     a("--revision", default="main")
     a("--dtype", default="auto")
     a("--device")

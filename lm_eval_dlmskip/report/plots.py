@@ -84,8 +84,9 @@ def plot_routed_blocks(board: Leaderboard, out_dir: Path) -> Path | None:
     return _save(plt, fig, out_dir / "routed_block_execution.png")
 
 
-def plot_analysis(trace: dict, out: Path, title: str) -> list[Path]:
-    """The four pictures of ``dlmskip analyze`` (see report/analyze.py); returns the files."""
+def plot_analysis(trace: dict, out: Path, title: str, denoising: bool = True) -> list[Path]:
+    """The four pictures of ``dlmskip analyze`` (see report/analyze.py); returns the files. Without
+    ``denoising`` (an autoregressive model's one forward) no heatmap over steps, one tokenwise panel."""
     plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)
     trace = {k: v.numpy() for k, v in trace.items()}
@@ -105,17 +106,22 @@ def plot_analysis(trace: dict, out: Path, title: str) -> list[Path]:
     ax.legend()
     files.append(_save(plt, fig, out / "similarity_profile.png"))
 
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    image = ax.imshow(sims.mean(1), aspect="auto", cmap="viridis", origin="upper")
-    ax.set(title=f"Block input/output similarity over denoising — {title}", xlabel="block (0-based)",
-           ylabel="denoising step (0 = all masked)")
-    fig.colorbar(image, ax=ax, label="cosine similarity")
-    files.append(_save(plt, fig, out / "similarity_heatmap.png"))
+    if denoising:
+        fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+        image = ax.imshow(sims.mean(1), aspect="auto", cmap="viridis", origin="upper")
+        ax.set(title=f"Block input/output similarity over denoising — {title}", xlabel="block (0-based)",
+               ylabel="denoising step (0 = all masked)")
+        fig.colorbar(image, ax=ax, label="cosine similarity")
+        files.append(_save(plt, fig, out / "similarity_heatmap.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True, layout="constrained")
-    for ax, key, name in zip(axes, ("tokenwise_first", "tokenwise_last"), ("first step (all masked)", "last step")):
+    panels = (("tokenwise_first", "first step (all masked)"), ("tokenwise_last", "last step")) if denoising else (
+        ("tokenwise_first", "the prompt forward"),)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), sharey=True, layout="constrained", squeeze=False)
+    axes = axes[0]
+    for ax, (key, name) in zip(axes, panels):
         image = ax.imshow(trace[key], aspect="auto", cmap="magma", vmin=-1, vmax=1, origin="upper")
-        ax.set(title=f"Neighbouring-token similarity, {name}", xlabel="token pair (i, i+1), last columns of the sequence")
+        columns = "last columns of the sequence" if denoising else "first columns of the prompts"
+        ax.set(title=f"Neighbouring-token similarity, {name}", xlabel=f"token pair (i, i+1), {columns}")
     axes[0].set_ylabel("hidden state (0 = embeddings, l = input of block l, last = final norm)")
     fig.colorbar(image, ax=axes, label="cosine similarity")
     fig.suptitle(title)

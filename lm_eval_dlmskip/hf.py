@@ -1,0 +1,213 @@
+"""``lm_eval --model hf_skip``: lm-eval's own HF causal LM with decoder layers skipped.
+
+Everything but skipping and FLOPs is lm-eval's ``HFLM``: loading, tokenization, batching,
+loglikelihood, rolling windows, generate_until. This class adds the skip model_args (the forms
+and 0-based numbering of ``llada_skip``), puts the decoder layers behind a ``LayerSchedule``
+(hf_model.py), and charges every forward the model runs to its task with flops.py's formulas.
+The papers' autoregressive baseline (Qwen2.5-7B with layers skipped) is
+``lm_eval --model hf_skip --model_args pretrained=Qwen/Qwen2.5-7B,skip_layers=[4,6,8]``.
+
+FLOPs count what the forwards compute: a loglikelihood forward over the whole (padded) input
+with the LM head at every position; a generation's prefill, then one token per step attending
+to the cached keys, for every row of the batch until ``generate`` returns (rows that finished
+early keep computing while their batch runs, as in HFLM; at batch_size=1 it is each request's
+own cost).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Any
+
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from .flops import FlopsMeter, TableAtExit, TaskTotals, format_flops_table
+from .harness import build_policy, describe_policy, parse_layers
+from .hf_model import HFShape, LayerSchedule, find_layers, flops_model, install_skipping, weights_fingerprint
+from .policies import NO_SKIP, SkipTrace, StaticSkip
+from .report.calibrate import load_profile
+
+log = logging.getLogger("lm_eval.hf_skip")  # under lm-eval's logger, so its CLI shows our lines
+
+SKIP_ARGS = ("skip_layers", "skip_random", "skip_profile", "skip_k", "seed", "allow_mismatch")
+
+
+class HFSkipLM(HFLM):
+    """An HF causal LM in lm-eval with decoder layers skipped: a static list, a skip profile made
+    by ``dlmskip calibrate`` on the same model, or k random layers per request.
+
+    Layer indices in ``skip_layers`` are 0-based (the papers number layers 1..N). Every other
+    model_args key is HFLM's (``pretrained``, ``dtype``, ``batch_size``, ``peft``, ...).
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        skip_layers: list[int] | int | str | None = None,
+        skip_random: int | None = None,
+        skip_profile: str | None = None,
+        skip_k: int | None = None,
+        seed: int = 1234,
+        allow_mismatch: bool = False,
+        **hf_args: Any,
+    ) -> None:
+        check_skip_args(skip_layers, skip_random, skip_profile, skip_k, hf_args)
+        shape = HFShape.of(_config(pretrained, hf_args))  # before loading: ranges and profile shapes
+        if skip_profile is not None:  # the file, its family, shape and skip_k; the weights once loaded
+            load_profile(skip_profile, shape, "", True, skip_k)
+        policy = build_policy(shape.n_layers, skip_layers, skip_random, int(seed))
+        super().__init__(pretrained=pretrained, **hf_args)
+        if self.backend != "causal":
+            raise ValueError(f"hf_skip: {pretrained!r} is a {self.backend} model; hf_skip skips layers of causal LMs")
+        self.fingerprint = weights_fingerprint(self.model)
+        skip = describe_policy(policy)
+        if skip_profile is not None:
+            layers, profile = load_profile(skip_profile, shape, self.fingerprint, bool(allow_mismatch), skip_k)
+            policy = StaticSkip(layers) if layers else NO_SKIP
+            skip = {**describe_policy(policy), "skip_profile": str(skip_profile), "threshold": profile["threshold"]}
+        layers = find_layers(self.model)
+        if len(layers) != shape.n_layers:
+            raise ValueError(f"hf_skip: {type(self.model).__name__} has {len(layers)} decoder layers, its config "
+                             f"num_hidden_layers={shape.n_layers}")
+        self.meter = FlopsMeter(flops_model(self.model, layers), self.device)
+        self.schedule = LayerSchedule(policy, shape.n_layers)
+        install_skipping(self.model, self.schedule)
+        self.model.register_forward_pre_hook(self._charge_forward, with_kwargs=True)
+        self.skip_settings = {"pretrained": str(pretrained), "model_type": shape.model_type,
+                              "fingerprint": self.fingerprint, "skip": skip, "seed": int(seed)}
+        self._task_row: torch.Tensor | None = None  # the meter index of the task being run; None: not charged
+        self._unmerged: list[dict[str, TaskTotals]] = []  # this rank's FLOPs since the last merge
+        self._table = TableAtExit()
+        log.info("hf_skip: %s skipping %s (0-based layers, of %d)", pretrained, skip, shape.n_layers)
+
+    # ---- model calls: decide once per call, charge every forward ------------------------------
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        # lm-eval right-pads a loglikelihood batch with token 0: a row's request is its tokens up to
+        # its last non-zero one (the same tokens in any batch, so random draws do not depend on it)
+        real = (inps != 0).long().flip(1).cummax(1).values.flip(1)
+        self.schedule.begin(inps, real)
+        return super()._model_call(inps, attn_mask, labels)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
+        self.schedule.begin(context, generation_kwargs["attention_mask"])  # one draw per prompt, every step
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    def _detect_batch_size(self, requests=None, pos: int = 0):
+        task_row, self._task_row = self._task_row, None  # probing forwards are no request's cost
+        try:
+            return super()._detect_batch_size(requests, pos)
+        finally:
+            self._task_row = task_row
+
+    def _charge_forward(self, module, args, kwargs) -> None:
+        """Forward pre-hook: charge the forward about to run to the current task. Its rows compute
+        ``q`` new tokens attending to the cached ones too; the LM head runs where logits are kept."""
+        if self._task_row is None:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        B, q = ids.shape
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        keep = kwargs.get("logits_to_keep", 0)
+        head = min(keep, q) if isinstance(keep, int) and keep > 0 else q
+        full = torch.full((B,), q, device=self.device)
+        trace = SkipTrace(self.schedule.executed, full, torch.full_like(full, head), torch.zeros_like(full),
+                          keys=torch.full_like(full, past + q))
+        self.meter.record(trace, self._task_row.expand(B))
+
+    # ---- requests: lm-eval's methods, once per task so forwards are charged to it ------------
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self._per_task("loglikelihood", super().loglikelihood, requests, disable_tqdm)
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        return self._per_task("loglikelihood_rolling", super().loglikelihood_rolling, requests, disable_tqdm)
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        return self._per_task("generate_until", super().generate_until, requests, disable_tqdm)
+
+    def _per_task(self, kind: str, run, requests: list[Instance], disable_tqdm: bool) -> list:
+        """``run`` (lm-eval's method) on each task's requests in turn; results in request order."""
+        tasks = [str(req.task_name) for req in requests]
+        results: list = [None] * len(requests)
+        for task, index in self.meter.start(tasks).items():
+            mine = [i for i, t in enumerate(tasks) if t == task]
+            self._task_row = torch.tensor([index], device=self.device)
+            try:
+                answers = run([requests[i] for i in mine], disable_tqdm=disable_tqdm)
+            finally:
+                self._task_row = None
+            for i, answer in zip(mine, answers, strict=True):
+                results[i] = answer
+        added = self.meter.flush()
+        if self.world_size > 1:
+            self._unmerged.append(added)
+        else:
+            self._log_flops(kind, added)
+        return results
+
+    def barrier(self) -> None:
+        """lm-eval calls this on every rank after each request type: merge the ranks' FLOPs here."""
+        if self.world_size > 1:
+            mine, self._unmerged = self._unmerged, []
+            gathered = self.gather_object(mine)
+            if self.rank == 0:
+                others = [part for parts in gathered[1:] for part in parts]
+                self.meter.merge(others)
+                self._log_flops("all ranks", {task for part in [*mine, *others] for task in part})
+        super().barrier()
+
+    def _log_flops(self, kind: str, tasks) -> None:
+        if self.rank != 0:
+            return
+        summaries = self.meter.summary()
+        for task in sorted(tasks):
+            s = summaries[task]
+            log.info("hf_skip %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), %.2f of %d layers run on "
+                     "average over %d forwards", kind, task, s["normalized_flops_papers"],
+                     s["normalized_flops_whole_model"], s["mean_executed_blocks"], self.schedule.n_layers, s["forwards"])
+
+    def get_model_info(self) -> dict:
+        flops = self.meter.summary()
+        self._table.show(format_flops_table(flops, self.schedule.n_layers, "hf_skip"))
+        return {**super().get_model_info(),
+                "dlmskip": {**self.skip_settings, "n_layers": self.schedule.n_layers, "flops": flops}}
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """Parse as the ``lm_eval`` command line does, so ``skip_layers=[4,6,8]`` stays one list."""
+        from lm_eval._cli.utils import key_val_to_dict
+
+        return cls.create_from_arg_obj(key_val_to_dict(arg_string), additional_config)
+
+
+def _config(pretrained, hf_args: dict):
+    """The model's config, read before its weights (HFLM's own arguments say where it is)."""
+    if not isinstance(pretrained, str):  # a model object passed from Python
+        return pretrained.config
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        pretrained, revision=str(hf_args.get("revision") or "main"), subfolder=hf_args.get("subfolder", ""),
+        trust_remote_code=bool(hf_args.get("trust_remote_code")),
+    )
+
+
+def check_skip_args(skip_layers, skip_random, skip_profile, skip_k, hf_args: dict) -> None:
+    """Errors in the skip model_args that need no model: two methods, skip_k alone, a list that
+    is not one, and a misspelt skip key (the other keys go to HFLM and from_pretrained)."""
+    chosen = [name for name, value in (("skip_layers", skip_layers), ("skip_random", skip_random),
+                                       ("skip_profile", skip_profile)) if value is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"hf_skip: {' and '.join(chosen)} both given: choose one way of skipping")
+    if skip_k is not None and skip_profile is None:
+        raise ValueError("hf_skip: skip_k is given without skip_profile=PATH")
+    if skip_layers is not None:
+        parse_layers(skip_layers, "skip_layers")
+    for key in hf_args:
+        close = difflib.get_close_matches(key, SKIP_ARGS, n=1, cutoff=0.75)
+        if close or key.startswith("skip"):
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"hf_skip: unknown model_args key {key!r}.{hint} Its skip keys: {', '.join(SKIP_ARGS)}")
