@@ -35,6 +35,7 @@ from ..train_data import add_source_arguments
 
 FORMAT_VERSION = 1
 KIND = "lm_eval_dlmskip.skip_profile"
+CALIBRATION_PROMPTS = 64  # default --limit of calibrate and analyze, so that both measure the same prompts
 NUMBERING = (
     "skip_layers and selection_order are 0-based block indices; the papers number blocks 1..N "
     "(paper_layers = skip_layers + 1)"
@@ -159,6 +160,14 @@ def load_model_and_examples(args: argparse.Namespace) -> tuple[Checkpoint, Any, 
 def calibrate(args: argparse.Namespace) -> dict:
     """Measure, select, and write the skip profile; returns it."""
     checkpoint, tokenizer, examples, source = load_model_and_examples(args)
+    profile = build_profile(args, checkpoint, tokenizer, examples, source)
+    write_json(Path(args.output), profile)
+    return profile
+
+
+def build_profile(args: argparse.Namespace, checkpoint: Checkpoint, tokenizer, examples: list[Example], source: str) -> dict:
+    """The skip profile of ``examples`` under the measurement and selection arguments
+    (``add_selection_arguments``): the similarity per block, the blocks chosen, what was measured."""
     model = checkpoint.model
     fractions = [float(f) for f in str(args.mask_fractions).split(",")]
     by_fraction = similarity_profile(
@@ -168,7 +177,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     every = torch.cat(list(by_fraction.values()))  # [examples x states, n_layers]
     mean = every.mean(0).tolist()
     order = select_blocks(mean, args.threshold, args.max_skip, args.allow_adjacent)
-    profile = {
+    return {
         "format": FORMAT_VERSION,
         "kind": KIND,
         "numbering": NUMBERING,
@@ -189,8 +198,6 @@ def calibrate(args: argparse.Namespace) -> dict:
         "data": {"source": source, "n_prompts": len(examples), "mask_fractions": fractions,
                  "answer_length": args.answer_length, "positions": args.positions, "seed": args.seed},
     }
-    write_json(Path(args.output), profile)
-    return profile
 
 
 def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
@@ -226,9 +233,14 @@ def add_model_and_prompt_arguments(parser: argparse.ArgumentParser, what: str, l
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_and_prompt_arguments(parser, "the calibration prompts", limit=64)
+    add_model_and_prompt_arguments(parser, "the calibration prompts", limit=CALIBRATION_PROMPTS)
+    parser.add_argument("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH)")
+    add_selection_arguments(parser)
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the similarity is measured and the blocks chosen, as calibrate and analyze take them."""
     a = parser.add_argument
-    a("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH)")
     a("--threshold", type=float, default=0.95, help="minimum similarity of a skipped block")
     a("--max-skip", type=int, default=4, help="at most this many blocks")
     a("--allow-adjacent", action="store_true", help="allow neighbouring blocks (the paper's ablation)")
