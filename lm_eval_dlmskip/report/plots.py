@@ -227,7 +227,7 @@ def routed_blocks_figure(board: Leaderboard) -> Any | None:
     ax.set_xticks(range(n_blocks), [str(i) for i in range(n_blocks)], fontsize=7 if n_blocks > 16 else 9)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.set_xlabel(BLOCK_AXIS)
-    _paper_layer_axis(ax)
+    _paper_layer_axis(ax, n_blocks)
     ax.set_title("Routed skipping: share of forwards that executed each block")
     fig.colorbar(image, ax=ax, label="execution ratio (1 = always run)")
     return fig
@@ -250,7 +250,7 @@ def analysis_figures(trace: dict, calibration: dict, title: str) -> dict[str, An
     image = ax.imshow(trace["similarity"].mean(1), aspect="auto", cmap="viridis", origin="upper")
     ax.set(title=f"Block input/output similarity over the decoding of {trace['similarity'].shape[1]} prompts — {title}",
            xlabel=BLOCK_AXIS, ylabel="denoising step (0 = all masked)")
-    _paper_layer_axis(ax)
+    _paper_layer_axis(ax, trace["similarity"].shape[-1])
     fig.colorbar(image, ax=ax, label="cosine similarity (mean over prompts and their tokens)")
     figures["similarity_heatmap"] = fig
 
@@ -293,7 +293,7 @@ def _profile_figure(plt: Any, calibration: dict, title: str) -> Any:
         ax.annotate(f"#{rank}", (block, mean[block]), textcoords="offset points", xytext=(0, 10), ha="center",
                     fontsize=8, color="C3")
     ax.set(xlabel=BLOCK_AXIS, ylabel="cosine similarity (1 = block changes nothing)")
-    _paper_layer_axis(ax)
+    _paper_layer_axis(ax, len(mean))
     adjacency = "adjacent allowed" if calibration["allow_adjacent"] else "never two adjacent"
     fractions = ", ".join(f"{f:g}" for f in data["mask_fractions"])
     measured = (f"Measured as dlmskip calibrate does: {data['n_prompts']} prompts ({data['source']}); answer region "
@@ -302,16 +302,15 @@ def _profile_figure(plt: Any, calibration: dict, title: str) -> Any:
                 f"{calibration['max_skip']} blocks, {adjacency}.")
     fig.suptitle(f"Block input/output cosine similarity — {title}")
     ax.set_title("\n".join(textwrap.wrap(measured, 110)), fontsize=8)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     return fig
 
 
-def _paper_layer_axis(ax: Any) -> Any:
-    """The papers' 1-based layer numbers along the top of a 0-based block axis."""
-    from matplotlib.ticker import MaxNLocator
-
+def _paper_layer_axis(ax: Any, n_blocks: int) -> Any:
+    """The papers' 1-based layer numbers along the top of a 0-based block axis: 1, then every few."""
     top = ax.secondary_xaxis("top", functions=(_to_paper_layer, _to_block))
-    top.xaxis.set_major_locator(MaxNLocator(integer=True))
+    step = max(1, round(n_blocks / 8))
+    top.set_xticks(sorted({1, *range(step, n_blocks + 1, step)}))
     top.set_xlabel("layer as the papers number it (1-based: block + 1)")
     return top
 
