@@ -75,6 +75,7 @@ def plot_leaderboard(board: Leaderboard, out_dir: Path, figure: str = "papers") 
 
 
 def plot_accuracy_vs_flops(board: Leaderboard, task: str, out_dir: Path, figure: str = "papers") -> Path | None:
+    """``accuracy_figure`` as accuracy_vs_flops_TASK.png; None when there is nothing to plot."""
     fig = accuracy_figure(board, task, figure)
     return None if fig is None else _save(fig, out_dir / f"accuracy_vs_flops_{_file_safe(task)}.png")
 
@@ -207,6 +208,7 @@ def _keep_inside(fig: Any, ax: Any, notes: list[Any]) -> None:
 
 
 def plot_routed_blocks(board: Leaderboard, out_dir: Path) -> Path | None:
+    """``routed_blocks_figure`` as routed_block_execution.png; None without routed runs."""
     fig = routed_blocks_figure(board)
     return None if fig is None else _save(fig, out_dir / "routed_block_execution.png")
 
