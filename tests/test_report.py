@@ -133,7 +133,7 @@ def test_analyze_measures_and_selects_as_calibrate_does(tmp_path, ref_dir, ref):
     data = _jsonl(tmp_path, ref)
     settings = ["--limit", "7", "--threshold", "0.5", "--max-skip", "2", "--mask-fractions", "1.0,0.5",
                 "--answer-length", "6", "--positions", "all", "--seed", "3", "--dtype", "float32"]
-    assert calibrate.run_calibrate(_calibrate_args(ref_dir, tmp_path, data)) == 0  # defaults: no 0.95 line anywhere
+    assert calibrate.run_calibrate(_calibrate_args(ref_dir, tmp_path, data)) == 0  # default settings
     profile = json.loads((tmp_path / "profile.json").read_text())
     parser = argparse.ArgumentParser()
     calibrate.add_arguments(parser)
@@ -221,6 +221,15 @@ def test_analyze_refuses_an_out_that_is_a_file_before_loading_the_model(tmp_path
     code = main(["analyze", "--model", str(tmp_path / "no_model_here"), "--data", str(taken), "--out", str(taken)])
     assert code == 2
     assert f"--out {taken} is a file; give a folder path" in capsys.readouterr().err
+
+
+def test_analyze_refuses_a_decode_limit_below_one_before_loading_the_model(tmp_path, capsys):
+    from lm_eval_dlmskip.cli import main
+
+    code = main(["analyze", "--model", str(tmp_path / "no_model_here"), "--data", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "an"), "--decode-limit", "0"])
+    assert code == 2
+    assert "--decode-limit 0: give 1 or more prompts to decode" in capsys.readouterr().err
 
 
 def test_matplotlib_is_a_plain_dependency():
