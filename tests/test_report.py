@@ -128,6 +128,37 @@ def test_analyze_writes_the_four_pictures(tmp_path, ref_dir, ref):
     assert len(data["norm_mean"]) == 7
 
 
+def test_analyze_measures_and_selects_as_calibrate_does(tmp_path, ref_dir, ref):
+    """Same prompts and settings: analyze's profile holds calibrate's numbers and marks its blocks."""
+    data = _jsonl(tmp_path, ref)
+    settings = ["--limit", "7", "--threshold", "0.5", "--max-skip", "2", "--mask-fractions", "1.0,0.5",
+                "--answer-length", "6", "--positions", "all", "--seed", "3", "--dtype", "float32"]
+    assert calibrate.run_calibrate(_calibrate_args(ref_dir, tmp_path, data)) == 0  # default settings
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    parser = argparse.ArgumentParser()
+    calibrate.add_arguments(parser)
+    calibrate.run_calibrate(parser.parse_args(["--model", str(ref_dir), "--data", str(data), "--output",
+                                               str(tmp_path / "same.json"), *settings]))
+    same = json.loads((tmp_path / "same.json").read_text())
+    assert same["similarity"]["mean"] != profile["similarity"]["mean"]  # the settings matter
+    parser = argparse.ArgumentParser()
+    analyze.add_arguments(parser)
+    args = parser.parse_args(["--model", str(ref_dir), "--data", str(data), "--out", str(tmp_path / "an"),
+                              "--gen-length", "4", "--decode-limit", "2", *settings])
+    assert analyze.run_analyze(args) == 0
+    measured = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert measured["calibration"]["similarity"] == same["similarity"]
+    assert measured["calibration"]["selection_order"] == same["selection_order"] != []
+    assert measured["calibration"]["data"] == same["data"] and same["data"]["n_prompts"] == 7
+    assert measured["n_decoded"] == 2 and len(measured["similarity"][0]) == 2
+    analyze_defaults, calibrate_defaults = argparse.ArgumentParser(), argparse.ArgumentParser()
+    analyze.add_arguments(analyze_defaults)
+    calibrate.add_arguments(calibrate_defaults)
+    shared = {"limit", "threshold", "max_skip", "allow_adjacent", "mask_fractions", "answer_length", "positions",
+              "batch_size", "seed"}
+    assert {k: analyze_defaults.get_default(k) for k in shared} == {k: calibrate_defaults.get_default(k) for k in shared}
+
+
 def _sweep_args(tmp_path, **kwargs):
     parser = argparse.ArgumentParser()
     sweep.add_arguments(parser)
@@ -190,6 +221,15 @@ def test_analyze_refuses_an_out_that_is_a_file_before_loading_the_model(tmp_path
     code = main(["analyze", "--model", str(tmp_path / "no_model_here"), "--data", str(taken), "--out", str(taken)])
     assert code == 2
     assert f"--out {taken} is a file; give a folder path" in capsys.readouterr().err
+
+
+def test_analyze_refuses_a_decode_limit_below_one_before_loading_the_model(tmp_path, capsys):
+    from lm_eval_dlmskip.cli import main
+
+    code = main(["analyze", "--model", str(tmp_path / "no_model_here"), "--data", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "an"), "--decode-limit", "0"])
+    assert code == 2
+    assert "--decode-limit 0: give 1 or more prompts to decode" in capsys.readouterr().err
 
 
 def test_matplotlib_is_a_plain_dependency():

@@ -3,16 +3,20 @@
 Decodes the calibration prompts with diffusion generation and, at every denoising step, records
 the hidden states entering each block (upstream ``output_hidden_states``). From them:
 
-* ``similarity_profile.png`` — cosine similarity between each block's input and output, mean and
-  spread across prompts and denoising steps (the signal Algorithm 1 skips on);
-* ``similarity_heatmap.png`` — the same per denoising step (rows) and block (columns);
+* ``similarity_profile.png`` — cosine similarity between each block's input and output, measured
+  exactly as ``dlmskip calibrate`` measures it (same prompts, mask fractions, positions, seed), with
+  the threshold and the blocks calibrate's Algorithm 1 selects from it marked;
+* ``similarity_heatmap.png`` — the same similarity along the decoding of the first prompts, per
+  denoising step (rows) and block (columns);
 * ``tokenwise_similarity.png`` — cosine similarity of neighbouring tokens inside each layer's
   hidden state, at the first and the last denoising step (recency bias shows as low values);
 * ``hidden_norms.png`` — L2 norm of the hidden states by depth (mean over tokens, and the largest
   token, which exposes sink tokens).
 
-The numbers behind the pictures go to ``analysis.json``. An autoregressive HF model (``hf_skip``'s
-kind) has no denoising steps: its pictures are those of one forward over the prompts.
+Blocks are numbered from 0, as in ``model_args``; the block axes carry the papers' 1-based layer
+numbers on a second axis. The numbers behind the pictures go to ``analysis.json`` (the calibration
+under ``"calibration"``, in the layout of calibrate's skip profile). An autoregressive HF model
+(``hf_skip``'s kind) has no denoising steps: its pictures are those of one forward over the prompts.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from torch import Tensor
 from ..files import check_output_dir, write_json
 from ..generation import GenerationSettings, generate
 from ..model import LLaDA
-from ..hf_model import hidden_states, load_hf
-from .calibrate import add_model_and_prompt_arguments, consecutive_similarity, hf_checkpoint, load_examples, load_model_and_examples
+from ..hf_model import hidden_states
+from .calibrate import (
+    CALIBRATION_PROMPTS, add_model_and_prompt_arguments, add_selection_arguments, build_profile, consecutive_similarity,
+    hf_checkpoint, load_hf_and_examples, load_model_and_examples, measure_hf, measure_llada,
+)
 
 
 @torch.no_grad()
@@ -68,9 +75,11 @@ def record_trajectory(model: LLaDA, prompts: list[list[int]], settings: Generati
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_and_prompt_arguments(parser, "the prompts", limit=16)
+    add_model_and_prompt_arguments(parser, "the prompts", limit=CALIBRATION_PROMPTS)
     a = parser.add_argument
     a("--out", required=True, help="directory for the PNG files and analysis.json")
+    add_selection_arguments(parser)
+    a("--decode-limit", type=int, default=16, help="how many of the prompts (the first) to decode for the per-step pictures")
     a("--gen-length", type=int, default=32, help="answer tokens to decode")
     a("--steps", type=int, help="denoising steps (default: gen-length)")
     a("--block-length", type=int, help="semi-autoregressive block length (default: gen-length)")
@@ -78,23 +87,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
+    if args.decode_limit < 1:
+        raise ValueError(f"--decode-limit {args.decode_limit}: give 1 or more prompts to decode")
     hf_path = hf_checkpoint(args.model, args.revision)
     if hf_path is not None:
         return analyze_hf(args, hf_path)
     checkpoint, tokenizer, examples, source = load_model_and_examples(args)
+    calibration = build_profile(args, *measure_llada(args, checkpoint, tokenizer, examples, source))
+    decoded = examples[: args.decode_limit]
     settings = GenerationSettings(args.gen_length, args.steps or args.gen_length, args.block_length or args.gen_length)
-    trace = record_trajectory(checkpoint.model, [e.prompt for e in examples], settings, tokenizer.pad_token_id)
+    trace = record_trajectory(checkpoint.model, [e.prompt for e in decoded], settings, tokenizer.pad_token_id)
     out = Path(args.out)
     from .plots import plot_analysis
 
-    files = plot_analysis(trace, out, Path(args.model).name or args.model)
+    files = plot_analysis(trace, calibration, out, Path(args.model).name or args.model)
     write_json(out / "analysis.json", {
-        "model": args.model, "source": source, "n_prompts": len(examples), "generation": vars(settings),
+        "model": args.model, "source": source, "n_prompts": len(examples), "n_decoded": len(decoded),
+        "generation": vars(settings),
         "numbering": "similarity[step][prompt][block] with 0-based blocks; hidden states 0 = embeddings, l = input of block l",
         **{k: v.tolist() for k, v in trace.items()},
+        "calibration": calibration,
     })
     for f in files:
         print(f)
+    print(f"skip_layers={calibration['skip_layers']} (0-based; the papers' numbering: {calibration['paper_layers']}): "
+          f"what dlmskip calibrate selects with these prompts and settings")
     return 0
 
 
@@ -120,21 +137,22 @@ def analyze_hf(args: argparse.Namespace, path: Path) -> int:
     the denoising views (similarity per step, first and last step) do not exist for it."""
     print("an autoregressive model has no denoising steps: similarity_heatmap.png is not drawn, the tokenwise "
           "picture shows the prompt forward, and --gen-length/--steps/--block-length are not used")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_hf(path, args.dtype, device)
-    examples, source = load_examples(args, tokenizer)
+    model, tokenizer, examples, source = load_hf_and_examples(args, path)
+    calibration = build_profile(args, *measure_hf(args, model, tokenizer, examples, source))
     prefix = tokenizer("")["input_ids"]  # BOS where the tokenizer adds one
     trace = record_prompt_states(model, [prefix + e.prompt for e in examples], tokenizer.pad_token_id)
     out = Path(args.out)
     from .plots import plot_analysis
 
-    files = plot_analysis(trace, out, Path(args.model).name or args.model, denoising=False)
+    files = plot_analysis(trace, calibration, out, Path(args.model).name or args.model, denoising=False)
     write_json(out / "analysis.json", {
         "model": args.model, "source": source, "n_prompts": len(examples), "generation": None,
         "numbering": "similarity[0][prompt][layer] with 0-based layers (one forward over the prompts); "
                      "hidden states 0 = embeddings, l = input of layer l",
         **{k: v.tolist() for k, v in trace.items()},
+        "calibration": calibration,
     })
     for f in files:
         print(f)
+    print(f"skip_layers={calibration['skip_layers']} (0-based): what dlmskip calibrate selects with these prompts and settings")
     return 0

@@ -37,6 +37,7 @@ from ..train_data import add_source_arguments
 
 FORMAT_VERSION = 1
 KIND = "lm_eval_dlmskip.skip_profile"
+CALIBRATION_PROMPTS = 64  # default --limit of calibrate and analyze, so that both measure the same prompts
 NUMBERING = (
     "skip_layers and selection_order are 0-based block indices; the papers number blocks 1..N "
     "(paper_layers = skip_layers + 1)"
@@ -161,10 +162,22 @@ def load_model_and_examples(args: argparse.Namespace) -> tuple[Checkpoint, Any, 
 def calibrate(args: argparse.Namespace) -> dict:
     """Measure, select, and write the skip profile; returns it."""
     hf_path = hf_checkpoint(args.model, args.revision)
-    every, by_fraction, base_model, data = measure_hf(args, hf_path) if hf_path else measure_llada(args)
+    if hf_path:
+        measured = measure_hf(args, *load_hf_and_examples(args, hf_path))
+    else:
+        measured = measure_llada(args, *load_model_and_examples(args))
+    profile = build_profile(args, *measured)
+    write_json(Path(args.output), profile)
+    return profile
+
+
+def build_profile(args: argparse.Namespace, every: Tensor, by_fraction: dict[float, Tensor], base_model: dict,
+                  data: dict) -> dict:
+    """The skip profile of a measurement (``measure_llada``, ``measure_hf``) under the selection
+    arguments (``add_selection_arguments``): the similarity per block, the blocks chosen, what was measured."""
     mean = every.mean(0).tolist()
     order = select_blocks(mean, args.threshold, args.max_skip, args.allow_adjacent)
-    profile = {
+    return {
         "format": FORMAT_VERSION,
         "kind": KIND,
         "numbering": NUMBERING,
@@ -184,14 +197,13 @@ def calibrate(args: argparse.Namespace) -> dict:
         "base_model": base_model,
         "data": {**data, "positions": args.positions, "seed": args.seed},
     }
-    write_json(Path(args.output), profile)
-    return profile
 
 
-def measure_llada(args: argparse.Namespace) -> tuple[Tensor, dict[float, Tensor], dict, dict]:
-    """S [examples x states, n_layers] of a LLaDA model, S per mask fraction, the model's identity
+def measure_llada(
+    args: argparse.Namespace, checkpoint: Checkpoint, tokenizer, examples: list[Example], source: str
+) -> tuple[Tensor, dict[float, Tensor], dict, dict]:
+    """S [examples x states, n_layers] of a diffusion model, S per mask fraction, the model's identity
     and what was measured."""
-    checkpoint, tokenizer, examples, source = load_model_and_examples(args)
     model = checkpoint.model
     fractions = [float(f) for f in str(args.mask_fractions).split(",")]
     by_fraction = similarity_profile(
@@ -209,19 +221,28 @@ def hf_checkpoint(model: str, revision: str) -> Path | None:
     return path if hf_model_type(path) else None
 
 
-def measure_hf(args: argparse.Namespace, path: Path) -> tuple[Tensor, dict, dict, dict]:
-    """As ``measure_llada`` for an autoregressive HF model: one forward over prompt + reference
-    answer (there is no masked state), S averaged over ``--positions`` of those tokens."""
+def load_hf_and_examples(args: argparse.Namespace, path: Path) -> tuple[Any, Any, list[Example], str]:
+    """``load_model_and_examples`` for an autoregressive HF model; its settings are checked first."""
     if str(args.mask_fractions) != "1.0":
         raise ValueError("--mask-fractions applies to diffusion models; an autoregressive model is measured once, "
                          "on the prompt and reference answer")
+    if (args.task is None) == (args.data is None):
+        raise ValueError("give exactly one of --task NAME or --data FILE")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_hf(path, args.dtype, device)
-    fingerprint = weights_fingerprint(model)
     examples, source = load_examples(args, tokenizer)
-    prefix = tokenizer("")["input_ids"]  # what the tokenizer starts a text with (BOS for Llama, Gemma)
     if args.positions == "answer" and not all(e.answer for e in examples):
         raise ValueError("--positions answer needs a reference answer for every prompt; use task or JSONL data")
+    return model, tokenizer, examples, source
+
+
+def measure_hf(
+    args: argparse.Namespace, model, tokenizer, examples: list[Example], source: str
+) -> tuple[Tensor, dict, dict, dict]:
+    """As ``measure_llada`` for an autoregressive HF model: one forward over prompt + reference
+    answer (there is no masked state), S averaged over ``--positions`` of those tokens."""
+    fingerprint = weights_fingerprint(model)
+    prefix = tokenizer("")["input_ids"]  # what the tokenizer starts a text with (BOS for Llama, Gemma)
     rows = []
     for start in range(0, len(examples), args.batch_size):
         batch = examples[start : start + args.batch_size]
@@ -278,9 +299,14 @@ def add_model_and_prompt_arguments(parser: argparse.ArgumentParser, what: str, l
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_and_prompt_arguments(parser, "the calibration prompts", limit=64)
+    add_model_and_prompt_arguments(parser, "the calibration prompts", limit=CALIBRATION_PROMPTS)
+    parser.add_argument("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH)")
+    add_selection_arguments(parser)
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the similarity is measured and the blocks chosen, as calibrate and analyze take them."""
     a = parser.add_argument
-    a("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH)")
     a("--threshold", type=float, default=0.95, help="minimum similarity of a skipped block")
     a("--max-skip", type=int, default=4, help="at most this many blocks")
     a("--allow-adjacent", action="store_true", help="allow neighbouring blocks (the paper's ablation)")
