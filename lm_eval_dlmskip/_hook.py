@@ -1,4 +1,5 @@
-"""Start-up hook (run by ``lm_eval_dlmskip.pth``): register ``llada_skip`` when lm-eval loads.
+"""Start-up hook (run by ``lm_eval_dlmskip.pth``): register ``llada_skip`` and ``dream_skip``
+when lm-eval loads.
 
 lm-eval 0.4.13 finds ``--model`` names only in its own registry, so this puts a lazy entry
 there the moment ``lm_eval.api.registry`` finishes importing. Nothing heavy is imported: until
@@ -14,15 +15,18 @@ import importlib.abc
 import sys
 
 REGISTRY = "lm_eval.api.registry"
-MODEL_NAME = "llada_skip"
-MODEL_TARGET = "lm_eval_dlmskip.harness:LLaDASkipLM"
+MODELS = {
+    "llada_skip": "lm_eval_dlmskip.harness:LLaDASkipLM",
+    "dream_skip": "lm_eval_dlmskip.harness_dream:DreamSkipLM",
+}
 
 
 def register(registry_module) -> None:
-    """Add the lazy ``llada_skip`` entry and keep lm-eval's built-in models (hf, vllm, ...) listed."""
+    """Add the lazy entries of our models and keep lm-eval's built-in models (hf, vllm, ...) listed."""
     registry = registry_module.model_registry
-    if MODEL_NAME not in registry:
-        registry.register(MODEL_NAME, target=MODEL_TARGET)
+    for name, target in MODELS.items():
+        if name not in registry:
+            registry.register(name, target=target)
     importlib.import_module("lm_eval.models")
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..files import write_json
-from ..loading import Checkpoint, check_identity, load_llada, load_tokenizer, model_identity
+from ..loading import Checkpoint, check_identity, load_model, load_tokenizer, model_identity
 from ..model import LLaDA
 from ..train_data import add_source_arguments
 
@@ -150,7 +150,7 @@ def load_model_and_examples(args: argparse.Namespace) -> tuple[Checkpoint, Any, 
     if (args.task is None) == (args.data is None):
         raise ValueError("give exactly one of --task NAME or --data FILE")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint = load_llada(args.model, args.revision, dtype=args.dtype, device=device)
+    checkpoint = load_model(args.model, args.revision, dtype=args.dtype, device=device)
     tokenizer = load_tokenizer(checkpoint.path, checkpoint.model.cfg.mask_token_id)
     examples, source = load_examples(args, tokenizer)
     return checkpoint, tokenizer, examples, source
