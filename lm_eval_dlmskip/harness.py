@@ -523,7 +523,7 @@ class LLaDASkipLM(TemplateLM):
             self._announced.add(task)
             level = logging.WARNING if any("over the task's" in v for v in origin.values()) else logging.INFO
             described = ", ".join(f"{k}={v}" for k, v in origin.items())
-            log.log(level, "llada_skip [%s] decodes with %s", task, described)
+            log.log(level, "%s [%s] decodes with %s", self.decoding.model, task, described)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         if not requests:
