@@ -185,7 +185,7 @@ def bench_block(model: LLaDA, up: Upstream | None, device, shapes, repeat: int) 
     block = model.blocks[0]
     for B, L in shapes:
         x = torch.randn(B, L, cfg.d_model, device=device, dtype=torch.bfloat16)
-        cos, sin = rotary_tables(L, cfg.head_dim, cfg.rope_theta, device)
+        cos, sin = rotary_tables(torch.arange(L, device=device), cfg.head_dim, cfg.rope_theta)
         row = {"B": B, "L": L}
         with torch.no_grad():
             row["ours_ms"] = timed(lambda: block(x, cos, sin, None), device, repeat)

@@ -46,7 +46,7 @@ def main():
         torch.nn.init.normal_(p, std=0.02)
     for B, L in ((1, 512), (1, 1024), (8, 1024)):
         x = torch.randn(B, L, 4096, device=dev, dtype=torch.bfloat16)
-        cos, sin = rotary_tables(L, 128, 500000.0, dev)
+        cos, sin = rotary_tables(torch.arange(L, device=dev), 128, 500000.0)
         with torch.no_grad():
             t_eager = timed(lambda: block(x, cos, sin, None))
             mask = torch.ones(B, L, dtype=torch.bool, device=dev)
@@ -97,7 +97,7 @@ def main():
           f"graph {t_graph:.3f} (+sync {t_graph_sync:.3f})")
     # torch.cond inside CUDA graph capture
     x = torch.randn(1, 1024, 4096, device=dev, dtype=torch.bfloat16)
-    cos, sin = rotary_tables(1024, 128, 500000.0, dev)
+    cos, sin = rotary_tables(torch.arange(1024, device=dev), 128, 500000.0)
     try:
         pred = torch.tensor(True, device=dev)
 

@@ -88,7 +88,7 @@ def main():
     print("torch", torch.__version__, torch.cuda.get_device_name(), f"B=1 L={L}", "compiled" if args.compile else "eager")
     torch.manual_seed(0)
     weights = [make_weights(dev) for _ in range(n_blocks)]
-    cos, sin = rotary_tables(L, HD, THETA, dev)
+    cos, sin = rotary_tables(torch.arange(L, device=dev), HD, THETA)
     x = torch.randn(L, D, device=dev, dtype=torch.bfloat16)
     masked = (torch.rand(L, device=dev) < 0.3).float()
     rows = torch.full((1,), L, device=dev, dtype=torch.int32)

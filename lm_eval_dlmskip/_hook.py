@@ -1,4 +1,5 @@
-"""Start-up hook (run by ``lm_eval_dlmskip.pth``): register our models when lm-eval loads.
+"""Start-up hook (run by ``lm_eval_dlmskip.pth``): register ``llada_skip``, ``dream_skip`` and
+``hf_skip`` when lm-eval loads.
 
 lm-eval 0.4.13 finds ``--model`` names only in its own registry, so this puts a lazy entry
 there the moment ``lm_eval.api.registry`` finishes importing. Nothing heavy is imported: until
@@ -17,11 +18,12 @@ REGISTRY = "lm_eval.api.registry"
 MODELS = {  # --model name -> class, as pyproject's lm_eval.models entry points
     "llada_skip": "lm_eval_dlmskip.harness:LLaDASkipLM",
     "hf_skip": "lm_eval_dlmskip.hf:HFSkipLM",
+    "dream_skip": "lm_eval_dlmskip.harness_dream:DreamSkipLM",
 }
 
 
 def register(registry_module) -> None:
-    """Add the lazy entries and keep lm-eval's built-in models (hf, vllm, ...) listed."""
+    """Add the lazy entries of our models and keep lm-eval's built-in models (hf, vllm, ...) listed."""
     registry = registry_module.model_registry
     for name, target in MODELS.items():
         if name not in registry:

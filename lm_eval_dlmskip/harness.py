@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from .cache import AnswerCache, files_digest
 from .flops import FlopsMeter, FlopsModel, TableAtExit, TaskTotals, format_flops_table
-from .gen_kwargs import check_user_settings, resolve_generation
+from .gen_kwargs import LLADA, check_user_settings, resolve_generation
 from .generation import GenerationSettings, generate
 from .graphs import GraphRunner
 from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
-from .loading import adapter_fingerprint, load_llada, load_tokenizer, merge_lora, tokenizer_fingerprint, with_adapter
+from .loading import adapter_fingerprint, load_model, load_tokenizer, merge_lora, tokenizer_fingerprint, with_adapter
 from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers, row_keys
 from .report.calibrate import load_profile
 from .router import RoutedSkip, RouterCheckpoint, load_routers
@@ -46,6 +46,8 @@ class LLaDASkipLM(TemplateLM):
     """
 
     backend = "causal"  # context and continuation are encoded together, then split
+    family = "llada"  # the checkpoints this model takes (loading.py refuses the others)
+    decoding = LLADA  # its decoding settings and their keys (gen_kwargs.py)
 
     def __init__(
         self,
@@ -85,14 +87,15 @@ class LLaDASkipLM(TemplateLM):
     ) -> None:
         super().__init__()
         # What the user typed for decoding (None: not given, the task or the default decides).
-        self.gen_args = {"gen_length": gen_length, "steps": steps, "block_length": block_length, "cfg": cfg,
-                         "remasking": remasking, "temperature": temperature, "cache": cache, "threshold": threshold,
-                         "decide_every": decide_every}
-        check_user_settings(self.gen_args)  # before anything is loaded
+        self.gen_args = self.decoding_args(
+            {"gen_length": gen_length, "steps": steps, "block_length": block_length, "cfg": cfg, "remasking": remasking,
+             "temperature": temperature, "cache": cache, "threshold": threshold, "decide_every": decide_every}
+        )
+        check_user_settings(self.gen_args, self.decoding)  # before anything is loaded
         if trust_remote_code:
             log.info("trust_remote_code is not needed: llada_skip runs its own LLaDA code and executes none from the hub")
         self._setup_distributed(device)
-        checkpoint = load_llada(pretrained, revision=str(revision), dtype=dtype, device=self._device)
+        checkpoint = load_model(pretrained, revision=str(revision), dtype=dtype, device=self._device, family=self.family)
         self.checkpoint = checkpoint
         self.model, fingerprint = checkpoint.model, checkpoint.fingerprint
         if peft:  # skip profiles and routers must fit the weights evaluated, adapter merged
@@ -109,7 +112,7 @@ class LLaDASkipLM(TemplateLM):
         self.seed = int(seed)  # random skipping and sampled decoding
         self.mc_seed = int(mc_seed)  # the Monte-Carlo masks alone, so runs that vary `seed` score alike
         self.check_greedy = bool(check_greedy)  # is_greedy for multiple-choice requests too
-        self.likelihood = LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=float(cfg or 0.0))
+        self.likelihood = self.likelihood_settings(mc_num, mc_batch, float(cfg or 0.0))
         self.likelihood.check()
         self._announced: set[str] = set()  # tasks whose decoding settings were logged
         self.policy, skip, flops = self._skip_policy(
@@ -168,10 +171,26 @@ class LLaDASkipLM(TemplateLM):
         policy = build_policy(self.cfg.n_layers, skip_layers, skip_random, self.seed)
         return policy, describe_policy(policy), FlopsModel.of(self.cfg)
 
+    # ---- what a model family changes (DreamSkipLM overrides these) ---------------------------
+    def decoding_args(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The decoding model_args as given (None: not given), keyed as ``self.decoding.keys``."""
+        return given
+
+    def likelihood_settings(self, mc_num: int, mc_batch: int, cfg: float) -> LikelihoodSettings:
+        return LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=cfg)
+
+    def likelihood_answer(self, continuation: list[int]) -> list[int]:
+        """The tokens scored as the answer of a loglikelihood request."""
+        return continuation
+
+    def decode(self, denoise, ids: torch.Tensor, attention_mask: torch.Tensor | None, settings, row_seeds) -> torch.Tensor:
+        """The family's diffusion decoding: prompt ids [B, P] -> [B, P + gen_length]."""
+        return generate(denoise, ids, attention_mask, settings, self.mask_id, row_seeds)
+
     # ---- lm-eval conventions -------------------------------------------------------------
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
-        check_model_args(arg_dict)
+        check_model_args(arg_dict, cls)
         return super().create_from_arg_obj(arg_dict, additional_config)
 
     @classmethod
@@ -276,7 +295,7 @@ class LLaDASkipLM(TemplateLM):
             "model_dtype": str(self.model.dtype),
             "model_revision": self.settings["revision"],
             "model_sha": self.checkpoint.hub_commit,
-            "dlmskip": {**self.settings, "n_layers": self.cfg.n_layers, "flops": flops},
+            "dlmskip": {**self.settings, "family": self.cfg.family, "n_layers": self.cfg.n_layers, "flops": flops},
         }
 
     # ---- batching helpers ------------------------------------------------------------------
@@ -372,7 +391,7 @@ class LLaDASkipLM(TemplateLM):
                 ctx, cont = ([self.prefix_token_id], cont) if cont[:1] != [self.prefix_token_id] else (cont[:1], cont[1:])
             else:
                 ctx, cont = self._encode_pair(context, continuation)
-            encoded.append(((context, continuation), ctx, cont))
+            encoded.append(((context, continuation), ctx, self.likelihood_answer(cont)))
         tasks = [req.task_name for req in requests]
         greedy = greedy_wanted(requests, self.check_greedy)
         scores = self._loglikelihood_tokens(encoded, tasks=tasks, greedy=greedy, disable_tqdm=disable_tqdm)
@@ -484,7 +503,7 @@ class LLaDASkipLM(TemplateLM):
     # ---- generate_until ----------------------------------------------------------------------
     def generation_settings(self, gen_kwargs: dict) -> tuple[GenerationSettings, list[str], dict[str, str]]:
         """A request's decoding settings, stop strings, and each setting's value and source."""
-        return resolve_generation(gen_kwargs, self.gen_args)
+        return resolve_generation(gen_kwargs, self.gen_args, self.decoding)
 
     def _announce(self, tasks, origin: dict[str, str]) -> None:
         """Log the decoding settings of each task once; a warning when model_args replaced a task's value."""
@@ -492,7 +511,7 @@ class LLaDASkipLM(TemplateLM):
             self._announced.add(task)
             level = logging.WARNING if any("over the task's" in v for v in origin.values()) else logging.INFO
             described = ", ".join(f"{k}={v}" for k, v in origin.items())
-            log.log(level, "llada_skip [%s] decodes with %s", task, described)
+            log.log(level, "%s [%s] decodes with %s", self.decoding.model, task, described)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         if not requests:
@@ -516,7 +535,7 @@ class LLaDASkipLM(TemplateLM):
             answer_rows = self._answer_rows(answer_index, chunk_answers)
             denoise = self._denoiser(task_rows, answer_len, answer_rows, self.generation_forward)
             self._count_decoding(task_rows, answer_rows, ids, attention_mask, settings)
-            out = generate(denoise, ids, attention_mask, settings, self.mask_id, row_seeds)
+            out = self.decode(denoise, ids, attention_mask, settings, row_seeds)
             for context, kwargs, answer in zip(contexts, all_kwargs, out[:, ids.shape[1] :].tolist()):
                 text = self.decode_answer(answer, until)
                 results.append(text)
@@ -639,11 +658,13 @@ def describe_policy(policy: SkipPolicy) -> dict:
     return {"method": "none"}
 
 
-def check_model_args(args: dict[str, Any]) -> None:
+def check_model_args(args: dict[str, Any], model: type = LLaDASkipLM) -> None:
     """Name an unknown model_args key and suggest the closest known one."""
-    known = set(inspect.signature(LLaDASkipLM.__init__).parameters) - {"self"}
+    known = set(inspect.signature(model.__init__).parameters) - {"self"}
     for key in args:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"llada_skip: unknown model_args key {key!r}.{hint} Known keys: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"{model.decoding.model}: unknown model_args key {key!r}.{hint} Known keys: {', '.join(sorted(known))}"
+            )

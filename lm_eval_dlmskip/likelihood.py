@@ -6,6 +6,14 @@ the prompt is never masked. A sample scores sum(CE over masked positions) * T / 
 estimate is minus the mean over ``mc_num`` samples: a lower bound on log p(answer | prompt)
 (LLaDA Eq. 14; ``get_log_likelihood.py``). A one-token answer has a single mask pattern, so one
 sample is exact (LLaDA App. B.5). Rows of many requests share each forward pass.
+
+Dream's evaluation (its lm-eval harness, ``_eval_target_nll_mc``) estimates the same bound with
+another forward process: per group of b samples t_i = (u + i/b) mod 1 (one u ~ U[0,1) per group),
+p_i = (1 - eps) t_i + eps, each answer token masked independently with probability p_i, and a
+sample scores sum(CE over masked positions) / p_i. Its answer ends with an EOS token that is
+never masked. Only the mask sampler differs (``estimator="dream"``); rows, batching and the
+per-request generators are shared. Upstream draws from the global RNG; here each request has its
+own generator (as for LLaDA), so a score does not depend on batching.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ class LikelihoodSettings:
     mc_num: int = 128
     mc_batch: int = 16  # samples stratified together (upstream's mini-batch), and per forward
     cfg: float = 0.0
+    estimator: str = "llada"  # the forward process: a key of ESTIMATORS
+    sampling_eps: float = 1e-3  # Dream: the smallest masking probability
 
     def check(self) -> None:
         for name in ("mc_num", "mc_batch"):
@@ -35,6 +45,12 @@ class LikelihoodSettings:
             raise ValueError(f"mc_num={self.mc_num} is not a multiple of mc_batch={self.mc_batch}")
         if self.cfg < 0:
             raise ValueError(f"cfg={self.cfg} must be >= 0")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={self.estimator!r}; use one of {', '.join(ESTIMATORS)}")
+        if self.estimator == "dream" and self.cfg:
+            raise ValueError(f"cfg={self.cfg}: Dream's likelihood has no classifier-free guidance; leave cfg unset")
+        if not 0 < self.sampling_eps < 1:
+            raise ValueError(f"sampling_eps={self.sampling_eps} must be in (0, 1)")
 
     @property
     def group_size(self) -> int:
@@ -70,6 +86,31 @@ def sample_masks(answer_len: int, settings: LikelihoodSettings, generator: torch
     return rank < count[:, None], count
 
 
+def dream_masks(answer_len: int, settings: LikelihoodSettings, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Dream's forward process: mask patterns [n, T] bool and each sample's masking probability
+    [n] float32 (stratified per group of b: t_i = (u + i/b) mod 1, p = (1 - eps) t + eps, in
+    float32 as upstream). The last position, the EOS Dream appends to every answer, stays unmasked."""
+    b = settings.group_size
+    t = (torch.rand(settings.mc_num // b, 1, generator=generator) + torch.arange(b).float() / b) % 1
+    p_mask = ((1 - settings.sampling_eps) * t + settings.sampling_eps).flatten()
+    pattern = torch.rand(len(p_mask), answer_len, generator=generator) < p_mask[:, None]
+    pattern[:, -1] = False
+    return pattern, p_mask
+
+
+def weighted_masks(answer_len: int, settings: LikelihoodSettings, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Mask patterns [n, T] and the weight [n] of each masked position's cross-entropy in its
+    sample's score: T / l for LLaDA, 1 / p for Dream."""
+    if settings.estimator == "dream":
+        pattern, p_mask = dream_masks(answer_len, settings, generator)
+        return pattern, 1 / p_mask
+    pattern, count = sample_masks(answer_len, settings, generator)
+    return pattern, answer_len / count.float()
+
+
+ESTIMATORS = ("llada", "dream")
+
+
 @dataclass
 class _Rows:
     """The rows of one forward pass: ids, which positions to score, and their weights."""
@@ -79,7 +120,7 @@ class _Rows:
     prompt_mask: Tensor  # [N, L] bool: prompt positions (masked out for the CFG pass)
     positions: Tensor  # [M] flat indices of masked answer positions
     targets: Tensor  # [M] their true tokens
-    weights: Tensor  # [M] T / l of their row
+    weights: Tensor  # [M] their row's weight (T / l, or 1 / p for Dream)
     owner: Tensor  # [M] index of the request each position belongs to
     row_owner: Tensor  # [N] index of the request each row belongs to
 
@@ -87,7 +128,7 @@ class _Rows:
 def _build_rows(
     prompts: list[list[int]],
     answers: list[list[int]],
-    masks: list[tuple[Tensor, Tensor]],
+    masks: list[tuple[Tensor, Tensor]],  # per request: patterns [n, T] and weights [n]
     group: int,
     settings: LikelihoodSettings,
     mask_id: int,
@@ -96,16 +137,15 @@ def _build_rows(
     """Rows for mini-batch ``group`` of every request that still has one, right-padded."""
     rows, row_masks, row_prompt, owners, weights = [], [], [], [], []
     b = settings.group_size
-    for r, (prompt, answer, (pattern, count)) in enumerate(zip(prompts, answers, masks)):
+    for r, (prompt, answer, (pattern, weight)) in enumerate(zip(prompts, answers, masks)):
         chunk = slice(group * b, (group + 1) * b)
-        pattern, count = pattern[chunk], count[chunk]
-        for m, l in zip(pattern, count.tolist()):
+        for m, w in zip(pattern[chunk], weight[chunk]):
             full = torch.cat([torch.zeros(len(prompt), dtype=torch.bool), m])
             rows.append(torch.tensor(prompt + answer))
             row_masks.append(full)
             row_prompt.append(len(prompt))
             owners.append(r)
-            weights.append(len(answer) / l)
+            weights.append(w)
     if not rows:
         return None
     N, L = len(rows), max(len(r) for r in rows)
@@ -128,7 +168,7 @@ def _build_rows(
         prompt_mask=prompt_mask,
         positions=positions,
         targets=targets,
-        weights=torch.tensor(weights, dtype=torch.float32)[per_position_row],
+        weights=torch.stack(weights).float()[per_position_row],
         owner=row_owner[per_position_row],
         row_owner=row_owner,
     )
@@ -150,14 +190,17 @@ def mc_loglikelihood(
     generators: list[torch.Generator],
     device: torch.device,
     on_rows=None,
+    masks: list[tuple[Tensor, Tensor]] | None = None,
 ) -> list[float]:
     """Estimates of log p(answer | prompt) for a batch of requests, one forward per mini-batch round.
 
     ``on_rows(row_owner)`` is called before each forward with the request index of every row
-    (the harness uses it to attribute compute to tasks).
+    (the harness uses it to attribute compute to tasks). ``masks`` (patterns, weights) per request
+    replace the sampled ones (tests replay upstream's draws with them).
     """
     settings.check()
-    masks = [sample_masks(len(a), settings, g) for a, g in zip(answers, generators)]
+    if masks is None:
+        masks = [weighted_masks(len(a), settings, g) for a, g in zip(answers, generators)]
     totals = torch.zeros(len(prompts), dtype=torch.float32, device=device)
     samples = torch.tensor([len(c) for _, c in masks], dtype=torch.float32, device=device)
     rounds = -(-max(len(c) for _, c in masks) // settings.group_size)  # ceil

@@ -1,8 +1,9 @@
-"""From a hub id or a local directory to a ready LLaDA: config, sharded safetensors, tokenizer.
+"""From a hub id or a local directory to a ready model (LLaDA or Dream): config, sharded
+safetensors, tokenizer.
 
 Weights are read with safetensors only (no pickle, no code from the checkpoint); the model is
-built on the meta device and the tensors are assigned name for name after stripping the
-upstream prefix ``model.transformer.``.
+built on the meta device and the tensors are assigned name for name: LLaDA's after stripping the
+upstream prefix ``model.transformer.``, Dream's (Qwen2 names) through a renaming table.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .model import LLaDA, LLaDAConfig
+from .model import FAMILIES, LLaDA, LLaDAConfig, family_of
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,14 @@ DTYPES = {
     "half": torch.float16,
 }
 _KEY_PREFIXES = ("model.transformer.", "transformer.")
+# Dream's (Qwen2's) module names -> ours; the parameter name (weight, bias) is kept.
+_DREAM_TOP = {"model.embed_tokens": "wte", "model.norm": "ln_f", "lm_head": "ff_out"}
+_DREAM_BLOCK = {
+    "self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
+    "self_attn.o_proj": "attn_out", "mlp.gate_proj": "ff_proj", "mlp.up_proj": "up_proj",
+    "mlp.down_proj": "ff_out", "input_layernorm": "attn_norm", "post_attention_layernorm": "ff_norm",
+}
+_DREAM_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]
 
 
@@ -119,8 +129,23 @@ def _open(file: Path, device: str):
         raise ValueError(f"{file}: not a readable safetensors file ({err}); re-download it") from err
 
 
-def read_state_dict(files: list[Path], device: torch.device, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], str]:
-    """Tensors with the upstream prefix stripped, in ``dtype`` on ``device``; and a weight fingerprint."""
+def our_name(key: str, family: str) -> str:
+    """An upstream state-dict key as our attribute path (an unknown key is kept, to be reported)."""
+    if family == "llada":
+        return next((key[len(p) :] for p in _KEY_PREFIXES if key.startswith(p)), key)
+    module, _, param = key.rpartition(".")
+    if module in _DREAM_TOP:
+        return f"{_DREAM_TOP[module]}.{param}"
+    layer = _DREAM_LAYER.fullmatch(module)
+    if layer and layer.group(2) in _DREAM_BLOCK:
+        return f"blocks.{layer.group(1)}.{_DREAM_BLOCK[layer.group(2)]}.{param}"
+    return key
+
+
+def read_state_dict(
+    files: list[Path], device: torch.device, dtype: torch.dtype, family: str = "llada"
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Tensors under our names, in ``dtype`` on ``device``; and a weight fingerprint."""
     state: dict[str, torch.Tensor] = {}
     digest = hashlib.sha256()
     for file in files:
@@ -130,7 +155,7 @@ def read_state_dict(files: list[Path], device: torch.device, dtype: torch.dtype)
                     tensor = f.get_tensor(key)
                 except (SafetensorError, OSError, RuntimeError) as err:
                     raise ValueError(f"{file}: tensor {key!r} cannot be read ({err}); the file is corrupt") from err
-                name = next((key[len(p) :] for p in _KEY_PREFIXES if key.startswith(p)), key)
+                name = our_name(key, family)
                 if tensor.is_floating_point():
                     sample = tensor.flatten()[:: max(1, tensor.numel() // 256)].float().cpu()
                     digest.update(name.encode() + sample.numpy().tobytes())
@@ -139,25 +164,40 @@ def read_state_dict(files: list[Path], device: torch.device, dtype: torch.dtype)
     return state, digest.hexdigest()[:16]
 
 
-def load_llada(
-    pretrained: str,
-    revision: str = "main",
-    dtype: str | torch.dtype = "auto",
-    device: str | torch.device = "cpu",
-) -> Checkpoint:
-    """Load an upstream LLaDA checkpoint into the native model, in eval mode."""
-    path = resolve_checkpoint(pretrained, revision)
+def read_config(path: Path, family: str | None = None) -> LLaDAConfig:
+    """A checkpoint's config.json as our config; with ``family``, refuse another family's checkpoint
+    (before any weight is read), naming the model to use instead."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise ValueError(f"{path}: config.json is missing; this is not a model checkpoint directory")
     try:
-        cfg = LLaDAConfig.from_json(config_file)
+        raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}: not valid JSON ({err})") from err
+    found = family_of(raw)
+    if family is not None and found != family:
+        raise ValueError(
+            f"{path}: expected {FAMILIES[family]}, found {FAMILIES[found]} (model_type={raw.get('model_type')}): "
+            f"use --model {found}_skip"
+        )
+    return LLaDAConfig.from_dict(raw)
+
+
+def load_model(
+    pretrained: str,
+    revision: str = "main",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    family: str | None = None,
+) -> Checkpoint:
+    """Load an upstream LLaDA or Dream checkpoint into the native model, in eval mode; ``family``
+    ("llada", "dream") refuses the other one before its weights are read."""
+    path = resolve_checkpoint(pretrained, revision)
+    cfg = read_config(path, family)
     files = weight_files(path)
     torch_dtype = resolve_dtype(dtype, cfg, files)
     device = torch.device(device)
-    state, fingerprint = read_state_dict(files, device, torch_dtype)
+    state, fingerprint = read_state_dict(files, device, torch_dtype, cfg.family)
     with torch.device("meta"):
         model = LLaDA(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -173,8 +213,16 @@ def load_llada(
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True, assign=True)
     model.fuse_projections()
-    log.info("loaded %s (%d blocks, %s, %s) fingerprint %s", pretrained, cfg.n_layers, torch_dtype, device, fingerprint)
+    log.info("loaded %s %s (%d blocks, %s, %s) fingerprint %s", FAMILIES[cfg.family], pretrained, cfg.n_layers,
+             torch_dtype, device, fingerprint)
     return Checkpoint(model.eval(), path, pretrained, revision, fingerprint)
+
+
+def load_llada(
+    pretrained: str, revision: str = "main", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """``load_model`` for a checkpoint that must be LLaDA."""
+    return load_model(pretrained, revision, dtype, device, family="llada")
 
 
 def load_tokenizer(path: Path, mask_id: int):
@@ -262,6 +310,7 @@ def model_identity(cfg: LLaDAConfig, name: str, fingerprint: str) -> dict:
     """What router checkpoints and skip profiles record about the model they were made on."""
     return {
         "name": name,
+        "family": cfg.family,
         "fingerprint": fingerprint,
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,
@@ -275,7 +324,14 @@ def check_identity(base: dict, cfg: LLaDAConfig, fingerprint: str, allow_mismatc
     """Refuse an artifact made on another model: other shapes always, other weights unless allowed.
     ``subject`` begins the message, e.g. "router='x' was trained for"; ``fingerprint`` is that of
     the weights evaluated, adapters merged (see ``with_adapter``)."""
-    made_on = f"{base['name']} (n_layers={base['n_layers']}, d_model={base['d_model']}, fingerprint {base['fingerprint']})"
+    family = base.get("family", "llada")  # artifacts written before Dream existed were made on LLaDA
+    kind = FAMILIES.get(family, family) + (f" ({base['model_type']})" if base.get("model_type") else "")
+    made_on = (f"{base['name']} ({kind}, n_layers={base['n_layers']}, d_model={base['d_model']}, "
+               f"fingerprint {base['fingerprint']})")
+    if family != cfg.family:
+        this = FAMILIES.get(cfg.family, cfg.family)
+        raise ValueError(f"{subject} {made_on}: made for {kind}, while this model is {this}; use one made for "
+                         f"{this} (dlmskip calibrate or train on the model you evaluate)")
     if (base["n_layers"], base["d_model"]) != (cfg.n_layers, cfg.d_model):
         raise ValueError(f"{subject} {made_on}; this model has n_layers={cfg.n_layers}, d_model={cfg.d_model}")
     if base["fingerprint"] != fingerprint and not allow_mismatch:

@@ -3,7 +3,11 @@
 The same function as the upstream Hugging Face code (GSAI-ML/LLaDA-8B-Base, ``modeling_llada.py``):
 a bidirectional Llama-style encoder with no causal mask. Attribute names follow the upstream
 state-dict keys (``blocks.3.q_proj``, ``attn_out``, ``ff_proj``, ``up_proj``, ``ff_out``, ``wte``,
-``ln_f``), so loading a checkpoint is a prefix strip. A skip policy is an argument of ``forward``:
+``ln_f``), so loading a checkpoint is a prefix strip. Dream-7B (``modeling_dream.py``) is the same
+bidirectional transformer with Qwen2's options: q/k/v biases, rotary in the input dtype, position
+ids that skip left padding, and logits shifted by one (position p predicts token p from the hidden
+state at p-1); ``LLaDAConfig.from_dict`` maps its config.json onto these options, and loading.py
+renames its keys. A skip policy is an argument of ``forward``:
 
     logits, trace = model(ids, attention_mask, policy=StaticSkip({4, 6, 8}))
 
@@ -26,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .policies import NO_SKIP, Decision, ForwardBatch, SkipPolicy, SkipTrace
+
+FAMILIES = {"llada": "LLaDA", "dream": "Dream", "hf": "HF causal LM"}  # family -> display name
 
 # Upstream config fields whose other values this implementation does not compute.
 _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
@@ -61,6 +67,9 @@ class LLaDAConfig:
     layer_norm_with_affine: bool = True
     rope_full_precision: bool = True
     dtype: str | None = None  # the checkpoint's declared dtype, used by dtype="auto"
+    family: str = "llada"  # a key of FAMILIES
+    shift_logits: bool = False  # Dream: logits at position p come from the hidden state at p-1 (p=0: itself)
+    positions_from_mask: bool = False  # Dream: rotary position ids cumsum(attention_mask)-1 per row
 
     @property
     def head_dim(self) -> int:
@@ -68,7 +77,10 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "LLaDAConfig":
-        """Map an upstream ``config.json`` and name every field this implementation cannot honour."""
+        """Map an upstream ``config.json`` (LLaDA's or Dream's) and name every field this
+        implementation cannot honour."""
+        if family_of(raw) == "dream":
+            return cls.from_dream_dict(raw)
         for name, allowed in _REQUIRED_VALUES.items():
             if name in raw and raw[name] not in allowed:
                 raise ValueError(
@@ -116,11 +128,69 @@ class LLaDAConfig:
         )
 
     @classmethod
+    def from_dream_dict(cls, raw: dict[str, Any]) -> "LLaDAConfig":
+        """Dream's Qwen2-style config.json (``DreamConfig``): q/k/v with biases, o_proj and the MLP
+        without; RMSNorm eps 1e-6; rotary applied in the input dtype; shifted logits."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            if name not in raw:
+                raise ValueError(f"config.json: required field '{name}' is missing; is this a Dream checkpoint?")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act={raw['hidden_act']!r} is not supported (supported: 'silu')")
+        if raw.get("rope_scaling") not in (None, {}) and (raw["rope_scaling"].get("rope_type") or raw["rope_scaling"].get("type")) != "default":
+            raise ValueError(f"config.json: rope_scaling={raw['rope_scaling']!r} is not supported (only the default rotary)")
+        if raw.get("use_sliding_window"):
+            raise ValueError("config.json: use_sliding_window=true is not supported (Dream attends to every position)")
+        if raw.get("mask_token_id") is None:
+            raise ValueError("config.json: 'mask_token_id' is missing; Dream checkpoints declare it (151666 for Dream-7B)")
+        d_model, n_heads = raw["hidden_size"], raw["num_attention_heads"]
+        n_kv_heads = raw.get("num_key_value_heads") or n_heads
+        if d_model % n_heads or n_heads % n_kv_heads:
+            raise ValueError(
+                f"config.json: hidden_size={d_model}, num_attention_heads={n_heads}, num_key_value_heads={n_kv_heads} "
+                "must divide evenly"
+            )
+        return cls(
+            d_model=d_model,
+            n_layers=raw["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            mlp_hidden_size=raw["intermediate_size"],
+            vocab_size=raw["vocab_size"],
+            max_sequence_length=raw.get("max_position_embeddings", 32768),
+            mask_token_id=raw["mask_token_id"],
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            eos_token_id=raw.get("eos_token_id"),
+            pad_token_id=raw.get("pad_token_id"),
+            include_qkv_bias=True,
+            weight_tying=bool(raw.get("tie_word_embeddings", False)),
+            rope_full_precision=False,
+            dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            family="dream",
+            shift_logits=True,
+            positions_from_mask=True,
+        )
+
+    @classmethod
     def from_json(cls, path: str | Path) -> "LLaDAConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def family_of(raw: dict[str, Any]) -> str:
+    """The model family a config.json describes: ``model_type`` "Dream" is Dream; "llada", or no
+    model_type with LLaDA's field names, is LLaDA."""
+    model_type = raw.get("model_type")
+    if model_type == "Dream":
+        return "dream"
+    if model_type == "llada" or model_type is None and "d_model" in raw:
+        return "llada"
+    raise ValueError(
+        f"config.json: model_type={model_type!r} is not a model lm_eval_dlmskip knows; it runs LLaDA "
+        "(model_type 'llada') and Dream (model_type 'Dream') checkpoints"
+    )
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -140,16 +210,27 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos, sin [L, head_dim] in float32 for absolute positions 0..L-1 (upstream's tables)."""
+def rotary_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [*positions.shape, head_dim] in float32 for integer positions [L] or [B, L]
+    (upstream's tables: one product per angle, as LLaDA's outer product and Qwen2's matmul)."""
+    device = positions.device
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float), inv_freq)
+    freqs = positions.float()[..., None] * inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos(), angles.sin()
 
 
+def position_ids(attention_mask: Tensor | None, L: int, cfg: "LLaDAConfig", device: torch.device) -> Tensor:
+    """[L] absolute positions, or with ``positions_from_mask`` and padding [B, L] per row: Dream's
+    ``cumsum(mask) - 1`` (padding at 1), so a left-padded row is positioned as when alone."""
+    if not cfg.positions_from_mask or attention_mask is None:
+        return torch.arange(L, device=device)
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool) -> Tensor:
-    """x [B, H, L, hd]: rotate the two halves of each head (upstream's rotate_half convention)."""
+    """x [B, H, L, hd], cos/sin [L, hd] or per row [B, 1, L, hd]: rotate the two halves of each
+    head (upstream's rotate_half convention)."""
     t = x.float() if full_precision else x
     half = t.shape[-1] // 2
     rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
@@ -185,12 +266,14 @@ def attend(
 
 
 def attention_residual(
-    x: Tensor, norm_w: Tensor, qkv_w: Tensor, out_w: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
-    cfg: LLaDAConfig, kv: KV = None, positions: Tensor | None = None,
+    x: Tensor, norm_w: Tensor, qkv_w: Tensor, qkv_b: Tensor | None, out_w: Tensor, cos: Tensor, sin: Tensor,
+    key_mask: Tensor | None, cfg: LLaDAConfig, kv: KV = None, positions: Tensor | None = None,
 ) -> Tensor:
-    """x + Attention(RMSNorm(x)) with q, k, v from one fused projection (the fast path)."""
+    """x + Attention(RMSNorm(x)) with q, k, v from one fused projection (the fast path); ``qkv_b``
+    is the fused q/k/v bias (Dream) or None (LLaDA)."""
     kv_dim = cfg.n_kv_heads * cfg.head_dim
-    q, k, v = F.linear(rms_norm(x, norm_w, cfg.rms_norm_eps), qkv_w).split((cfg.d_model, kv_dim, kv_dim), dim=-1)
+    h = F.linear(rms_norm(x, norm_w, cfg.rms_norm_eps), qkv_w, qkv_b)
+    q, k, v = h.split((cfg.d_model, kv_dim, kv_dim), dim=-1)
     return x + F.linear(attend(q, k, v, cos, sin, key_mask, cfg, kv, positions), out_w)
 
 
@@ -244,7 +327,8 @@ class Block(nn.Module):
         fused = self.fused_weights()
         if fused is not None:
             x = self.kernels.attention(
-                x, self.attn_norm.weight, fused["qkv"], self.attn_out.weight, cos, sin, key_mask, self.cfg, kv, positions
+                x, self.attn_norm.weight, fused["qkv"], fused.get("qkv_bias"), self.attn_out.weight, cos, sin, key_mask,
+                self.cfg, kv, positions,
             )
             return self.kernels.mlp(x, self.ff_norm.weight, fused["gate_up"], self.ff_out.weight, self.cfg)
         h = self.attn_norm(x)
@@ -253,36 +337,45 @@ class Block(nn.Module):
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
+    def _fused_parts(self) -> list[tuple[str, tuple[str, ...], str]]:
+        """(buffer name, projections, parameter) of every fused buffer: the groups' weights, and
+        the q/k/v biases where the config has them (Dream)."""
+        parts = [(group, names, "weight") for group, names in _FUSED_GROUPS.items()]
+        return parts + ([("qkv_bias", _FUSED_GROUPS["qkv"], "bias")] if self.cfg.include_qkv_bias else [])
+
     @torch.no_grad()
     def fuse_projections(self) -> None:
-        """Put each group's weights in one contiguous buffer, the named parameters becoming views."""
+        """Put each group's weights (and q/k/v biases) in one contiguous buffer, the named
+        parameters becoming views."""
         cfg = self.cfg
-        if cfg.include_bias or cfg.include_qkv_bias or not cfg.layer_norm_with_affine:
-            return  # the fast path covers LLaDA's bias-free, affine-norm blocks only
-        for group, names in _FUSED_GROUPS.items():
+        if cfg.include_bias or not cfg.layer_norm_with_affine:
+            return  # the fast path covers LLaDA's and Dream's blocks: affine norms, biases on q/k/v at most
+        if any(type(getattr(self, n)) is not nn.Linear for names in _FUSED_GROUPS.values() for n in names):
+            return
+        for fused, names, param in self._fused_parts():
             modules = [getattr(self, n) for n in names]
-            if any(type(m) is not nn.Linear for m in modules):
-                return
-            buffer = torch.cat([m.weight for m in modules])
+            buffer = torch.cat([getattr(m, param) for m in modules])
             start = 0
             for m in modules:
-                rows = m.weight.shape[0]
-                m.weight = nn.Parameter(buffer[start : start + rows], requires_grad=m.weight.requires_grad)
+                rows = getattr(m, param).shape[0]
+                setattr(m, param, nn.Parameter(buffer[start : start + rows], requires_grad=getattr(m, param).requires_grad))
                 start += rows
-            self._fused[group] = buffer
+            self._fused[fused] = buffer
 
     def fused_weights(self) -> dict[str, Tensor] | None:
         """The fused buffers, while every projection is still a plain Linear viewing its slice."""
-        if len(self._fused) != len(_FUSED_GROUPS):
+        parts = self._fused_parts()
+        if len(self._fused) != len(parts):
             return None
-        for group, names in _FUSED_GROUPS.items():
-            buffer = self._fused[group]
+        for fused, names, param in parts:
+            buffer = self._fused[fused]
             start = buffer.data_ptr()
             for name in names:
                 m = getattr(self, name)
-                if type(m) is not nn.Linear or m.weight.data_ptr() != start:
+                tensor = getattr(m, param) if type(m) is nn.Linear else None
+                if tensor is None or tensor.data_ptr() != start:
                     return None
-                start += m.weight.numel() * m.weight.element_size()
+                start += tensor.numel() * tensor.element_size()
         return self._fused
 
     def _apply(self, fn, recurse: bool = True):
@@ -328,7 +421,7 @@ class ForwardContext:
     """What every block of one forward reads besides its input, built once per forward."""
 
     batch: ForwardBatch  # the computed positions, as the skip policy sees them
-    cos: Tensor  # [W, hd] rotary tables at the computed positions
+    cos: Tensor  # [W, hd] rotary tables at the computed positions ([B, 1, W, hd] with per-row positions)
     sin: Tensor
     key_mask: Tensor | None  # [B, 1, 1, L] bool: real (non-padding) keys; None: no padding
     cache: KVCache | None = None
@@ -403,6 +496,11 @@ class LLaDA(nn.Module):
         every position and fills the cache; with a ``window`` of canvas columns it computes those
         only, attending to the cache for the rest.
         """
+        if window is not None and self.cfg.shift_logits:
+            raise ValueError(
+                f"cached decoding (a window forward) is not supported for {FAMILIES[self.cfg.family]}: its shifted "
+                "logits need the hidden state left of the window; use cache=none"
+            )
         h, trace = self.trunk(ids, attention_mask, policy, cache=cache, window=window, executor=executor)
         trace.head_positions = head_positions(logits_at, *h.shape[:2], ids.device)
         return self.head(h, logits_at), trace
@@ -444,7 +542,9 @@ class LLaDA(nn.Module):
         """Everything a forward's blocks share: the policy's view, rotary tables, key mask, cache slots."""
         cfg = self.cfg
         B, L = ids.shape
-        cos, sin = rotary_tables(L, cfg.head_dim, cfg.rope_theta, ids.device)
+        cos, sin = rotary_tables(position_ids(attention_mask, L, cfg, ids.device), cfg.head_dim, cfg.rope_theta)
+        if cos.dim() == 3:  # per-row positions: [B, 1, L, hd], broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         batch = ForwardBatch.of(ids, attention_mask, cfg.mask_token_id)
         if cache is None:
@@ -456,14 +556,17 @@ class LLaDA(nn.Module):
             positions = torch.arange(L, device=ids.device)
             return ForwardContext(batch, cos, sin, key_mask, cache, positions, filling=True)
         positions = torch.arange(L, device=ids.device)[window]
-        return ForwardContext(batch.window(window), cos[window], sin[window], key_mask, cache, positions)
+        return ForwardContext(batch.window(window), cos[..., window, :], sin[..., window, :], key_mask, cache, positions)
 
     def embed(self, ids: Tensor) -> Tensor:
         x = self.wte(ids)
         return x * self.cfg.d_model**0.5 if self.cfg.input_emb_norm else x
 
     def head(self, h: Tensor, logits_at: LogitPositions = None) -> Tensor:
-        """Final norm and LM head, only at the positions whose logits are used."""
+        """Final norm and LM head, only at the positions whose logits are used (with shifted
+        logits, from the hidden states one position to their left)."""
+        if self.cfg.shift_logits:
+            h, logits_at = shifted_source(h, logits_at)
         if isinstance(logits_at, slice):
             h = h[:, logits_at]
         elif logits_at is not None:
@@ -481,6 +584,22 @@ class LLaDA(nn.Module):
         h, _ = self.trunk(ids, attention_mask, policy, hidden_states=states)
         states.append(self.ln_f(h))
         return states
+
+
+def shifted_source(h: Tensor, logits_at: LogitPositions) -> tuple[Tensor, LogitPositions]:
+    """Dream's shift (``cat([logits[:, :1], logits[:, :-1]])``) as a choice of hidden states: the
+    logits at position p are the head of h at max(p - 1, 0). Returns the hidden states and
+    positions to take the head at."""
+    W = h.shape[1]
+    if logits_at is None:
+        return torch.cat([h[:, :1], h[:, :-1]], dim=1), None
+    if isinstance(logits_at, slice):
+        start, stop, step = logits_at.indices(W)
+        if step == 1 and start > 0:
+            return h, slice(start - 1, stop - 1)
+        columns = (torch.arange(start, stop, step, device=h.device) - 1).clamp_min_(0)
+        return h.index_select(1, columns), None
+    return h, logits_at - (logits_at % W > 0).long()
 
 
 def make_trace(decisions: list, ctx: ForwardContext, routed_layers: int) -> SkipTrace:
@@ -538,7 +657,8 @@ def run_block(block: Block, layer: int, x: Tensor, run: Decision | list[bool], c
     rows = torch.tensor([i for i, c in enumerate(run) if c], device=x.device)
     sub_mask = None if ctx.key_mask is None else ctx.key_mask.index_select(0, rows)
     sub_kv = None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
-    out = block(x.index_select(0, rows), ctx.cos, ctx.sin, sub_mask, sub_kv, ctx.positions)
+    cos, sin = (ctx.cos, ctx.sin) if ctx.cos.dim() == 2 else (ctx.cos.index_select(0, rows), ctx.sin.index_select(0, rows))
+    out = block(x.index_select(0, rows), cos, sin, sub_mask, sub_kv, ctx.positions)
     if kv is not None:  # the subset's refreshed keys and values go back into the cache
         kv[0].index_copy_(0, rows, sub_kv[0])
         kv[1].index_copy_(0, rows, sub_kv[1])

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .loading import load_llada, load_tokenizer, model_identity
+from .loading import load_model, load_tokenizer, model_identity
 from .model import LLaDA
 from .router import GumbelRouting, RoutedSkip, RouterConfig, Routers, save_routers
 from .train_data import Pair, add_source_arguments, encode_pairs, jsonl_texts, split_validation, task_texts, tokenizer_chat_template
@@ -371,7 +371,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"--effective-batch-size {per_step} is not a multiple of --batch-size x processes ({cfg.batch_size or 1} x {world})")
     device = accelerator.device
 
-    checkpoint = load_llada(cfg.model, cfg.revision, dtype=cfg.dtype if cuda else "float32", device=device)
+    checkpoint = load_model(cfg.model, cfg.revision, dtype=cfg.dtype if cuda else "float32", device=device)
     backbone = checkpoint.model.requires_grad_(False)
     mcfg = backbone.cfg
     tokenizer = load_tokenizer(checkpoint.path, mcfg.mask_token_id)
@@ -582,7 +582,8 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     if not first_process:
         return 0
     model = Path(cfg.model).resolve() if Path(cfg.model).expanduser().is_dir() else cfg.model
-    print(f"router checkpoint: {out}\nevaluate with it: lm_eval --model llada_skip "
+    family = json.loads((out / "router.json").read_text())["base_model"]["family"]
+    print(f"router checkpoint: {out}\nevaluate with it: lm_eval --model {family}_skip "
           f"--model_args 'pretrained={model},router={out}' --tasks TASKS")
     return 0
 

@@ -215,7 +215,7 @@ def test_a_profile_from_another_model_is_refused(qwen, tmp_path):
     llada["base_model"].pop("family")
     llada["base_model"].pop("model_type")
     (tmp_path / "llada.json").write_text(json.dumps(llada))
-    with pytest.raises(ValueError, match="a llada model; this is a hf model"):
+    with pytest.raises(ValueError, match="made for LLaDA, while this model is HF causal LM"):
         make(qwen["full"], skip_profile=str(tmp_path / "llada.json"))
 
 
@@ -223,7 +223,7 @@ def test_an_hf_profile_is_refused_by_llada_skip(qwen, tmp_path, ref_dir):
     from lm_eval_dlmskip.harness import LLaDASkipLM
 
     path = _calibrate(qwen["full"], tmp_path)
-    with pytest.raises(ValueError, match=r"a hf \(qwen2\) model; this is a llada model"):
+    with pytest.raises(ValueError, match=r"made for HF causal LM \(qwen2\), while this model is LLaDA"):
         LLaDASkipLM(pretrained=str(ref_dir), device="cpu", skip_profile=str(path))
 
 

@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 from safetensors.torch import load_file
 
 from lm_eval_dlmskip.harness import LLaDASkipLM
-from lm_eval_dlmskip.loading import load_llada, model_identity
+from lm_eval_dlmskip.loading import load_llada, load_model, model_identity
 from lm_eval_dlmskip.policies import ForwardBatch
 from lm_eval_dlmskip.router import (
     EXECUTE,
@@ -156,10 +156,10 @@ def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbon
     loaded = []
 
     def keep(*args, **kwargs):
-        loaded.append(load_llada(*args, **kwargs))
+        loaded.append(load_model(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(train_module, "load_llada", keep)
+    monkeypatch.setattr(train_module, "load_model", keep)
     before = {k: v.clone() for k, v in load_llada(str(ref_dir)).model.state_dict().items()}
     cfg = _config(ref_dir, tmp_path, "lam5", lam=5.0, alpha_target=alpha_target, lr=1e-2, max_steps=150, eval_every=25)
     metrics = train(cfg)

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..files import write_json
 from ..hf_model import hf_model_type, hidden_states, load_hf, weights_fingerprint
 from ..hf_model import model_identity as hf_identity
-from ..loading import Checkpoint, check_identity, load_llada, load_tokenizer, model_identity, resolve_checkpoint
+from ..loading import Checkpoint, check_identity, load_model, load_tokenizer, model_identity, resolve_checkpoint
 from ..model import LLaDA
 from ..train_data import add_source_arguments
 
@@ -153,7 +153,7 @@ def load_model_and_examples(args: argparse.Namespace) -> tuple[Checkpoint, Any, 
     if (args.task is None) == (args.data is None):
         raise ValueError("give exactly one of --task NAME or --data FILE")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint = load_llada(args.model, args.revision, dtype=args.dtype, device=device)
+    checkpoint = load_model(args.model, args.revision, dtype=args.dtype, device=device)
     tokenizer = load_tokenizer(checkpoint.path, checkpoint.model.cfg.mask_token_id)
     examples, source = load_examples(args, tokenizer)
     return checkpoint, tokenizer, examples, source
@@ -266,7 +266,6 @@ def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, 
         raise ValueError(f"skip_profile={str(path)!r}: not valid JSON ({err})") from err
     if profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
         raise ValueError(f"skip_profile={str(path)!r}: not a skip profile of format {FORMAT_VERSION}")
-    check_family(profile["base_model"], cfg, f"skip_profile={str(path)!r} was measured on")
     check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
     order = profile["selection_order"]
     if k is not None:
@@ -274,16 +273,6 @@ def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, 
             raise ValueError(f"skip_k={k}: the profile {str(path)!r} chose {len(order)} blocks; give 0..{len(order)}")
         order = order[:k]
     return sorted(order), profile
-
-
-def check_family(base: dict, cfg, subject: str) -> None:
-    """Refuse a profile measured on another model family (``cfg.family``: "hf" for hf_skip's
-    models; LLaDA's config and profiles written before families were recorded mean "llada")."""
-    made_for, family = base.get("family", "llada"), getattr(cfg, "family", "llada")
-    if made_for != family:
-        kind = f"{made_for} ({base['model_type']})" if base.get("model_type") else made_for
-        raise ValueError(f"{subject} {base['name']}, a {kind} model; this is a {family} model. "
-                         "Run dlmskip calibrate on the model you evaluate.")
 
 
 def add_model_and_prompt_arguments(parser: argparse.ArgumentParser, what: str, limit: int) -> None:
