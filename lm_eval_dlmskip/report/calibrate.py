@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..files import write_json
+from ..files import check_output_file, write_json
 from ..loading import Checkpoint, check_identity, load_llada, load_tokenizer, model_identity
 from ..model import LLaDA
 from ..train_data import add_source_arguments
@@ -156,8 +156,17 @@ def load_model_and_examples(args: argparse.Namespace) -> tuple[Checkpoint, Any, 
     return checkpoint, tokenizer, examples, source
 
 
+def check_profile_output(path: str | Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace a profile: runs made with its blocks would no longer match it."""
+    check_output_file(path, "--output")
+    if Path(path).exists() and not overwrite:
+        raise ValueError(f"--output {path} exists; pass --overwrite to replace it (runs made with its blocks "
+                         "then no longer match it: dlmskip sweep re-runs them) or give a new path")
+
+
 def calibrate(args: argparse.Namespace) -> dict:
     """Measure, select, and write the skip profile; returns it."""
+    check_profile_output(args.output, args.overwrite)
     checkpoint, tokenizer, examples, source = load_model_and_examples(args)
     model = checkpoint.model
     fractions = [float(f) for f in str(args.mask_fractions).split(",")]
@@ -193,8 +202,8 @@ def calibrate(args: argparse.Namespace) -> dict:
     return profile
 
 
-def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
-    """The blocks a skip profile selects (its first ``k`` choices when given), checked against the model."""
+def read_profile(path: str | Path) -> dict:
+    """A skip profile file, checked to be one (not yet against a model)."""
     path = Path(path)
     try:
         profile = json.loads(path.read_text())
@@ -204,13 +213,24 @@ def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, 
         raise ValueError(f"skip_profile={str(path)!r}: not valid JSON ({err})") from err
     if profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
         raise ValueError(f"skip_profile={str(path)!r}: not a skip profile of format {FORMAT_VERSION}")
-    check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
+    return profile
+
+
+def profile_blocks(profile: dict, path: str | Path, k: int | None) -> list[int]:
+    """The blocks (sorted) a profile selects: all its choices, or its first ``k``."""
     order = profile["selection_order"]
     if k is not None:
         if not 0 <= k <= len(order):
             raise ValueError(f"skip_k={k}: the profile {str(path)!r} chose {len(order)} blocks; give 0..{len(order)}")
         order = order[:k]
-    return sorted(order), profile
+    return sorted(order)
+
+
+def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
+    """The blocks a skip profile selects (its first ``k`` choices when given), checked against the model."""
+    profile = read_profile(path)
+    check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
+    return profile_blocks(profile, path, k), profile
 
 
 def add_model_and_prompt_arguments(parser: argparse.ArgumentParser, what: str, limit: int) -> None:
@@ -228,7 +248,9 @@ def add_model_and_prompt_arguments(parser: argparse.ArgumentParser, what: str, l
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_prompt_arguments(parser, "the calibration prompts", limit=64)
     a = parser.add_argument
-    a("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH)")
+    a("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH); an existing one is "
+                                       "kept unless --overwrite")
+    a("--overwrite", action="store_true", help="replace an existing --output profile")
     a("--threshold", type=float, default=0.95, help="minimum similarity of a skipped block")
     a("--max-skip", type=int, default=4, help="at most this many blocks")
     a("--allow-adjacent", action="store_true", help="allow neighbouring blocks (the paper's ablation)")
