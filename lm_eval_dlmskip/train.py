@@ -621,6 +621,24 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def resume_command(run: Path) -> str:
+    """The ``dlmskip train`` command that continues the run in ``run`` (where it lies now), from
+    the settings its checkpoint saved: each one that differs from its option's default."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    state = run / "train_state.json"
+    if not state.exists():
+        return f"dlmskip train --output {shlex.quote(str(run))} --resume, with the other arguments it was started with"
+    config = {**json.loads(state.read_text())["config"], "output": str(run)}
+    words = ["dlmskip", "train"]
+    for action in parser._actions:  # argparse keeps each option's flag and default only here
+        value = config.get(action.dest, action.default)
+        if not action.option_strings or action.dest == "resume" or value == action.default:
+            continue
+        words += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], str(value)]
+    return shlex.join([*words, "--resume"])
+
+
 def interrupted_message(cfg: TrainConfig, argv: list[str]) -> str:
     out = Path(cfg.output).resolve()
     again = shlex.join(["dlmskip", "train", *[a for a in argv if a != "--resume"]])

@@ -103,3 +103,34 @@ def test_run_folders_a_run_cannot_use_are_refused_before_loading(ref_dir, tmp_pa
         train(_config(ref_dir, tmp_path, "missing", resume=True))
     with pytest.raises(ValueError, match="is a file; give a folder path"):
         train(_config(ref_dir, tmp_path, "other/notes.txt"))
+
+
+def test_a_router_saved_mid_training_is_warned_about_and_recorded(ref_dir, tmp_path, monkeypatch, caplog):
+    import shlex
+
+    from lm_eval_dlmskip.cli import main
+    from lm_eval_dlmskip.harness import LLaDASkipLM
+
+    cfg = _config(ref_dir, tmp_path, "half", lam=1.0, max_steps=4, save_every=2, eval_every=100, mask_scaling=False, norm_first=True)
+    _dies_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.undo()
+    router = tmp_path / "half"
+    with caplog.at_level("WARNING", logger="lm_eval.llada_skip"):
+        lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", router=str(router), mc_num=2)
+    warnings = [r.getMessage() for r in caplog.records if "mid-training" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "stopped at step 2 of 4" in warnings[0]
+    skip = lm.get_model_info()["dlmskip"]["skip"]
+    assert (skip["completed_steps"], skip["training_steps"], skip["finished"]) == (2, 4, False)
+    # The command the warning gives finishes the run.
+    command = warnings[0].split("finish it with: ")[1]
+    assert command.startswith("dlmskip train ") and command.endswith(" --resume") and f"--output {router}" in command
+    assert " --no-mask-scaling " in command and " --norm-first " in command and " --lambda 1.0 " in command
+    assert main(shlex.split(command)[1:]) == 0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lm_eval.llada_skip"):
+        lm = LLaDASkipLM(pretrained=str(ref_dir), device="cpu", router=str(router), mc_num=2)
+    assert not [r for r in caplog.records if "mid-training" in r.getMessage()]
+    skip = lm.get_model_info()["dlmskip"]["skip"]
+    assert (skip["completed_steps"], skip["training_steps"], skip["finished"]) == (4, 4, True)
