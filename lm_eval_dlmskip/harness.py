@@ -158,6 +158,7 @@ class LLaDASkipLM(TemplateLM):
             raise ValueError("router_tau is given without router=PATH")
         if router is not None:
             routed = load_routers(router, self.cfg, fingerprint, router_tau, allow_mismatch, self._device, dtype=self.model.dtype)
+            warn_if_unfinished(routed)
             if routed.adapter is not None:
                 self.model = merge_lora(self.model, str(routed.adapter))
             policy = RoutedSkip(routed.routers, routed.routers.cfg.tau)
@@ -647,7 +648,22 @@ def describe_router(routed: RouterCheckpoint) -> dict:
         "router_shape": meta["router"],
         "trained_on": meta.get("training", {}).get("source"),
         "trained_for": meta["base_model"]["name"],
+        # A checkpoint saved mid-training scores as a partly trained router.
+        "completed_steps": meta.get("training", {}).get("completed_steps"),
+        "training_steps": meta.get("training", {}).get("steps"),
+        "finished": meta.get("training", {}).get("finished"),
     }
+
+
+def warn_if_unfinished(routed: RouterCheckpoint) -> None:
+    """One warning line when the router was saved mid-training, with the command that finishes it."""
+    training = routed.meta.get("training", {})
+    if training.get("finished") is False:
+        from .train import resume_command
+
+        log.warning("router=%s was saved mid-training: it stopped at step %s of %s, so these results are a partly "
+                    "trained router's; finish it with: %s", routed.path, training.get("completed_steps"),
+                    training.get("steps"), resume_command(routed.path.resolve()))
 
 
 def describe_policy(policy: SkipPolicy) -> dict:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .files import check_output_dir, write_atomically
 from .loading import load_model, load_tokenizer, model_identity
 from .model import LLaDA
 from .router import GumbelRouting, RoutedSkip, RouterConfig, Routers, save_routers
@@ -50,8 +51,11 @@ from .train_data import Pair, add_source_arguments, encode_pairs, jsonl_texts, s
 
 log = logging.getLogger("lm_eval_dlmskip.train")
 
-# Settings a resumed run may change; any other difference is refused.
-_RESUMABLE_CHANGES = {"epochs", "max_steps", "save_every", "eval_every", "log_every", "resume"}
+# Settings a resumed run may change; any other difference is refused. The output path is where the
+# run lies, not how it trains: a copied or moved run folder resumes.
+_RESUMABLE_CHANGES = {"epochs", "max_steps", "save_every", "eval_every", "log_every", "resume", "output"}
+# What a run stopped before its first checkpoint leaves in its folder.
+_BEFORE_FIRST_SAVE = {"metrics.jsonl", "tensorboard"}
 
 
 @dataclass(frozen=True)
@@ -330,6 +334,35 @@ def load_train_state(out: Path, optimizer: torch.optim.Optimizer, cfg: TrainConf
     return int(meta["step"]), int(meta.get("micro_batch_size", meta["config"]["batch_size"]))
 
 
+def check_run_folder(out: Path, resume: bool) -> bool:
+    """Whether ``out`` holds a checkpoint to continue; refuses a folder a run cannot start or
+    resume in. A folder with only the log of a run stopped before its first save resumes from step 0."""
+    check_output_dir(out, "--output")
+    if (out / "train_state.json").exists():
+        if not resume:
+            raise ValueError(f"--output {out} exists and is not empty; pass --resume to continue it or choose another path")
+        return True
+    contents = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if contents and not contents <= _BEFORE_FIRST_SAVE:
+        what = "holds no training state (train_state.json) to resume from" if resume else "exists and is not empty"
+        raise ValueError(f"--output {out} {what}; choose another path")
+    if contents and not resume:
+        raise ValueError(f"--output {out} holds only the log of a run stopped before its first checkpoint; pass "
+                         "--resume to start it again from step 0 (its log restarts), or choose another path")
+    if resume and not out.is_dir():
+        raise ValueError(f"--resume: {out} does not exist; give the --output folder of the run to continue")
+    return False
+
+
+def resumed_log(out: Path, step: int) -> list[str]:
+    """The log rows a run resumed at ``step`` keeps: those up to its checkpoint (rows written after
+    the save are logged again); none from step 0, whose validation is logged again."""
+    path = out / "metrics.jsonl"
+    if step == 0 or not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+
+
 def load_pairs(cfg: TrainConfig, tokenizer) -> tuple[list[Pair], str]:
     if cfg.task is not None:
         chat = tokenizer_chat_template(tokenizer) if cfg.apply_chat_template else None
@@ -359,10 +392,7 @@ def train(cfg: TrainConfig) -> dict:
 
     cfg.check()
     out = Path(cfg.output)
-    if out.exists() and not cfg.resume and any(out.iterdir()):
-        raise ValueError(f"--output {out} exists and is not empty; pass --resume to continue it or choose another path")
-    if cfg.resume and not (out / "train_state.json").exists():
-        raise ValueError(f"--resume: {out} holds no training state (train_state.json) to resume from")
+    saved = check_run_folder(out, cfg.resume)
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and cfg.dtype == "bfloat16" else "no")
     world = accelerator.num_processes
@@ -395,8 +425,8 @@ def train(cfg: TrainConfig) -> dict:
     objective = RouterObjective(backbone, routers, cfg, mcfg.mask_token_id)
     params = [p for _, p in trainable(objective)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start, micro = 0, cfg.batch_size
-    if cfg.resume:
+    start, micro, metrics = 0, cfg.batch_size, {}
+    if saved:
         state = load_file(str(out / "router.safetensors"), device=str(device))
         routers.load_state_dict(state)
         if cfg.lora:
@@ -404,7 +434,10 @@ def train(cfg: TrainConfig) -> dict:
 
             set_peft_model_state_dict(backbone, load_file(str(out / "adapter" / "adapter_model.safetensors"), device=str(device)))
         start, micro = load_train_state(out, optimizer, cfg)
+        metrics = json.loads((out / "router.json").read_text())["metrics"]  # kept until the next validation
         log.info("resuming %s at step %d of %d", out, start, total)
+    elif cfg.resume:
+        log.info("resuming %s from step 0: it stopped before its first checkpoint", out)
     micro = micro or auto_micro_batch(objective, train_pairs, per_step // world, pad_id, accelerator)
     accumulation = per_step // (micro * world)
     objective = accelerator.prepare(objective)  # DDP syncs only parameters that require grad
@@ -436,9 +469,10 @@ def train(cfg: TrainConfig) -> dict:
             "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha} if cfg.lora else None,
         },
     }
-    log_lines = (out / "metrics.jsonl").read_text().splitlines() if cfg.resume else []
+    log_lines = resumed_log(out, start) if cfg.resume else []
+    if cfg.resume and accelerator.is_main_process:  # the log continues from the checkpoint, one row per point
+        write_atomically(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(line + "\n" for line in log_lines)))
     writer = _tensorboard(out) if accelerator.is_main_process else None
-    metrics: dict = {}
 
     def save(step: int, final: bool) -> None:
         if not accelerator.is_main_process:
@@ -588,6 +622,24 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def resume_command(run: Path) -> str:
+    """The ``dlmskip train`` command that continues the run in ``run`` (where it lies now), from
+    the settings its checkpoint saved: each one that differs from its option's default."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    state = run / "train_state.json"
+    if not state.exists():
+        return f"dlmskip train --output {shlex.quote(str(run))} --resume, with the other arguments it was started with"
+    config = {**json.loads(state.read_text())["config"], "output": str(run)}
+    words = ["dlmskip", "train"]
+    for action in parser._actions:  # argparse keeps each option's flag and default only here
+        value = config.get(action.dest, action.default)
+        if not action.option_strings or action.dest == "resume" or value == action.default:
+            continue
+        words += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], str(value)]
+    return shlex.join([*words, "--resume"])
+
+
 def interrupted_message(cfg: TrainConfig, argv: list[str]) -> str:
     out = Path(cfg.output).resolve()
     again = shlex.join(["dlmskip", "train", *[a for a in argv if a != "--resume"]])
@@ -596,8 +648,10 @@ def interrupted_message(cfg: TrainConfig, argv: list[str]) -> str:
         step = json.loads(state.read_text())["step"]
         return (f"dlmskip train: interrupted; the last checkpoint ({out}) holds step {step}. "
                 f"Continue it with:\n  {again} --resume")
-    return (f"dlmskip train: interrupted before the first checkpoint (every --save-every {cfg.save_every} steps); "
-            f"nothing to resume. Start again with:\n  rm -r {shlex.quote(str(out))}; {again}")
+    before = f"dlmskip train: interrupted before the first checkpoint (every --save-every {cfg.save_every} steps)"
+    if out.is_dir():
+        return f"{before}. Start it again from step 0 with:\n  {again} --resume"
+    return f"{before}; nothing was written. Start again with:\n  {again}"
 
 
 def main(argv: list[str] | None = None) -> int:

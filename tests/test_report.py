@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lm_eval_dlmskip.harness import LLaDASkipLM
-from lm_eval_dlmskip.report import analyze, calibrate, sweep
+from lm_eval_dlmskip.report import analyze, calibrate
 from lm_eval_dlmskip.report.calibrate import consecutive_similarity, select_blocks
 
 from .conftest import words
@@ -157,60 +157,6 @@ def test_analyze_measures_and_selects_as_calibrate_does(tmp_path, ref_dir, ref):
     shared = {"limit", "threshold", "max_skip", "allow_adjacent", "mask_fractions", "answer_length", "positions",
               "batch_size", "seed"}
     assert {k: analyze_defaults.get_default(k) for k in shared} == {k: calibrate_defaults.get_default(k) for k in shared}
-
-
-def _sweep_args(tmp_path, **kwargs):
-    parser = argparse.ArgumentParser()
-    sweep.add_arguments(parser)
-    args = parser.parse_args(["--model", "M", "--tasks", "piqa", "--out", str(tmp_path / "sweep")])
-    for k, v in kwargs.items():
-        setattr(args, k, v)
-    return args
-
-
-def test_sweep_plans_the_grid_and_resumes(tmp_path, monkeypatch):
-    args = _sweep_args(tmp_path, skip_profile="p.json", static_k=2, random_k="1,3", random_seeds="0,1",
-                       routers=["ckpts/gsm8k-l0.3"], model_args="mc_num=16,cfg=0", lm_eval_args="--limit 4")
-    names = [name for name, _ in sweep.plan_runs(args)]
-    assert names == ["base", "static-k1", "static-k2", "random-k1-seed0", "random-k1-seed1", "random-k3-seed0",
-                     "random-k3-seed1", "routed-gsm8k-l0.3"]
-    plans = dict(sweep.plan_runs(args))
-    assert plans["static-k2"] == {"pretrained": "M", "mc_seed": 1234, "mc_num": 16, "cfg": 0, "skip_profile": "p.json", "skip_k": 2}
-    calls = []
-
-    def fake_run(cmd):
-        calls.append(cmd)
-        target = __import__("pathlib").Path(cmd[cmd.index("--output_path") + 1]) / "model"
-        target.mkdir(parents=True, exist_ok=True)
-        if "random-k3-seed1" in str(target):
-            return type("Done", (), {"returncode": 1})()
-        (target / "results_x.json").write_text("{}")
-        return type("Done", (), {"returncode": 0})()
-
-    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
-    assert sweep.run_sweep(args) == 1  # one run failed
-    assert len(calls) == 8 and "--limit" in calls[0] and json.loads(calls[0][calls[0].index("--model_args") + 1])["mc_num"] == 16
-    calls.clear()
-    assert sweep.run_sweep(args) == 1  # only the failed run is retried
-    assert len(calls) == 1 and "random-k3-seed1" in " ".join(calls[0])
-    manifest = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert [r["run"] for r in manifest["runs"]] == names
-
-
-def test_sweep_gives_every_run_the_same_mask_seed(tmp_path):
-    """Random runs vary ``seed`` (the skipping draw); the Monte-Carlo masks stay those of the base run."""
-    args = _sweep_args(tmp_path, random_k="2", random_seeds="0,1,2", routers=["r"])
-    plans = dict(sweep.plan_runs(args))
-    assert {run["mc_seed"] for run in plans.values()} == {1234}
-    assert [plans[f"random-k2-seed{s}"]["seed"] for s in range(3)] == [0, 1, 2]
-    assert {run["mc_seed"] for run in dict(sweep.plan_runs(_sweep_args(tmp_path, random_k="2", mc_seed=7))).values()} == {7}
-    given = _sweep_args(tmp_path, random_k="2", model_args="mc_seed=9")
-    assert {run["mc_seed"] for run in dict(sweep.plan_runs(given)).values()} == {9}
-
-
-def test_sweep_refuses_static_without_profile(tmp_path):
-    with pytest.raises(ValueError, match="--static-k needs --skip-profile"):
-        sweep.plan_runs(_sweep_args(tmp_path, static_k=2))
 
 
 def test_analyze_refuses_an_out_that_is_a_file_before_loading_the_model(tmp_path, capsys):

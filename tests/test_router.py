@@ -673,7 +673,7 @@ def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(ref_dir
     assert main(args) == 130
     err = capsys.readouterr().err
     assert "interrupted before the first checkpoint" in err and "Traceback" not in err
-    assert f"rm -r {(tmp_path / 'early').resolve()}; dlmskip {shlex.join(args)}" in err
+    assert f"Start it again from step 0 with:\n  dlmskip {shlex.join(args)} --resume" in err
 
     monkeypatch.setattr(train_module, "step_examples", dies_at_step(4))
     args = _cli_train_args(ref_dir, tmp_path, "late", "--max-steps", "6", "--save-every", "3")

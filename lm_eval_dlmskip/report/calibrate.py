@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..files import write_json
+from ..files import check_output_file, write_json
 from ..hf_model import hf_model_type, hidden_states, load_hf, weights_fingerprint
 from ..hf_model import model_identity as hf_identity
 from ..loading import Checkpoint, check_identity, load_model, load_tokenizer, model_identity, resolve_checkpoint
@@ -159,8 +159,17 @@ def load_model_and_examples(args: argparse.Namespace) -> tuple[Checkpoint, Any, 
     return checkpoint, tokenizer, examples, source
 
 
+def check_profile_output(path: str | Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace a profile: runs made with its blocks would no longer match it."""
+    check_output_file(path, "--output")
+    if Path(path).exists() and not overwrite:
+        raise ValueError(f"--output {path} exists; pass --overwrite to replace it (runs made with its blocks "
+                         "then no longer match it: dlmskip sweep re-runs them) or give a new path")
+
+
 def calibrate(args: argparse.Namespace) -> dict:
     """Measure, select, and write the skip profile; returns it."""
+    check_profile_output(args.output, args.overwrite)
     hf_path = hf_checkpoint(args.model, args.revision)
     if hf_path:
         measured = measure_hf(args, *load_hf_and_examples(args, hf_path))
@@ -255,8 +264,8 @@ def measure_hf(
     return torch.cat(rows), {}, hf_identity(model.config, args.model, fingerprint), data
 
 
-def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
-    """The blocks a skip profile selects (its first ``k`` choices when given), checked against the model."""
+def read_profile(path: str | Path) -> dict:
+    """A skip profile file, checked to be one (not yet against a model)."""
     path = Path(path)
     try:
         profile = json.loads(path.read_text())
@@ -266,13 +275,24 @@ def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, 
         raise ValueError(f"skip_profile={str(path)!r}: not valid JSON ({err})") from err
     if profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
         raise ValueError(f"skip_profile={str(path)!r}: not a skip profile of format {FORMAT_VERSION}")
-    check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
+    return profile
+
+
+def profile_blocks(profile: dict, path: str | Path, k: int | None) -> list[int]:
+    """The blocks (sorted) a profile selects: all its choices, or its first ``k``."""
     order = profile["selection_order"]
     if k is not None:
         if not 0 <= k <= len(order):
             raise ValueError(f"skip_k={k}: the profile {str(path)!r} chose {len(order)} blocks; give 0..{len(order)}")
         order = order[:k]
-    return sorted(order), profile
+    return sorted(order)
+
+
+def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
+    """The blocks a skip profile selects (its first ``k`` choices when given), checked against the model."""
+    profile = read_profile(path)
+    check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
+    return profile_blocks(profile, path, k), profile
 
 
 def add_model_and_prompt_arguments(parser: argparse.ArgumentParser, what: str, limit: int) -> None:
@@ -289,7 +309,9 @@ def add_model_and_prompt_arguments(parser: argparse.ArgumentParser, what: str, l
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_prompt_arguments(parser, "the calibration prompts", limit=CALIBRATION_PROMPTS)
-    parser.add_argument("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH)")
+    parser.add_argument("--output", required=True, help="skip profile JSON to write (lm_eval: skip_profile=PATH); "
+                                                        "an existing one is kept unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output profile")
     add_selection_arguments(parser)
 
 

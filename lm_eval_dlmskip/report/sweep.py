@@ -3,9 +3,16 @@
 Runs, each into ``OUT/<run>/`` with ``lm_eval --output_path``: ``base``; ``static-k<k>`` for k = 1..K
 from a skip profile (its first k choices, ``skip_profile=..,skip_k=k``); ``random-k<k>-seed<s>``;
 ``routed-<name>`` for every router checkpoint. Every run gets the same ``mc_seed``, so they all score
-with the same Monte-Carlo masks. A run whose directory already holds a results file
-is skipped, so an interrupted sweep resumes where it stopped. ``OUT/sweep.json`` lists every run
-with its command.
+with the same Monte-Carlo masks.
+
+Each run is keyed by what it evaluates, not by its name: every model arg, with a profile's path
+replaced by the blocks it selects and a router's path by a checksum of its weights and shape, and
+the tasks, ``--include-path`` and ``--lm-eval-args``. The key is written to ``OUT/<run>/sweep_run.json``
+before lm-eval starts. A run whose folder holds results made under the same key is reused, so an
+interrupted sweep resumes where it stopped; results made under another key (a recalibrated profile,
+a retrained router, other settings) are never reused: the sweep refuses before running anything,
+or with ``--rerun-stale`` deletes them and runs again. ``OUT/sweep.json`` lists the runs of every
+call (a run of the same name is replaced). ``--dry-run`` prints the plan and writes nothing.
 """
 
 from __future__ import annotations
@@ -13,21 +20,47 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import write_json
+from ..cache import files_digest
+from ..files import check_output_dir, write_json
+from ..router import resolve_router
+from .calibrate import profile_blocks, read_profile
+
+KEY_FILE = "sweep_run.json"
 
 
-def plan_runs(args: argparse.Namespace) -> list[tuple[str, dict]]:
-    """(run name, model_args) for every configuration of the grid."""
+@dataclass(frozen=True)
+class Run:
+    name: str
+    model_args: dict  # as lm_eval gets them
+    key: dict  # what the run evaluates; equal keys give equal results
+
+    def command(self, args: argparse.Namespace, target: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "lm_eval", "--model", "llada_skip", "--model_args", json.dumps(self.model_args),
+               "--tasks", args.tasks, "--output_path", str(target)]
+        if args.include_path:
+            cmd += ["--include_path", args.include_path]
+        return cmd + shlex.split(args.lm_eval_args or "")
+
+
+def plan_runs(args: argparse.Namespace) -> list[Run]:
+    """Every configuration of the grid with its key; reads the profile and the routers' files,
+    so a missing or wrong one is an error before any run."""
     # One mask seed for every run, so random runs (which vary `seed`) score with the base run's masks.
     base = {"pretrained": args.model, "mc_seed": args.mc_seed, **_parse_model_args(args.model_args)}
     runs = [("base", base)]
     if args.static_k:
         if not args.skip_profile:
             raise ValueError("--static-k needs --skip-profile PATH (from dlmskip calibrate)")
+        chosen = len(read_profile(args.skip_profile)["selection_order"])
+        if args.static_k > chosen:
+            raise ValueError(f"--static-k {args.static_k}: the profile {args.skip_profile} chose {chosen} blocks; "
+                             f"give at most {chosen} (or calibrate with a larger --max-skip)")
         runs += [(f"static-k{k}", {**base, "skip_profile": args.skip_profile, "skip_k": k}) for k in range(1, args.static_k + 1)]
     for k in _ints(args.random_k):
         runs += [(f"random-k{k}-seed{s}", {**base, "skip_random": k, "seed": s}) for s in _ints(args.random_seeds)]
@@ -36,7 +69,30 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, dict]]:
     names = [name for name, _ in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"two runs would share a directory: {sorted(n for n in names if names.count(n) > 1)}")
-    return runs
+    settings = {"tasks": args.tasks, "include_path": args.include_path, "lm_eval_args": shlex.split(args.lm_eval_args or "")}
+    return [Run(name, model_args, {"model_args": _evaluated(model_args), **settings}) for name, model_args in runs]
+
+
+def _evaluated(model_args: dict) -> dict:
+    """The model args with file paths replaced by what the files hold: a skip profile by the blocks
+    it selects, a router directory by its weights' checksum and its shape (tau included)."""
+    key = dict(model_args)
+    if "skip_profile" in key:
+        path = key.pop("skip_profile")
+        key["skip_layers"] = profile_blocks(read_profile(path), path, key.pop("skip_k", None))
+    if "router" in key:
+        key["router"] = _router_key(key["router"])
+    return key
+
+
+def _router_key(router: str) -> dict:
+    path = resolve_router(router)
+    meta_file = path / "router.json"
+    if not meta_file.is_file() or not (path / "router.safetensors").is_file():
+        raise ValueError(f"router {router}: not a router checkpoint (router.json and router.safetensors); "
+                         "give a folder written by dlmskip train")
+    weights = files_digest([path / "router.safetensors", path / "adapter" / "adapter_model.safetensors"])
+    return {"weights": weights, "shape": json.loads(meta_file.read_text()).get("router")}
 
 
 def _ints(text: str | None) -> list[int]:
@@ -56,29 +112,77 @@ def has_results(directory: Path) -> bool:
     return any(directory.rglob("results_*.json"))
 
 
+def recorded_key(directory: Path) -> dict | None:
+    """The key a run folder's results were made under (None: not recorded, e.g. by an older sweep)."""
+    try:
+        return json.loads((directory / KEY_FILE).read_text())["key"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def key_changes(old: dict | None, new: dict) -> str:
+    """What differs between two keys, for a message: ``skip_layers [6] -> [5]``."""
+    if old is None:
+        return f"its key was not recorded ({KEY_FILE} missing or unreadable)"
+    flat_old = {**old.get("model_args", {}), **{k: v for k, v in old.items() if k != "model_args"}}
+    flat_new = {**new["model_args"], **{k: v for k, v in new.items() if k != "model_args"}}
+    return ", ".join(f"{k} {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
+                     for k in sorted(set(flat_old) | set(flat_new)) if flat_old.get(k) != flat_new.get(k))
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """The runs ``sweep.json`` lists from earlier calls."""
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text())["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a sweep manifest ({err}); move it away or give another --out") from err
+
+
+def merge_manifest(earlier: list[dict], current: list[dict]) -> list[dict]:
+    """Earlier calls' runs in their order, a run of the same name replaced, new runs after them."""
+    by_name = {entry["run"]: entry for entry in current}
+    merged = [by_name.pop(entry["run"], entry) for entry in earlier]
+    return merged + list(by_name.values())
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    check_output_dir(out, "--out")
     runs = plan_runs(args)
+    earlier = read_manifest(out / "sweep.json")
+    stale = {run.name: key_changes(recorded_key(out / run.name), run.key) for run in runs
+             if has_results(out / run.name) and recorded_key(out / run.name) != run.key}
+    if stale and not args.rerun_stale:
+        lines = "\n".join(f"  {name}: {change}" for name, change in stale.items())
+        raise ValueError(f"results under {out} were made with other settings than this sweep's:\n{lines}\n"
+                         "pass --rerun-stale to delete them and run these again, or give another --out")
     manifest, failed = [], []
-    for name, model_args in runs:
-        target = out / name
-        cmd = [sys.executable, "-m", "lm_eval", "--model", "llada_skip", "--model_args", json.dumps(model_args),
-               "--tasks", args.tasks, "--output_path", str(target)]
-        if args.include_path:
-            cmd += ["--include_path", args.include_path]
-        cmd += shlex.split(args.lm_eval_args or "")
-        manifest.append({"run": name, "model_args": model_args, "command": shlex.join(cmd)})
-        if has_results(target):
-            print(f"[{name}] results exist, skipped", flush=True)
+    for run in runs:
+        target = out / run.name
+        cmd = run.command(args, target)
+        manifest.append({"run": run.name, "model_args": run.model_args, "key": run.key, "command": shlex.join(cmd)})
+        if has_results(target) and run.name not in stale:
+            print(f"[{run.name}] results exist for the same settings, reused", flush=True)
             continue
-        print(f"[{name}] {shlex.join(cmd)}", flush=True)
+        if run.name in stale:
+            print(f"[{run.name}] {'would delete' if args.dry_run else 'deleting'} results made with other settings "
+                  f"({stale[run.name]})", flush=True)
+        print(f"[{run.name}] {shlex.join(cmd)}", flush=True)
         if args.dry_run:
             continue
+        if run.name in stale:
+            shutil.rmtree(target)
+        write_json(target / KEY_FILE, {"run": run.name, "key": run.key})  # before lm-eval writes results under it
         done = subprocess.run(cmd)
         if done.returncode:
-            failed.append(name)
-            print(f"[{name}] failed with exit code {done.returncode}", flush=True)
-    write_json(out / "sweep.json", {"tasks": args.tasks, "runs": manifest})
+            failed.append(run.name)
+            print(f"[{run.name}] failed with exit code {done.returncode}", flush=True)
+    if args.dry_run:
+        print(f"dry run: {len(runs)} runs planned under {out}; nothing written")
+        return 0
+    write_json(out / "sweep.json", {"runs": merge_manifest(earlier, manifest)})
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to retry them")
         return 1
@@ -100,4 +204,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--routers", nargs="*", help="router checkpoint directories")
     a("--model-args", help="extra model_args for every run, in lm-eval syntax (mc_num=128,cfg=0)")
     a("--lm-eval-args", help='extra lm_eval arguments, e.g. "--batch_size 8 --device cuda --limit 200"')
-    a("--dry-run", action="store_true", help="print the commands only")
+    a("--rerun-stale", action="store_true",
+      help="delete results made with other settings (profile blocks, router weights, arguments) and run them again")
+    a("--dry-run", action="store_true", help="print the commands only; write nothing")
