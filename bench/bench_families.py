@@ -1,6 +1,6 @@
 """Dream-7B next to LLaDA-8B on one GPU (issue 11): the same skipping, each family's own decoding.
 
-checks  (a tiny random Dream in float32 on the GPU) Dream decoding replayed from CUDA graphs equals
+checks  (the tiny Dream fixture in float32 on the GPU) Dream decoding replayed from CUDA graphs equals
         eager decoding token for token over left-padded batches with mixed padding, for every
         unmasking algorithm and skip policy, at batch 1 and 16; batch 16 equals batch 1 row by row
         (Dream positions a padded row by its attention mask, so this checks per-row rotary tables
@@ -30,6 +30,7 @@ from lm_eval_dlmskip.flops import FlopsModel  # noqa: E402
 from lm_eval_dlmskip.generation import GenerationSettings, generate  # noqa: E402
 from lm_eval_dlmskip.generation_dream import DreamGenerationSettings, dream_generate  # noqa: E402
 from lm_eval_dlmskip.graphs import GraphRunner  # noqa: E402
+from lm_eval_dlmskip.loading import load_model  # noqa: E402
 from lm_eval_dlmskip.model import LLaDAConfig  # noqa: E402
 from lm_eval_dlmskip.policies import NO_SKIP, RandomSkip, StaticSkip  # noqa: E402
 
@@ -40,9 +41,9 @@ DREAM_7B_CONFIG = {
     "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "mask_token_id": 151666,
     "pad_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16",
 }
-TINY_DREAM_CONFIG = {**DREAM_7B_CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "mask_token_id": 299,
-                     "pad_token_id": 251, "eos_token_id": 252, "torch_dtype": "float32"}
+# The golden fixture's weights: a random model with std 0.02 predicts near-uniform distributions whose
+# confidences (entropy above all) tie within float rounding, which no batch invariance can survive.
+DREAM_FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "dream-reference"
 K_VALUES = (0, 2, 4, 6)
 
 
@@ -87,17 +88,17 @@ def padded_prompts(B: int, device, seed: int, pad_id: int) -> tuple[torch.Tensor
     ids = torch.full((B, P), pad_id)
     mask = torch.zeros(B, P, dtype=torch.long)
     for i, n in enumerate(lengths.tolist()):
-        ids[i, P - n:] = torch.randint(0, 240, (n,), generator=g)
+        ids[i, P - n:] = torch.randint(0, 120, (n,), generator=g)
         mask[i, P - n:] = 1
     return ids.to(device), (mask.to(device) if not bool(mask.all()) else None)
 
 
 def checks(device: torch.device) -> dict:
     """Graphs = eager and batch 16 = batch 1 for Dream decoding, on the GPU."""
-    model = random_dream(TINY_DREAM_CONFIG, device, torch.float32)
-    mask_id, pad_id = model.cfg.mask_token_id, TINY_DREAM_CONFIG["pad_token_id"]
+    model = load_model(str(DREAM_FIXTURE), dtype="float32", device=device).model
+    mask_id, pad_id = model.cfg.mask_token_id, model.cfg.pad_token_id
     runner = GraphRunner(model)
-    policies = {"none": NO_SKIP, "static": StaticSkip([1, 3]), "random2": RandomSkip(2, model.cfg.n_layers, 7)}
+    policies = {"none": NO_SKIP, "static": StaticSkip([1]), "random1": RandomSkip(1, model.cfg.n_layers, 7)}
     out = {"graphs_equal_eager": [], "batch16_equal_batch1": []}
     for alg in ("entropy", "maskgit_plus", "topk_margin"):
         for temperature in (0.0, 1.0):
