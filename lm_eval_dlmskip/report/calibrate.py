@@ -195,16 +195,25 @@ def calibrate(args: argparse.Namespace) -> dict:
 
 def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
     """The blocks a skip profile selects (its first ``k`` choices when given), checked against the model."""
+    layers, profile = read_profile(path, k)
+    check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
+    return layers, profile
+
+
+def read_profile(path: str | Path, k: int | None) -> tuple[list[int], dict]:
+    """A skip profile's chosen blocks (its first ``k`` when given) and the profile; all that can be
+    checked without the model, so the harness checks it before loading one."""
     path = Path(path)
     try:
         profile = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"skip_profile={str(path)!r}: no such file; make one with dlmskip calibrate") from None
+    except IsADirectoryError:
+        raise ValueError(f"skip_profile={str(path)!r} is a directory; give the JSON file dlmskip calibrate wrote") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"skip_profile={str(path)!r}: not valid JSON ({err})") from err
-    if profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
+    if not isinstance(profile, dict) or profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
         raise ValueError(f"skip_profile={str(path)!r}: not a skip profile of format {FORMAT_VERSION}")
-    check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
     order = profile["selection_order"]
     if k is not None:
         if not 0 <= k <= len(order):
