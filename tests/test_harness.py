@@ -402,6 +402,18 @@ def test_what_needs_the_model_fails_right_after_the_load(monkeypatch, ref_dir):
         make_lm(ref_dir, skip_random=9)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback happens only without CUDA")
+def test_cpu_fallback_is_quiet_for_lm_evals_default_device_only(ref_dir, caplog):
+    """lm-eval passes device=cuda:0 when --device is not given: falling back from it is INFO; a
+    CUDA device the user named otherwise (device=cuda, cuda:1) still warns."""
+    with caplog.at_level(logging.INFO, logger="lm_eval.llada_skip"):
+        make_lm(ref_dir, device="cuda:0")
+        make_lm(ref_dir, device="cuda")
+    fallbacks = [(r.levelname, r.getMessage()) for r in caplog.records if "CUDA is not available" in r.getMessage()]
+    assert fallbacks == [("INFO", "device=cuda:0 but CUDA is not available; running on cpu"),
+                         ("WARNING", "device=cuda but CUDA is not available; running on cpu")]
+
+
 def test_model_args_string_accepts_a_bracketed_list(ref_dir):
     lm = LLaDASkipLM.create_from_arg_string(f"pretrained={ref_dir},skip_layers=[1,4],device=cpu")
     assert lm.get_model_info()["dlmskip"]["skip"]["skip_layers"] == [1, 4]
