@@ -155,9 +155,8 @@ class LLaDASkipLM(TemplateLM):
         self, fingerprint: str, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
         allow_mismatch: bool, compile: bool,
     ) -> tuple[SkipPolicy, dict, FlopsModel]:
-        """The one skipping method the model_args name (an error if several), how to describe it in
-        the results, and the FLOPs model that counts its cost (the model_args were checked by
-        ``check_before_loading``: at most one method is given)."""
+        """The skipping method the model_args name (``check_before_loading`` allowed at most one),
+        how to describe it in the results, and the FLOPs model that counts its cost."""
         if router is not None:
             routed = load_routers(router, self.cfg, fingerprint, router_tau, allow_mismatch, self._device, dtype=self.model.dtype)
             if routed.adapter is not None:

@@ -120,8 +120,8 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: LLaDAConfig, files: list[Path])
     return {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
 
 
-def check_dtype(dtype: str) -> None:
-    if dtype != "auto" and dtype not in DTYPES:
+def check_dtype(dtype: str | torch.dtype) -> None:
+    if not isinstance(dtype, torch.dtype) and dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use auto, bfloat16, float16 or float32")
 
 
