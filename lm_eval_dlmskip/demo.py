@@ -136,6 +136,10 @@ def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int =
     return model.eval()
 
 
+# Declared, not left to lm-eval's defaults: it warns about every metric whose task leaves them out.
+METRIC_KEYS = "    aggregation: mean\n    higher_is_better: true\n"
+
+
 def write_tasks(out: Path, n_docs: int = 40, n_train: int = 200, seed: int = 1) -> Path:
     """Two lm-eval tasks over local JSONL files (no dataset hub), with a training split for routers."""
     rng = random.Random(seed)
@@ -150,13 +154,13 @@ def write_tasks(out: Path, n_docs: int = 40, n_train: int = 200, seed: int = 1) 
     )
     (tasks / "demo_reverse_mc.yaml").write_text(
         "task: demo_reverse_mc\n" + common + "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: label\ntarget_delimiter: \"\"\nmetric_list:\n  - metric: acc\n"
+        "doc_to_target: label\ntarget_delimiter: \"\"\nmetric_list:\n  - metric: acc\n" + METRIC_KEYS
     )
     (tasks / "demo_reverse_gen.yaml").write_text(
         "task: demo_reverse_gen\n" + common + "output_type: generate_until\ndoc_to_target: \"{{answer}}\"\n"
         f"generation_kwargs:\n  until: [\".\"]\n  max_gen_toks: {ANSWER_TOKENS}\n  steps: {ANSWER_TOKENS}\n  block_length: {ANSWER_TOKENS}\n"
         "filter_list:\n  - name: strip\n    filter:\n      - function: regex\n        regex_pattern: \"^\\\\s*(.*?)\\\\s*$\"\n"
-        "      - function: take_first\nmetric_list:\n  - metric: exact_match\n    ignore_punctuation: true\n"
+        "      - function: take_first\nmetric_list:\n  - metric: exact_match\n" + METRIC_KEYS + "    ignore_punctuation: true\n"
     )
     return tasks
 

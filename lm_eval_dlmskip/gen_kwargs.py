@@ -108,11 +108,20 @@ def check_length_change(user: dict[str, Any], task: dict[str, Any], spec: Decodi
 
 def typed(key: str, value: Any, spec: DecodingSpec = LLADA) -> Any:
     """A decoding setting converted to the type of its settings field."""
-    return spec.types.get(key, type(getattr(spec.settings, key)))(value)
+    kind = spec.types.get(key, type(getattr(spec.settings, key)))
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} must be of type {kind.__name__}") from None
 
 
 def check_user_settings(user: dict[str, Any], spec: DecodingSpec = LLADA) -> None:
-    """Refuse decoding model_args that no task could make valid, before anything is loaded (the
-    lengths are checked per task, against the task's own)."""
-    given = {k: typed(k, v, spec) for k, v in user.items() if v is not None and k not in ("gen_length", *spec.from_length)}
+    """Refuse decoding model_args that no task could make valid, before anything is loaded (how
+    the lengths fit together is checked per task, against the task's own)."""
+    lengths = ("gen_length", *spec.from_length)
+    for key in lengths:
+        value = user.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value!r} must be a positive integer")
+    given = {k: typed(k, v, spec) for k, v in user.items() if v is not None and k not in lengths}
     replace(spec.settings(), **given).check()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -30,11 +29,13 @@ from .generation import GenerationSettings, generate
 from .graphs import GraphRunner
 from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
 from .loading import adapter_fingerprint, load_model, load_tokenizer, merge_lora, tokenizer_fingerprint, with_adapter
+from .model_args import check_before_loading, parse_layers
 from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers, row_keys
 from .report.calibrate import load_profile
 from .router import RoutedSkip, RouterCheckpoint, load_routers
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm_eval passes as device when --device is not given
 
 
 
@@ -91,7 +92,17 @@ class LLaDASkipLM(TemplateLM):
             {"gen_length": gen_length, "steps": steps, "block_length": block_length, "cfg": cfg, "remasking": remasking,
              "temperature": temperature, "cache": cache, "threshold": threshold, "decide_every": decide_every}
         )
-        check_user_settings(self.gen_args, self.decoding)  # before anything is loaded
+        # Every argument that needs no model is checked before anything is loaded.
+        check_user_settings(self.gen_args, self.decoding)
+        self.likelihood = self.likelihood_settings(mc_num, mc_batch, float(cfg or 0.0))
+        self.likelihood.check()
+        check_before_loading({
+            "pretrained": pretrained, "tokenizer": tokenizer, "peft": peft, "dtype": dtype, "device": device,
+            "batch_size": batch_size, "max_batch_size": max_batch_size, "max_length": max_length, "seed": seed,
+            "mc_seed": mc_seed, "check_greedy": check_greedy, "allow_mismatch": allow_mismatch, "compile": compile,
+            "cuda_graphs": cuda_graphs, "skip_layers": skip_layers, "skip_random": skip_random,
+            "skip_profile": skip_profile, "skip_k": skip_k, "router": router, "router_tau": router_tau,
+        })
         if trust_remote_code:
             log.info("trust_remote_code is not needed: llada_skip runs its own LLaDA code and executes none from the hub")
         self._setup_distributed(device)
@@ -101,24 +112,23 @@ class LLaDASkipLM(TemplateLM):
         if peft:  # skip profiles and routers must fit the weights evaluated, adapter merged
             self.model = merge_lora(checkpoint.model, peft, str(revision))
             fingerprint = with_adapter(fingerprint, adapter_fingerprint(peft, str(revision)))
+        self.cfg = checkpoint.model.cfg
+        self.seed = int(seed)  # random skipping and sampled decoding
+        # What needs the model (block range, fit of a router or profile) fails here, before the rest.
+        self.policy, skip, flops = self._skip_policy(
+            fingerprint, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
+            bool(allow_mismatch), bool(compile),
+        )
         if compile:
             self.model.compile_blocks()
-        self.cfg = checkpoint.model.cfg
         self.tokenizer = load_tokenizer(checkpoint.path if tokenizer is None else tokenizer, self.cfg.mask_token_id)
         self.mask_id = self.cfg.mask_token_id
         self._max_length = max_length or self.cfg.max_sequence_length
         self.batch_size_arg = str(batch_size)
         self.max_batch_size = max_batch_size or 64
-        self.seed = int(seed)  # random skipping and sampled decoding
         self.mc_seed = int(mc_seed)  # the Monte-Carlo masks alone, so runs that vary `seed` score alike
         self.check_greedy = bool(check_greedy)  # is_greedy for multiple-choice requests too
-        self.likelihood = self.likelihood_settings(mc_num, mc_batch, float(cfg or 0.0))
-        self.likelihood.check()
         self._announced: set[str] = set()  # tasks whose decoding settings were logged
-        self.policy, skip, flops = self._skip_policy(
-            fingerprint, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
-            bool(allow_mismatch), bool(compile),
-        )
         self.settings = {
             "pretrained": pretrained,
             "revision": str(revision),
@@ -146,16 +156,8 @@ class LLaDASkipLM(TemplateLM):
         self, fingerprint: str, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
         allow_mismatch: bool, compile: bool,
     ) -> tuple[SkipPolicy, dict, FlopsModel]:
-        """The one skipping method the model_args name (an error if several), how to describe it in
-        the results, and the FLOPs model that counts its cost."""
-        chosen = [name for name, value in (("skip_layers", skip_layers), ("skip_random", skip_random),
-                                           ("skip_profile", skip_profile), ("router", router)) if value is not None]
-        if len(chosen) > 1:
-            raise ValueError(f"{' and '.join(chosen)} both given: choose one way of skipping")
-        if skip_k is not None and skip_profile is None:
-            raise ValueError("skip_k is given without skip_profile=PATH")
-        if router_tau is not None and router is None:
-            raise ValueError("router_tau is given without router=PATH")
+        """The skipping method the model_args name (``check_before_loading`` allowed at most one),
+        how to describe it in the results, and the FLOPs model that counts its cost."""
         if router is not None:
             routed = load_routers(router, self.cfg, fingerprint, router_tau, allow_mismatch, self._device, dtype=self.model.dtype)
             warn_if_unfinished(routed)
@@ -215,7 +217,9 @@ class LLaDASkipLM(TemplateLM):
             return
         wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if wanted.startswith("cuda") and not torch.cuda.is_available():
-            log.warning("device=%s requested but CUDA is not available; running on cpu", wanted)
+            # lm-eval passes cuda:0 when --device is not given: that value is no request for a GPU.
+            level = logging.INFO if device == LM_EVAL_DEFAULT_DEVICE else logging.WARNING
+            log.log(level, "device=%s but CUDA is not available; running on cpu", wanted)
             wanted = "cpu"
         self._device = torch.device(wanted)
 
@@ -303,10 +307,7 @@ class LLaDASkipLM(TemplateLM):
     def _batch_size(self, rows_per_request: int, seq_len: int) -> int:
         """``batch_size`` as an int; ``auto`` probes the largest request batch that fits in memory."""
         if not self.batch_size_arg.startswith("auto"):
-            size = int(self.batch_size_arg)
-            if size < 1:
-                raise ValueError(f"batch_size={size} must be >= 1 or 'auto'")
-            return size
+            return int(self.batch_size_arg)  # checked >= 1 before loading
         from accelerate.utils import find_executable_batch_size
 
         @find_executable_batch_size(starting_batch_size=self.max_batch_size)
@@ -609,20 +610,6 @@ def greedy_wanted(requests: list[Instance], every: bool) -> list[bool]:
         return [True] * len(requests)
     multiple_choice = {(req.task_name, req.doc_id) for req in requests if req.idx > 0}
     return [(req.task_name, req.doc_id) not in multiple_choice for req in requests]
-
-
-def parse_layers(value: Any, name: str) -> list[int]:
-    """A block list from model_args: ``[4,6,8]`` (a list), one integer, or a JSON list string."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"{name}={value!r}: write a list as {name}=[4,6,8] (0-based block indices)") from None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name}={value!r}: write a list as {name}=[4,6,8] (0-based block indices)")
-    return list(value)
 
 
 def build_policy(n_layers: int, skip_layers: Any, skip_random: Any, seed: int) -> SkipPolicy:

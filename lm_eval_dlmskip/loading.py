@@ -60,18 +60,27 @@ class Checkpoint:
         return self.path.name if self.path.parent.name == "snapshots" else ""
 
 
-def resolve_checkpoint(pretrained: str, revision: str = "main") -> Path:
-    """A local directory as is, otherwise a hub id fetched (or found in the cache) by huggingface_hub."""
-    path = Path(pretrained).expanduser()
+def local_directory(name: str, key: str = "pretrained") -> Path | None:
+    """``name`` as an existing local directory, or None when it can only be a hub id; an error when
+    it is neither (a file, or a missing path that is no 'org/name' id). Needs no network."""
+    path = Path(name).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"pretrained={pretrained!r} is a file; give the checkpoint directory that holds config.json")
-    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+        raise ValueError(f"{key}={name!r} is a file; give the checkpoint directory that holds it")
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ValueError(
-            f"pretrained={pretrained!r}: no such local directory (relative to {Path.cwd()}), and it is not "
+            f"{key}={name!r}: no such local directory (relative to {Path.cwd()}), and it is not "
             "a hub id of the form 'org/name'; check the path"
         )
+    return None
+
+
+def resolve_checkpoint(pretrained: str, revision: str = "main") -> Path:
+    """A local directory as is, otherwise a hub id fetched (or found in the cache) by huggingface_hub."""
+    path = local_directory(pretrained)
+    if path is not None:
+        return path
     from huggingface_hub import snapshot_download
 
     try:
@@ -111,15 +120,19 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: LLaDAConfig, files: list[Path])
     """'auto' takes the checkpoint's declared dtype, else the dtype its tensors are stored in."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    check_dtype(dtype)
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; use auto, bfloat16, float16 or float32")
         return DTYPES[dtype]
     if cfg.dtype in DTYPES:
         return DTYPES[cfg.dtype]
     with _open(files[0], "cpu") as f:
         stored = f.get_slice(next(iter(f.keys()))).get_dtype()
     return {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+
+
+def check_dtype(dtype: str | torch.dtype) -> None:
+    if not isinstance(dtype, torch.dtype) and dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use auto, bfloat16, float16 or float32")
 
 
 def _open(file: Path, device: str):
@@ -297,13 +310,16 @@ def with_adapter(fingerprint: str, adapter: str) -> str:
     return f"{fingerprint}+{adapter}"
 
 
+def local_adapter(adapter: str) -> Path | None:
+    """A LoRA adapter's local directory (checked to hold adapter_config.json), or None for a hub id."""
+    path = local_directory(adapter, "peft")
+    if path is not None and not (path / "adapter_config.json").exists():
+        raise ValueError(f"peft={adapter!r}: adapter_config.json is missing; is this a LoRA adapter directory?")
+    return path
+
+
 def resolve_adapter(adapter: str, revision: str) -> Path:
-    path = Path(adapter).expanduser()
-    if path.is_dir():
-        if not (path / "adapter_config.json").exists():
-            raise ValueError(f"peft={adapter!r}: adapter_config.json is missing")
-        return path
-    return resolve_checkpoint(adapter, revision)
+    return local_adapter(adapter) or resolve_checkpoint(adapter, revision)
 
 
 def model_identity(cfg: LLaDAConfig, name: str, fingerprint: str) -> dict:

@@ -72,13 +72,16 @@ class NoSkip:
 NO_SKIP = NoSkip()
 
 
-def check_layers(layers: list[int] | tuple[int, ...] | frozenset[int], n_layers: int, name: str) -> None:
-    """Validate 0-based block indices with a message that names the argument and the fix."""
+def check_layers(layers: list[int] | tuple[int, ...] | frozenset[int], n_layers: int | None, name: str) -> None:
+    """Validate 0-based block indices with a message that names the argument and the fix
+    (``n_layers`` None: before the model is known, everything but the upper bound)."""
     seen: set[int] = set()
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(f"{name}: {layer!r} is not a block index; give 0-based integers, e.g. {name}=[4,6,8]")
-        if not 0 <= layer < n_layers:
+        if n_layers is None and layer < 0:
+            raise ValueError(f"{name}: {layer} is out of range; blocks are 0-based (the first is 0)")
+        if n_layers is not None and not 0 <= layer < n_layers:
             raise ValueError(
                 f"{name}: {layer} is out of range; blocks are 0-based, 0..{n_layers - 1} "
                 f"(the papers number them 1..{n_layers})"

@@ -235,14 +235,18 @@ class RouterCheckpoint:
 
 
 def resolve_router(router: str) -> Path:
-    """A checkpoint directory, or a bare name looked up under ./router_ckpts/."""
+    """A checkpoint directory, or a bare name looked up under ./router_ckpts/, that holds the
+    checkpoint's two files (checked before any model is loaded)."""
     path = Path(router).expanduser()
-    if path.is_dir():
-        return path
-    named = Path("router_ckpts") / router
-    if named.is_dir():
-        return named
-    raise ValueError(f"router={router!r}: no such checkpoint directory (also looked for {named}/)")
+    if not path.is_dir():
+        named = Path("router_ckpts") / router
+        if not named.is_dir():
+            raise ValueError(f"router={router!r}: no such checkpoint directory (also looked for {named}/)")
+        path = named
+    for needed in ("router.json", "router.safetensors"):
+        if not (path / needed).exists():
+            raise ValueError(f"router={router!r}: {needed} is missing; is this a router checkpoint?")
+    return path
 
 
 def load_routers(
@@ -259,9 +263,6 @@ def load_routers(
     states would cost as much as a small block on a GPU."""
     path = resolve_router(str(router))
     meta_file, weights = path / "router.json", path / "router.safetensors"
-    for needed in (meta_file, weights):
-        if not needed.exists():
-            raise ValueError(f"router={str(router)!r}: {needed.name} is missing; is this a router checkpoint?")
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as err:

@@ -536,10 +536,42 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
     bar.close()
     save(total, final=True)
+    warning = too_short_warning(log_lines, total, warmup, cfg) if accelerator.is_main_process else None
+    if warning:
+        log.warning(warning)
     accelerator.wait_for_everyone()
     if writer is not None:
         writer.close()
     return metrics
+
+
+UNMOVED = 0.01  # a held-out execution ratio within this of its start: the routers did not move
+
+
+def too_short_warning(log_lines: list[str], total: int, warmup: int, cfg: TrainConfig) -> str | None:
+    """What to change when a run asked to skip blocks ended with its routers where they began (the
+    held-out execution ratio of the last validation within 0.01 of step 0's), or inside its warmup.
+    The defaults are the paper's recipe for an 8B model over 10 epochs; a short run on a small
+    model learns nothing with them."""
+    entries = [json.loads(line) for line in log_lines]
+    val = [e["val_execution_ratio"] for e in entries if "val_execution_ratio" in e]
+    asked = cfg.lam > 0 and cfg.alpha_target > 0
+    unmoved = asked and len(val) > 1 and abs(val[-1] - val[0]) < UNMOVED
+    in_warmup = total <= warmup
+    if not (unmoved or in_warmup):
+        return None
+    found = []
+    if unmoved:
+        found.append(f"the held-out execution ratio is {val[-1]:.3f} after {total} steps, as at the start "
+                     f"({val[0]:.3f}): the routers skip no more than before training")
+    if in_warmup:
+        found.append(f"all {total} steps were warmup ({warmup} steps), so the learning rate never reached --lr {cfg.lr:g}")
+    return (
+        "dlmskip train: this run was too short to move the routers: " + "; ".join(found) + ". "
+        f"Raise --lr (the default 5e-5 is the paper's for an 8B model over 10 epochs; the demo model learns at 1e-2), "
+        f"train longer (--max-steps, now {total}, or --epochs), and keep the warmup a small part of the run "
+        f"(--warmup-steps, now {warmup}, or --warmup-epochs). docs/demo/README.md has a recipe for a small model."
+    )
 
 
 def _tensorboard(out: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -270,3 +271,21 @@ def test_demo_tasks_hold_absolute_data_paths(tmp_path, monkeypatch):
     for name in ("demo_reverse_mc", "demo_reverse_gen"):
         files = yaml.safe_load((tasks / f"{name}.yaml").read_text())["dataset_kwargs"]["data_files"]
         assert all(Path(f).is_absolute() and Path(f).exists() for f in files.values()), files
+
+
+def test_a_clean_cpu_run_of_the_demo_tasks_prints_no_warnings(tmp_path):
+    """No --device (lm-eval then passes cuda:0): on a machine without CUDA the fallback to the CPU is
+    an INFO line; the demo tasks declare their metrics' aggregation, so lm-eval has nothing to warn."""
+    from lm_eval_dlmskip.demo import build_demo, write_tasks
+
+    checkpoint = build_demo(tmp_path, train_steps=1)  # an untrained demo model: only the log matters
+    tasks = write_tasks(tmp_path, n_docs=4, n_train=4)
+    done = lm_eval("--model", "llada_skip", "--model_args", f"pretrained={checkpoint},mc_num=8",
+                   "--tasks", "demo_reverse_mc,demo_reverse_gen", "--include_path", str(tasks))
+    log = done.stdout + done.stderr
+    assert "aggregation is not" not in log and "higher_is_better is not" not in log
+    assert [line for line in log.splitlines() if "WARNING" in line] == []
+    import torch
+
+    if not torch.cuda.is_available():
+        assert re.search(r"INFO .*device=cuda:0 but CUDA is not available; running on cpu", log)

@@ -310,19 +310,108 @@ def test_overlong_context_is_left_truncated_with_a_warning(ref_dir, caplog):
     "args, message",
     [
         ({"skip_layer": [1]}, "unknown model_args key 'skip_layer'. Did you mean 'skip_layers'"),
-        ({"skip_layers": [6]}, r"skip_layers: 6 is out of range; blocks are 0-based, 0\.\.5"),
-        ({"skip_layers": [2, 2]}, "skip_layers: block 2 is listed twice"),
-        ({"skip_layers": [1], "skip_random": 2}, "skip_layers and skip_random both given"),
-        ({"skip_k": 2}, "skip_k is given without skip_profile"),
-        ({"skip_random": 9}, "skip_random: 9 blocks cannot be drawn from 6"),
         ({"skip_layers": "4,6"}, r"write a list as skip_layers=\[4,6,8\]"),
-        ({"mc_num": 100}, "mc_num=100 is not a multiple of mc_batch=16"),
-        ({"dtype": "int4"}, "dtype='int4' is not supported"),
     ],
 )
 def test_bad_model_args_are_named(ref_dir, args, message):
     with pytest.raises(ValueError, match=message):
         make_lm(ref_dir, **args)
+
+
+def _bad_paths(tmp: Path) -> dict[str, str]:
+    """Paths for the bad-argument cases: missing ones, a folder that is no router, a router folder
+    with its two files, a two-block skip profile, garbage JSON, a folder that is no adapter."""
+    from lm_eval_dlmskip.report.calibrate import FORMAT_VERSION, KIND
+
+    (tmp / "empty").mkdir()
+    (tmp / "router").mkdir()
+    for name in ("router.json", "router.safetensors"):
+        (tmp / "router" / name).write_text("{}")
+    (tmp / "profile.json").write_text(json.dumps({"kind": KIND, "format": FORMAT_VERSION, "selection_order": [3, 1]}))
+    (tmp / "garbage.json").write_text("{ not json")
+    return {k: str(tmp / k) for k in ("empty", "router", "profile.json", "garbage.json", "missing")}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"skip_layers": [1], "router": "router"}, "skip_layers and router both given: choose one"),
+        ({"skip_random": 2, "skip_profile": "profile.json"}, "skip_random and skip_profile both given"),
+        ({"skip_k": 2}, "skip_k is given without skip_profile=PATH"),
+        ({"router_tau": 0.2}, "router_tau is given without router=PATH"),
+        ({"skip_layers": "4;6"}, r"skip_layers='4;6': write a list as skip_layers=\[4,6,8\]"),
+        ({"skip_layers": [-1, 2]}, "skip_layers: -1 is out of range; blocks are 0-based"),
+        ({"skip_layers": [2, 2]}, "skip_layers: block 2 is listed twice"),
+        ({"skip_layers": ["a"]}, "skip_layers: 'a' is not a block index"),
+        ({"skip_random": -1}, "skip_random=-1: give the number of blocks to skip per forward"),
+        ({"skip_random": "two"}, "skip_random='two'"),
+        ({"router": "missing"}, "no such checkpoint directory"),
+        ({"router": "empty"}, "router.json is missing; is this a router checkpoint"),
+        ({"router": "router", "router_tau": 1.5}, r"router_tau=1.5 must be a number in \[0, 1\)"),
+        ({"skip_profile": "missing"}, "no such file; make one with dlmskip calibrate"),
+        ({"skip_profile": "empty"}, "is a directory"),
+        ({"skip_profile": "garbage.json"}, "not valid JSON"),
+        ({"skip_profile": "profile.json", "skip_k": 5}, r"skip_k=5: the profile .* chose 2 blocks; give 0..2"),
+        ({"skip_profile": "profile.json", "skip_k": -1}, "skip_k=-1: give how many"),
+        ({"peft": "missing"}, "peft=.*: no such local directory"),
+        ({"peft": "empty"}, "adapter_config.json is missing"),
+        ({"pretrained": "missing"}, "pretrained=.*: no such local directory"),
+        ({"tokenizer": "missing"}, "tokenizer=.*: no such local directory"),
+        ({"dtype": "int4"}, "dtype='int4' is not supported; use auto"),
+        ({"device": "gpu"}, "device='gpu' is not a torch device"),
+        ({"batch_size": 0}, "batch_size=0 must be a positive integer or 'auto'"),
+        ({"batch_size": "big"}, "batch_size='big'"),
+        ({"max_batch_size": 0}, "max_batch_size=0 must be a positive integer"),
+        ({"max_length": -5}, "max_length=-5 must be a positive integer"),
+        ({"mc_num": 0}, "mc_num=0 must be a positive integer"),
+        ({"mc_num": 100}, "mc_num=100 is not a multiple of mc_batch=16"),
+        ({"cfg": "lots"}, "cfg='lots' must be of type float"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"gen_length": 0}, "gen_length=0 must be a positive integer"),
+        ({"remasking": "sideways"}, "remasking='sideways'"),
+        ({"seed": "x"}, "seed='x' must be an integer"),
+        ({"compile": "yes"}, "compile='yes' must be True or False"),
+    ],
+)
+def test_bad_model_args_fail_before_anything_loads(tmp_path, monkeypatch, ref_dir, args, message):
+    """Every mistake that needs no model is named before the checkpoint or the tokenizer is read."""
+    import lm_eval_dlmskip.harness as harness
+
+    def never(*_, **__):
+        raise AssertionError("the model or tokenizer was loaded before the model_args were checked")
+
+    monkeypatch.setattr(harness, "load_llada", never)
+    monkeypatch.setattr(harness, "load_tokenizer", never)
+    paths = _bad_paths(tmp_path)
+    args = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in args.items()}
+    with pytest.raises(ValueError, match=message):
+        make_lm(ref_dir, **args)
+
+
+def test_what_needs_the_model_fails_right_after_the_load(monkeypatch, ref_dir):
+    """The block range needs n_layers: checked as soon as the checkpoint is in, before the tokenizer."""
+    import lm_eval_dlmskip.harness as harness
+
+    def never(*_, **__):
+        raise AssertionError("the tokenizer was loaded before the block range was checked")
+
+    monkeypatch.setattr(harness, "load_tokenizer", never)
+    with pytest.raises(ValueError, match=r"skip_layers: 6 is out of range; blocks are 0-based, 0\.\.5"):
+        make_lm(ref_dir, skip_layers=[6])
+    with pytest.raises(ValueError, match="skip_random: 9 blocks cannot be drawn from 6"):
+        make_lm(ref_dir, skip_random=9)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback happens only without CUDA")
+def test_cpu_fallback_is_quiet_for_lm_evals_default_device_only(ref_dir, caplog):
+    """lm-eval passes device=cuda:0 when --device is not given: falling back from it is INFO; a
+    CUDA device the user named otherwise (device=cuda, cuda:1) still warns."""
+    with caplog.at_level(logging.INFO, logger="lm_eval.llada_skip"):
+        make_lm(ref_dir, device="cuda:0")
+        make_lm(ref_dir, device="cuda")
+    fallbacks = [(r.levelname, r.getMessage()) for r in caplog.records if "CUDA is not available" in r.getMessage()]
+    assert fallbacks == [("INFO", "device=cuda:0 but CUDA is not available; running on cpu"),
+                         ("WARNING", "device=cuda but CUDA is not available; running on cpu")]
 
 
 def test_model_args_string_accepts_a_bracketed_list(ref_dir):

@@ -4,6 +4,7 @@ training that moves the execution ratio, checkpoints that refuse the wrong model
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import pytest
@@ -147,7 +148,7 @@ def _log(path):
 
 
 @pytest.mark.parametrize("alpha_target", [0.5, 0.25])
-def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbone(ref_dir, tmp_path, alpha_target, monkeypatch):
+def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbone(ref_dir, tmp_path, alpha_target, monkeypatch, caplog):
     """lambda = 5, 150 steps: the training execution ratio (mean of the last five logs) ends within
     0.1 of 1 - alpha_target, and the held-out ratio with inference decisions has left 1.0. The
     backbone the trainer holds in memory ends with the weights it started with."""
@@ -162,7 +163,9 @@ def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbon
     monkeypatch.setattr(train_module, "load_model", keep)
     before = {k: v.clone() for k, v in load_llada(str(ref_dir)).model.state_dict().items()}
     cfg = _config(ref_dir, tmp_path, "lam5", lam=5.0, alpha_target=alpha_target, lr=1e-2, max_steps=150, eval_every=25)
-    metrics = train(cfg)
+    with caplog.at_level(logging.WARNING, logger="lm_eval_dlmskip.train"):
+        metrics = train(cfg)
+    assert "too short" not in caplog.text  # the routers moved: nothing to warn about
     log = _log(tmp_path / "lam5")
     val = [e["val_execution_ratio"] for e in log if "val_execution_ratio" in e]
     ratios = [e["execution_ratio"] for e in log if "execution_ratio" in e]
@@ -209,10 +212,28 @@ def test_validation_measures_the_execution_ratio_evaluation_sees(ref_dir, tmp_pa
     assert json.loads((tmp_path / "r" / "router.json").read_text())["metrics"] == metrics
 
 
-def test_without_the_skip_loss_every_block_keeps_running(ref_dir, tmp_path):
-    metrics = train(_config(ref_dir, tmp_path, "lam0", lam=0.0, lr=1e-2, max_steps=60))
+def test_without_the_skip_loss_every_block_keeps_running(ref_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="lm_eval_dlmskip.train"):
+        metrics = train(_config(ref_dir, tmp_path, "lam0", lam=0.0, lr=1e-2, max_steps=60))
     ratios = [e["execution_ratio"] for e in _log(tmp_path / "lam0") if "execution_ratio" in e]
     assert metrics["val_execution_ratio"] > 0.9 and min(ratios) > 0.85, ratios
+    assert "too short" not in caplog.text  # nothing asked the routers to skip
+
+
+def test_a_run_too_short_to_move_the_routers_says_what_to_change(ref_dir, tmp_path, caplog):
+    """The default lr (the paper's, for 8B) on a tiny model: the held-out ratio stays at 1.0. With
+    the default 2-epoch warmup, 4 steps are all warmup, which the warning says too."""
+    with caplog.at_level(logging.WARNING, logger="lm_eval_dlmskip.train"):
+        train(_config(ref_dir, tmp_path, "low-lr", lam=1.0, lr=5e-5, warmup_steps=1, max_steps=6, eval_every=3))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "too short to move the routers: the held-out execution ratio is 1.000 after 6 steps" in warning
+    assert "warmup (" not in warning
+    assert all(flag in warning for flag in ("Raise --lr", "--max-steps, now 6", "--warmup-steps, now 1", "docs/demo/README.md"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lm_eval_dlmskip.train"):
+        train(_config(ref_dir, tmp_path, "in-warmup", lam=1.0, lr=5e-5, warmup_steps=None, max_steps=4, eval_every=2))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "all 4 steps were warmup (4 steps), so the learning rate never reached --lr 5e-05" in warning
 
 
 def test_lora_adapters_train_with_the_routers_and_are_merged_at_evaluation(ref_dir, tmp_path):

@@ -271,9 +271,11 @@ def read_profile(path: str | Path) -> dict:
         profile = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"skip_profile={str(path)!r}: no such file; make one with dlmskip calibrate") from None
+    except IsADirectoryError:
+        raise ValueError(f"skip_profile={str(path)!r} is a directory; give the JSON file dlmskip calibrate wrote") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"skip_profile={str(path)!r}: not valid JSON ({err})") from err
-    if profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
+    if not isinstance(profile, dict) or profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
         raise ValueError(f"skip_profile={str(path)!r}: not a skip profile of format {FORMAT_VERSION}")
     return profile
 
