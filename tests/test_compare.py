@@ -290,3 +290,22 @@ def test_families_share_one_leaderboard_each_against_its_own_base(runs, tmp_path
     assert "dream: Dream-v0-Base-7B" in out and "llada: LLaDA-8B-Base" in out and "hf: Qwen2.5-7B" in out
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "b.csv").open(newline=""))}
     assert rows["dream-k2"]["model_family"] == "dream" and float(rows["dream-k2"]["retained_pct"]) == pytest.approx(90.0)
+
+
+def test_retained_accuracy_is_plotted_per_model_when_several_models_ran(runs, tmp_path, capsys):
+    """The static paper's Figure 1: one line per model through its base (100 %) and its skipped runs;
+    a model without a base here has no retained figure to draw, and one model alone gets none."""
+    from lm_eval_dlmskip.report.plots import retained_figure
+
+    dream = dict(pretrained="Dream-org/Dream-v0-Base-7B", family="dream", fingerprint="d")
+    more = [write_run(tmp_path / "f", "dream-base", {"method": "none"}, {"piqa": 0.80}, **dream),
+            write_run(tmp_path / "f", "dream-k2", {"method": "static", "skip_layers": [4, 6], "k": 2}, {"piqa": 0.72},
+                      **dream)]
+    assert retained_figure(build_leaderboard(load_runs(runs)), "piqa") is None
+    fig = retained_figure(build_leaderboard(load_runs([*runs, *more])), "piqa")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert lines["dream: Dream-v0-Base-7B"].get_xydata().flatten().tolist() == pytest.approx([1.0, 100.0, 0.9375, 90.0])
+    llada = lines["llada: LLaDA-8B-Base"].get_xydata()
+    assert len(llada) == 6 and llada[0].tolist() == [1.0, 100.0]
+    assert compare(*runs, *more, "--plot", tmp_path / "plots") == 0
+    assert (tmp_path / "plots" / "retained_vs_flops_piqa.png").exists()

@@ -1,6 +1,7 @@
-"""Figures: of a leaderboard, accuracy against normalized FLOPs per task (as the router paper's Figure 2)
-and the per-block execution ratio of routed runs (its Figure 4); of ``dlmskip analyze``, the static
-paper's similarity and norm pictures. matplotlib (a dependency) is imported here only, when a plot
+"""Figures: of a leaderboard, accuracy against normalized FLOPs per task (as the router paper's Figure 2),
+the accuracy each model retains when runs of several models are compared (the static paper's Figure
+1) and the per-block execution ratio of routed runs (the router paper's Figure 4); of ``dlmskip
+analyze``, the static paper's similarity and norm pictures. matplotlib (a dependency) is imported here only, when a plot
 is drawn, and draws off-screen (Agg)."""
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Series:
 def plot_leaderboard(board: Leaderboard, out_dir: Path, figure: str = "papers") -> list[Path]:
     """Every figure the leaderboard supports; returns the files written."""
     written = [plot_accuracy_vs_flops(board, task, out_dir, figure) for task in sorted(board.metrics)]
+    written += [plot_retained(board, task, out_dir, figure) for task in sorted(board.metrics)]
     heatmap = plot_routed_blocks(board, out_dir)
     if heatmap is None:
         print("no routed runs with per-block execution ratios: routed_block_execution.png not written")
@@ -108,6 +110,43 @@ def accuracy_figure(board: Leaderboard, task: str, figure: str = "papers") -> An
     ax.set_title(f"{task}: accuracy against compute")
     ax.grid(alpha=0.3)
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
+    _keep_inside(fig, ax, notes)
+    return fig
+
+
+def plot_retained(board: Leaderboard, task: str, out_dir: Path, figure: str = "papers") -> Path | None:
+    """``retained_figure`` as retained_vs_flops_TASK.png; None unless several models ran the task."""
+    fig = retained_figure(board, task, figure)
+    return None if fig is None else _save(fig, out_dir / f"retained_vs_flops_{_file_safe(task)}.png")
+
+
+def retained_figure(board: Leaderboard, task: str, figure: str = "papers") -> Any | None:
+    """Accuracy retained (% of each model's own base score) against normalized FLOPs, a line per model
+    (the static paper's Figure 1); None unless runs of two models or more have a base to compare with."""
+    by_model: dict[str, list[tuple[float, float, Row]]] = {}
+    for r in board.rows:
+        x = r.normalized_flops(figure)
+        y = 100.0 if r.family == "base" and r.score else r.retained_pct
+        if r.task == task and r.family != "other" and x is not None and y is not None:
+            by_model.setdefault(r.run.model_label, []).append((x, y, r))
+    if len(by_model) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5.4), layout="constrained")
+    markers = ("o", "s", "^", "D", "v", "P")
+    notes = []
+    for i, (model, points) in enumerate(by_model.items()):
+        points.sort(key=lambda p: -p[0])
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=model)
+        for x, y, r in points:
+            if r.family != "base":
+                notes.append(ax.annotate(r.method, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7))
+    ax.axhline(100.0, color="black", linestyle="--", linewidth=1, label="each model's base")
+    ax.set_xlabel(FLOPS_AXIS[figure])
+    ax.set_ylabel(f"accuracy retained ({board.metrics[task]}, % of the model's base)")
+    ax.set_title(f"{task}: accuracy each model keeps as blocks are skipped")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     _keep_inside(fig, ax, notes)
     return fig
 
