@@ -380,7 +380,7 @@ def test_bad_model_args_fail_before_anything_loads(tmp_path, monkeypatch, ref_di
     def never(*_, **__):
         raise AssertionError("the model or tokenizer was loaded before the model_args were checked")
 
-    monkeypatch.setattr(harness, "load_llada", never)
+    monkeypatch.setattr(harness, "load_model", never)
     monkeypatch.setattr(harness, "load_tokenizer", never)
     paths = _bad_paths(tmp_path)
     args = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in args.items()}
