@@ -13,7 +13,9 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -240,13 +242,12 @@ def load_llada(
 
 def load_tokenizer(path: Path, mask_id: int):
     """The checkpoint's own tokenizer; LLaDA adds no BOS and needs a pad id that is not the mask id."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers does not know model_type "llada"; that is expected
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = without_custom_code(path)(str(path))
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: no usable tokenizer ({err}); the checkpoint needs tokenizer.json") from err
     finally:
@@ -261,6 +262,32 @@ def load_tokenizer(path: Path, mask_id: int):
             "as masked positions. Set a different pad_token in tokenizer_config.json (LLaDA uses <|endoftext|>)."
         )
     return tokenizer
+
+
+# Tokenizer classes that checkpoints ship as code, and the transformers tokenizer they are: Dream's
+# DreamTokenizer is Qwen2's byte-level BPE (vocab.json + merges.txt) with Dream's special tokens.
+CUSTOM_TOKENIZERS = {"DreamTokenizer": "qwen2"}
+
+
+def without_custom_code(path: Path) -> Callable[[str], Any]:
+    """How to load a checkpoint's tokenizer without running code from it: transformers' own class;
+    for one declared as custom code (``auto_map``), a known class as the transformers tokenizer it
+    is, else the generic fast tokenizer of its tokenizer.json."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if "AutoTokenizer" not in (config.get("auto_map") or {}):
+        return AutoTokenizer.from_pretrained
+    name = config.get("tokenizer_class")
+    if name in CUSTOM_TOKENIZERS:
+        return partial(AutoTokenizer.from_pretrained, tokenizer_type=CUSTOM_TOKENIZERS[name])
+    if (Path(path) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained
+    raise ValueError(
+        f"{path}: the tokenizer is custom code ({name}, tokenizer_config.json auto_map) and lm_eval_dlmskip runs no "
+        "code from a checkpoint; add the tokenizer's tokenizer.json, or give tokenizer=PATH of a compatible one"
+    )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -171,3 +171,34 @@ def test_artifacts_of_another_family_are_refused(dream, ref_model):
 def test_window_forward_is_refused_for_dream(dream):
     with pytest.raises(ValueError, match="cached decoding .* not supported for Dream"):
         dream(torch.tensor([[1, 2, 3]]), window=slice(1, 2))
+
+
+def _byte_level_bpe(folder: Path, config: dict) -> Path:
+    """A Qwen2-style tokenizer as Dream's hub folder ships it: vocab.json, merges.txt, and a
+    tokenizer_config.json naming DreamTokenizer as custom code with its special tokens."""
+    folder.mkdir()
+    vocab = {t: i for i, t in enumerate(["t", "1", "2", "Ġ", "Ġt"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nĠ t\n")
+    special = {"content": "", "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+    tokens = {"5": "<|beginoftext|>", "6": "<|mask|>", "7": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        **config, "added_tokens_decoder": {i: {**special, "content": t} for i, t in tokens.items()},
+        "bos_token": "<|beginoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>",
+    }))
+    return folder
+
+
+def test_dreams_custom_tokenizer_loads_without_its_code(tmp_path):
+    """Dream's hub tokenizer is DreamTokenizer, custom code (auto_map): it loads as the Qwen2 BPE it is,
+    and an unknown custom tokenizer without tokenizer.json is refused with the fix named."""
+    from lm_eval_dlmskip.loading import load_tokenizer
+
+    auto_map = {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]}
+    folder = _byte_level_bpe(tmp_path / "dream", {"tokenizer_class": "DreamTokenizer", "auto_map": auto_map})
+    tokenizer = load_tokenizer(folder, mask_id=6)
+    assert (tokenizer.mask_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (6, 7, 7)
+    assert tokenizer.encode("t1 t2<|mask|>", add_special_tokens=False) == [0, 1, 4, 2, 6]
+    other = _byte_level_bpe(tmp_path / "other", {"tokenizer_class": "OtherTokenizer", "auto_map": auto_map})
+    with pytest.raises(ValueError, match="custom code .*add the tokenizer's tokenizer.json, or give tokenizer=PATH"):
+        load_tokenizer(other, mask_id=6)
