@@ -183,7 +183,7 @@ def test_sweep_checks_its_inputs_before_any_run(tmp_path, lm_eval):
         sweep.run_sweep(_sweep_args(tmp_path, skip_profile=str(_profile(tmp_path / "p.json", [1, 3])), static_k=3))
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "router.json").write_text("{}")
-    with pytest.raises(ValueError, match="not a router checkpoint"):
+    with pytest.raises(ValueError, match="router.safetensors is missing; is this a router checkpoint"):
         sweep.run_sweep(_sweep_args(tmp_path, routers=[str(tmp_path / "half")]))
     with pytest.raises(ValueError, match="no such checkpoint directory"):
         sweep.run_sweep(_sweep_args(tmp_path, routers=[str(tmp_path / "nowhere")]))

@@ -86,11 +86,8 @@ def _evaluated(model_args: dict) -> dict:
 
 
 def _router_key(router: str) -> dict:
-    path = resolve_router(router)
+    path = resolve_router(router)  # checks the checkpoint's two files
     meta_file = path / "router.json"
-    if not meta_file.is_file() or not (path / "router.safetensors").is_file():
-        raise ValueError(f"router {router}: not a router checkpoint (router.json and router.safetensors); "
-                         "give a folder written by dlmskip train")
     weights = files_digest([path / "router.safetensors", path / "adapter" / "adapter_model.safetensors"])
     return {"weights": weights, "shape": json.loads(meta_file.read_text()).get("router")}
 
