@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lm_eval_dlmskip.generation_dream import dream_generate
 from lm_eval_dlmskip.harness import LLaDASkipLM
 from lm_eval_dlmskip.harness_dream import DreamSkipLM
 
@@ -72,7 +73,7 @@ def test_every_skip_method_and_the_harness_scores_like_the_estimator(tmp_path):
     assert [s for s, _ in alone.loglikelihood(requests)] == pytest.approx(scores["none"], abs=1e-5)  # batch = alone
 
 
-def test_calibrate_analyze_train_and_a_routed_run(tmp_path, dream_tasks):
+def test_calibrate_analyze_train_and_a_routed_run(tmp_path, dream_tasks, monkeypatch):
     from lm_eval_dlmskip.cli import main
     from lm_eval_dlmskip.report import analyze, calibrate
 
@@ -95,7 +96,14 @@ def test_calibrate_analyze_train_and_a_routed_run(tmp_path, dream_tasks):
     analyze.add_arguments(parser)
     args = parser.parse_args(["--model", str(DREAM), "--data", str(data), "--out", str(tmp_path / "an"),
                               "--gen-length", "4", "--steps", "2", "--limit", "3"])
+    traced = []  # analyze traces Dream's own decoding, not LLaDA's
+    monkeypatch.setattr(analyze, "dream_generate", lambda *a: traced.append(a[3]) or dream_generate(*a))
     assert analyze.run_analyze(args) == 0 and (tmp_path / "an" / "similarity_profile.png").exists()
+    assert [(s.gen_length, s.steps) for s in traced] == [(4, 2)]
+    assert len(json.loads((tmp_path / "an" / "analysis.json").read_text())["similarity"]) == 2  # one per step
+    args.block_length, args.out = 2, str(tmp_path / "an2")
+    with pytest.raises(ValueError, match="--block-length: Dream decodes the whole answer at once"):
+        analyze.run_analyze(args)
 
     router = tmp_path / "router"
     assert main(["train", "--model", str(DREAM), "--data", str(data), "--output", str(router), "--router-hidden", "8",

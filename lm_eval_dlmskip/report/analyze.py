@@ -22,6 +22,7 @@ under ``"calibration"``, in the layout of calibrate's skip profile). An autoregr
 from __future__ import annotations
 
 import argparse
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from torch import Tensor
 
 from ..files import check_output_dir, write_json
 from ..generation import GenerationSettings, generate
+from ..generation_dream import DreamGenerationSettings, dream_generate
+from ..loading import read_config, resolve_checkpoint
 from ..model import LLaDA
 from ..hf_model import hidden_states
 from .calibrate import (
@@ -39,8 +42,10 @@ from .calibrate import (
 
 
 @torch.no_grad()
-def record_trajectory(model: LLaDA, prompts: list[list[int]], settings: GenerationSettings, pad_id: int) -> dict:
-    """Decode the prompts (one left-padded batch) and measure the hidden states at every step."""
+def record_trajectory(model: LLaDA, prompts: list[list[int]], settings: Any, pad_id: int) -> dict:
+    """Decode the prompts (one left-padded batch) with the family's own decoding (LLaDA's semi-
+    autoregressive ``generate``, Dream's ``diffusion_generate``) and measure the hidden states at
+    every step."""
     device = model.device
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
@@ -64,7 +69,8 @@ def record_trajectory(model: LLaDA, prompts: list[list[int]], settings: Generati
         })
         return model.head(h, logits_at)
 
-    generate(denoise, ids, attention, settings, model.cfg.mask_token_id)
+    decode = dream_generate if model.cfg.family == "dream" else generate
+    decode(denoise, ids, attention, settings, model.cfg.mask_token_id)
     return {
         "similarity": torch.stack([s["similarity"] for s in steps]),  # [steps, B, n_layers]
         "tokenwise_first": steps[0]["tokenwise"],  # [layers + 1, window - 1]
@@ -85,6 +91,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--block-length", type=int, help="semi-autoregressive block length (default: gen-length)")
 
 
+def decoding_settings(args: argparse.Namespace, family: str) -> Any:
+    """The decoding analyze traces: the family's own, greedy, with --gen-length and --steps."""
+    steps = args.steps or args.gen_length
+    if family == "dream":
+        if args.block_length is not None:
+            raise ValueError("--block-length: Dream decodes the whole answer at once (diffusion_generate has no blocks)")
+        return DreamGenerationSettings(args.gen_length, steps)
+    return GenerationSettings(args.gen_length, steps, args.block_length or args.gen_length)
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     if args.decode_limit < 1:
@@ -92,10 +108,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     hf_path = hf_checkpoint(args.model, args.revision)
     if hf_path is not None:
         return analyze_hf(args, hf_path)
+    settings = decoding_settings(args, read_config(resolve_checkpoint(args.model, args.revision)).family)
     checkpoint, tokenizer, examples, source = load_model_and_examples(args)
     calibration = build_profile(args, *measure_llada(args, checkpoint, tokenizer, examples, source))
     decoded = examples[: args.decode_limit]
-    settings = GenerationSettings(args.gen_length, args.steps or args.gen_length, args.block_length or args.gen_length)
     trace = record_trajectory(checkpoint.model, [e.prompt for e in decoded], settings, tokenizer.pad_token_id)
     out = Path(args.out)
     from .plots import plot_analysis
