@@ -66,6 +66,26 @@ def test_every_point_has_one_unique_label_inside_the_axes(board):
         assert page.x0 <= extent.x0 and extent.x1 <= page.x1 and page.y0 <= extent.y0 and extent.y1 <= page.y1, text
 
 
+def test_labels_of_nearby_points_do_not_cover_each_other(tmp_path):
+    """The demo's leaderboard: two routers and static k=3 close together at 100 %, their labels stacked."""
+    runs = [
+        write_run(tmp_path, "base", {"method": "none"}, {"gen": 1.0}),
+        write_run(tmp_path, "static-k3", {**PROFILE, "skip_layers": [3, 5, 7], "k": 3}, {"gen": 1.0}, flops_papers=0.625),
+        write_run(tmp_path, "static-k2", {**PROFILE, "skip_layers": [5, 7], "k": 2}, {"gen": 1.0}, flops_papers=0.75),
+        write_run(tmp_path, "routed-rdemo", {**routed(1.0), "router": "r/rdemo"}, {"gen": 1.0}, flops_papers=0.5956),
+        write_run(tmp_path, "routed-r1", {**routed(1.0), "router": "r/r1"}, {"gen": 1.0}, flops_papers=0.53),
+        write_run(tmp_path, "random-k3", {"method": "random", "k": 3, "seed": 0}, {"gen": 0.1}, flops_papers=0.625),
+    ]
+    fig = accuracy_figure(build_leaderboard(load_runs(runs)), "gen")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    extents = [(note.get_text(), note.get_window_extent(renderer)) for note in fig.axes[0].texts]
+    assert len(extents) == 6
+    for i, (a, box_a) in enumerate(extents):
+        for b, box_b in extents[i + 1:]:
+            assert not box_a.overlaps(box_b), (a, b)
+
+
 def _in_view(ax, tick_label) -> bool:
     """Tick labels of ticks outside the view limits are not drawn."""
     x, y = tick_label.get_position()

@@ -111,6 +111,7 @@ def accuracy_figure(board: Leaderboard, task: str, figure: str = "papers") -> An
     ax.grid(alpha=0.3)
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
     _keep_inside(fig, ax, notes)
+    _separate(fig, notes)
     return fig
 
 
@@ -148,6 +149,7 @@ def retained_figure(board: Leaderboard, task: str, figure: str = "papers") -> An
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     _keep_inside(fig, ax, notes)
+    _separate(fig, notes)
     return fig
 
 
@@ -246,6 +248,25 @@ def _keep_inside(fig: Any, ax: Any, notes: list[Any]) -> None:
         note.xyann = (dx, dy)
 
 
+def _separate(fig: Any, notes: list[Any]) -> None:
+    """Move a label that would cover one placed before it (right to left) a line further from its
+    point, below it when it sits above the axes' middle, above it otherwise, until it is clear."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for note in sorted(notes, key=lambda n: -n.xy[0]):
+        extent = note.get_window_extent(renderer)
+        box = note.axes.get_window_extent(renderer)
+        down = extent.y0 > (box.y0 + box.y1) / 2
+        for _ in range(len(placed)):
+            if not any(extent.overlaps(other) for other in placed):
+                break
+            dx, dy = note.xyann
+            step = (extent.height + 2) * 72 / fig.dpi  # pixels -> points of the offset
+            note.xyann = (dx, dy - step if down else dy + step)
+            extent = note.get_window_extent(renderer)
+        placed.append(extent)
+
+
 def plot_routed_blocks(board: Leaderboard, out_dir: Path) -> Path | None:
     """``routed_blocks_figure`` as routed_block_execution.png; None without routed runs."""
     fig = routed_blocks_figure(board)
@@ -269,7 +290,7 @@ def routed_blocks_figure(board: Leaderboard) -> Any | None:
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.set_xlabel(BLOCK_AXIS)
     _paper_layer_axis(ax, n_blocks)
-    ax.set_title("Routed skipping: share of forwards that executed each block")
+    fig.suptitle("Routed skipping: share of forwards that executed each block")  # the figure's width, not the axes'
     fig.colorbar(image, ax=ax, label="execution ratio (1 = always run)")
     return fig
 
@@ -340,6 +361,7 @@ def _profile_figure(plt: Any, calibration: dict, title: str) -> Any:
         ax.annotate(f"#{rank}", (block, mean[block]), textcoords="offset points", xytext=(0, 10), ha="center",
                     fontsize=8, color="C3")
     ax.set(xlabel=BLOCK_AXIS, ylabel="cosine similarity (1 = block changes nothing)")
+    ax.margins(y=0.12)  # room for the order marks above the chosen blocks, under the top axis
     _paper_layer_axis(ax, len(mean))
     adjacency = "adjacent allowed" if calibration["allow_adjacent"] else "never two adjacent"
     if data["mask_fractions"] is None:  # an autoregressive model: one forward over prompt and answer
