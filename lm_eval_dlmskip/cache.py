@@ -1,8 +1,9 @@
-"""``--use_cache`` for llada_skip: settings checked, and FLOPs kept with the answers.
+"""``--use_cache`` for our models: settings checked, and (llada_skip) FLOPs kept with the answers.
 
 lm-eval keys a cached answer by the request alone and, when it has one, serves it without calling
-the model. So a cache written with other settings is refused, and the FLOPs each answer cost are
-stored beside it (keys of our own in the same database) and counted again when lm-eval serves it.
+the model. So a cache written with other settings is refused (``claim``), and llada_skip stores the
+FLOPs each answer cost beside it (keys of our own in the same database) and counts them again when
+lm-eval serves it.
 """
 
 from __future__ import annotations
@@ -35,23 +36,29 @@ class _ServedAnswers(SqliteDict):
         return value
 
 
+def claim(db: SqliteDict, identity: dict, model: str) -> _ServedAnswers:
+    """Refuse lm-eval's cache database when it was written with other settings, record ours, and
+    from here on note the answers lm-eval serves from it (``db.served``)."""
+    mine = json.dumps(identity, sort_keys=True)
+    theirs = db.get(SETTINGS_KEY)
+    if theirs is not None and theirs != mine:
+        raise ValueError(
+            f"--use_cache: this cache was written by {model} with other settings "
+            f"({theirs}); lm-eval's cache keys ignore model_args, so its answers would be reused "
+            f"for {mine}. Give each configuration its own --use_cache path."
+        )
+    db[SETTINGS_KEY] = mine
+    db.commit()
+    db.__class__ = _ServedAnswers
+    db.served = []
+    return db
+
+
 class AnswerCache:
     """The llada_skip side of lm-eval's answer cache: its settings, and a FLOPs meter per answer."""
 
     def __init__(self, db: SqliteDict, identity: dict, flops: FlopsModel, device: torch.device) -> None:
-        mine = json.dumps(identity, sort_keys=True)
-        theirs = db.get(SETTINGS_KEY)
-        if theirs is not None and theirs != mine:
-            raise ValueError(
-                "--use_cache: this cache was written by llada_skip with other settings "
-                f"({theirs}); lm-eval's cache keys ignore model_args, so its answers would be reused "
-                f"for {mine}. Give each configuration its own --use_cache path."
-            )
-        db[SETTINGS_KEY] = mine
-        db.commit()
-        db.__class__ = _ServedAnswers  # from here on, note what lm-eval serves
-        db.served = []
-        self.db = db
+        self.db = claim(db, identity, "llada_skip")
         self.meter = FlopsMeter(flops, device)  # "tasks" are the answers of one call
 
     def start(self, answers: list[int]) -> dict[int, int]:

@@ -22,7 +22,10 @@ from typing import Any
 
 import torch
 from lm_eval.api.instance import Instance
+from lm_eval.api.model import CacheHook
 from lm_eval.models.huggingface import HFLM
+
+from .cache import claim
 
 from .flops import FlopsMeter, TableAtExit, TaskTotals, format_flops_table
 from .harness import build_policy, describe_policy, parse_layers
@@ -33,6 +36,9 @@ from .report.calibrate import load_profile
 log = logging.getLogger("lm_eval.hf_skip")  # under lm-eval's logger, so its CLI shows our lines
 
 SKIP_ARGS = ("skip_layers", "skip_random", "skip_profile", "skip_k", "seed", "allow_mismatch")
+# HFLM arguments that place or batch the model but never change an answer (left out of --use_cache's key)
+SPEED_ARGS = frozenset({"batch_size", "max_batch_size", "device", "parallelize", "device_map", "max_memory_per_gpu",
+                        "max_cpu_memory", "offload_folder"})
 
 
 class HFSkipLM(HFLM):
@@ -78,6 +84,8 @@ class HFSkipLM(HFLM):
         self.model.register_forward_pre_hook(self._charge_forward, with_kwargs=True)
         self.skip_settings = {"pretrained": str(pretrained), "model_type": shape.model_type,
                               "fingerprint": self.fingerprint, "skip": skip, "seed": int(seed)}
+        self._answers_key = {k: str(v) for k, v in hf_args.items() if k not in SPEED_ARGS}
+        self._cached = None  # lm-eval's answer cache (--use_cache), noting the answers it serves
         self._task_row: torch.Tensor | None = None  # the meter index of the task being run; None: not charged
         self._unmerged: list[dict[str, TaskTotals]] = []  # this rank's FLOPs since the last merge
         self._table = TableAtExit()
@@ -148,6 +156,14 @@ class HFSkipLM(HFLM):
             self._log_flops(kind, added)
         return results
 
+    def set_cache_hook(self, cache_hook: CacheHook) -> None:
+        """--use_cache: refuse a cache written with other settings (lm-eval keys answers by the
+        request alone, so another skip set's answers would be served as this one's)."""
+        if cache_hook.dbdict is not None:
+            identity = {**self.skip_settings, "dtype": str(self.model.dtype), "hf_args": self._answers_key}
+            self._cached = claim(cache_hook.dbdict, identity, "hf_skip")
+        super().set_cache_hook(cache_hook)
+
     def barrier(self) -> None:
         """lm-eval calls this on every rank after each request type: merge the ranks' FLOPs here."""
         if self.world_size > 1:
@@ -171,9 +187,13 @@ class HFSkipLM(HFLM):
 
     def get_model_info(self) -> dict:
         flops = self.meter.summary()
+        served = len(self._cached.served) if self._cached is not None else 0
+        if served:
+            log.warning("hf_skip: %d answers came from --use_cache; the FLOPs per task count only the answers "
+                        "computed in this run", served)
         self._table.show(format_flops_table(flops, self.schedule.n_layers, "hf_skip"))
-        return {**super().get_model_info(),
-                "dlmskip": {**self.skip_settings, "n_layers": self.schedule.n_layers, "flops": flops}}
+        return {**super().get_model_info(), "dlmskip": {**self.skip_settings, "n_layers": self.schedule.n_layers,
+                                                        "flops": flops, "answers_served_by_use_cache": served}}
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):

@@ -71,7 +71,7 @@ def qwen(tmp_path_factory) -> dict[str, Path]:
 
 
 def make(path: Path, **kwargs) -> HFSkipLM:
-    return HFSkipLM(pretrained=str(path), device="cpu", dtype="float32", **{"batch_size": 4, **kwargs})
+    return HFSkipLM(pretrained=str(path), **{"device": "cpu", "dtype": "float32", "batch_size": 4, **kwargs})
 
 
 def text(i: int, n: int) -> str:
@@ -161,6 +161,21 @@ def test_flops_per_task_reach_get_model_info(qwen):
     plain = make(qwen["full"], batch_size=1)
     plain.generate_until(gen_requests()[:1])
     assert plain.get_model_info()["dlmskip"]["flops"]["t_gen"]["normalized_flops_whole_model"] == 1.0
+
+
+def test_use_cache_refuses_another_skip_set_and_says_what_it_served(qwen, tmp_path):
+    """lm-eval keys cached answers by the request alone: a cache written with other skip settings
+    (or dtype) is refused, and answers it serves are named as left out of the FLOPs."""
+    from lm_eval.api.model import CachingLM
+
+    cache = str(tmp_path / "cache.db")
+    first = CachingLM(make(qwen["full"], skip_layers=[1]), cache).loglikelihood(ll_requests()[:2])
+    again = make(qwen["full"], skip_layers=[1])
+    assert CachingLM(again, cache).loglikelihood(ll_requests()[:2]) == first  # same settings: served
+    assert again.get_model_info()["dlmskip"]["answers_served_by_use_cache"] == 2
+    for other in ({"skip_layers": [2]}, {"skip_layers": [1], "dtype": "bfloat16"}):
+        with pytest.raises(ValueError, match="--use_cache: this cache was written by hf_skip with other settings"):
+            CachingLM(make(qwen["full"], **other), cache)
 
 
 def _calibrate(model: Path, tmp_path: Path, **kwargs) -> Path:
