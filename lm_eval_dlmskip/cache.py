@@ -8,10 +8,8 @@ lm-eval serves it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from lm_eval.api.instance import Instance
@@ -85,12 +83,3 @@ class AnswerCache:
             task = stored.pop("task")
             found.append({task: TaskTotals(**stored)})
         return found, missing
-
-
-def files_digest(paths: list[Path]) -> str:
-    """sha256 of the files that exist among ``paths`` (a router's weights and adapter)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        if path.exists():
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]

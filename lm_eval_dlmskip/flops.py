@@ -214,17 +214,23 @@ class FlopsMeter:
             for task, part in totals.items():
                 self.totals.setdefault(task, TaskTotals()).add(part)
 
+    def merge_ranks(self, gathered: list[list[dict[str, TaskTotals]]]) -> set[str]:
+        """On rank 0, after gathering every rank's unmerged figures (rank 0's own, ``gathered[0]``,
+        are counted already): add the other ranks'; returns the tasks any rank touched."""
+        self.merge([part for parts in gathered[1:] for part in parts])
+        return {task for parts in gathered for part in parts for task in part}
+
     def summary(self) -> dict[str, dict]:
         return {task: t.summary(self.flops.n_layers) for task, t in sorted(self.totals.items())}
 
-    def router_warnings(self, tasks: Iterable[str]) -> list[str]:
+    def router_warnings(self, tasks: Iterable[str], model: str = "llada_skip") -> list[str]:
         """One line per task whose routers cost more than their skipping saved (whole-model
         normalized FLOPs >= 1.0): routing there only adds work."""
         if not self.flops.router_hidden:
             return []
         summaries = self.summary()
         return [
-            f"llada_skip [{task}]: the routers cost more FLOPs than their skipping saved (whole-model "
+            f"{model} [{task}]: the routers cost more FLOPs than their skipping saved (whole-model "
             f"normalized FLOPs {summaries[task]['normalized_flops_whole_model']:.4f} >= 1.0); train smaller "
             "routers (dlmskip train --router-hidden) or for more skipping (a larger --lambda or --alpha-target)"
             for task in sorted(tasks)

@@ -22,7 +22,7 @@ from lm_eval.api.model import CacheHook, TemplateLM
 from lm_eval.models.utils import Collator, postprocess_generated_text
 from tqdm import tqdm
 
-from .cache import AnswerCache, files_digest
+from .cache import AnswerCache
 from .flops import FlopsMeter, FlopsModel, TableAtExit, TaskTotals, format_flops_table
 from .gen_kwargs import LLADA, check_user_settings, resolve_generation
 from .generation import GenerationSettings, generate
@@ -32,7 +32,7 @@ from .loading import adapter_fingerprint, load_model, load_tokenizer, merge_lora
 from .model_args import check_before_loading, parse_layers
 from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers, row_keys
 from .report.calibrate import load_profile
-from .router import RoutedSkip, RouterCheckpoint, load_routers
+from .router import RoutedSkip, RouterCheckpoint, load_routers, router_digest
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm_eval passes as device when --device is not given
@@ -267,9 +267,7 @@ class LLaDASkipLM(TemplateLM):
         mine, self._unmerged = self._unmerged, []
         gathered = self.gather_object(mine)
         if self.rank == 0:
-            others = [part for parts in gathered[1:] for part in parts]
-            self.meter.merge(others)
-            self._log_flops("all ranks", {task for part in [*mine, *others] for task in part})
+            self._log_flops("all ranks", self.meter.merge_ranks(gathered))
         self.accelerator.wait_for_everyone()
 
     def set_cache_hook(self, cache_hook: CacheHook) -> None:
@@ -286,15 +284,13 @@ class LLaDASkipLM(TemplateLM):
         identity.update(dtype=str(self.model.dtype), tokenizer=tokenizer_fingerprint(self.tokenizer))
         router = self.settings["skip"].get("router")
         if router is not None:
-            identity["router_weights"] = files_digest(
-                [Path(router) / "router.safetensors", Path(router) / "adapter" / "adapter_model.safetensors"]
-            )
+            identity["router_weights"] = router_digest(Path(router))
         return identity
 
     def get_model_info(self) -> dict:
         self._count_served()
         flops = self.meter.summary()
-        self._flops_table.show(format_flops_table(flops, self.cfg.n_layers))
+        self._flops_table.show(format_flops_table(flops, self.cfg.n_layers, self.decoding.model))
         return {
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
             "model_dtype": str(self.model.dtype),
@@ -364,7 +360,7 @@ class LLaDASkipLM(TemplateLM):
             log.warning("--use_cache served %d answers whose FLOPs were never stored (their run stopped "
                         "before the end of its call); the per-task FLOPs leave them out", missing)
         if served:
-            log.info("llada_skip: counted the FLOPs of %d answers served by --use_cache", len(served))
+            log.info("%s: counted the FLOPs of %d answers served by --use_cache", self.decoding.model, len(served))
         self.meter.merge(served)
         if self.world_size > 1:
             self._unmerged.extend(served)
@@ -376,12 +372,13 @@ class LLaDASkipLM(TemplateLM):
         for task in sorted(tasks):
             summary = summaries[task]
             log.info(
-                "llada_skip %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), "
+                "%s %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), "
                 "%.2f of %d blocks executed on average over %d forwards",
-                kind, task, summary["normalized_flops_papers"], summary["normalized_flops_whole_model"],
-                summary["mean_executed_blocks"], self.cfg.n_layers, summary["forwards"],
+                self.decoding.model, kind, task, summary["normalized_flops_papers"],
+                summary["normalized_flops_whole_model"], summary["mean_executed_blocks"], self.cfg.n_layers,
+                summary["forwards"],
             )
-        for warning in self.meter.router_warnings(tasks):
+        for warning in self.meter.router_warnings(tasks, self.decoding.model):
             log.warning(warning)
 
     # ---- loglikelihood -----------------------------------------------------------------------
@@ -421,7 +418,7 @@ class LLaDASkipLM(TemplateLM):
         rows = self.likelihood.group_size * (2 if self.likelihood.cfg else 1)
         batch_size = self._batch_size(rows, min(longest, self.max_length))
         results = []
-        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip loglikelihood")
+        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc=f"{self.decoding.model} loglikelihood")
         for chunk in collator.get_batched(n=batch_size):
             prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _, _, _ in chunk))
             task_rows = torch.tensor([task_index[task] for _, task, _, _ in chunk], device=self._device)
@@ -525,7 +522,7 @@ class LLaDASkipLM(TemplateLM):
             items, sort_fn=lambda item: (-len(self.tok_encode(item[0])), item[0]), group_by="gen_kwargs", group_fn=lambda item: item[1]
         )
         results = []
-        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="llada_skip generate_until")
+        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc=f"{self.decoding.model} generate_until")
         for chunk in collator.get_batched(n=self._generation_batch_size(items)):
             contexts, all_kwargs, chunk_tasks, chunk_answers = zip(*chunk)
             settings, until, origin = self.generation_settings(dict(all_kwargs[0]))

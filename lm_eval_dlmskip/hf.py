@@ -26,10 +26,10 @@ from lm_eval.api.model import CacheHook
 from lm_eval.models.huggingface import HFLM
 
 from .cache import claim
-
 from .flops import FlopsMeter, TableAtExit, TaskTotals, format_flops_table
-from .harness import build_policy, describe_policy, parse_layers
+from .harness import build_policy, describe_policy
 from .hf_model import HFShape, LayerSchedule, find_layers, flops_model, install_skipping, weights_fingerprint
+from .model_args import check_skipping
 from .policies import NO_SKIP, SkipTrace, StaticSkip
 from .report.calibrate import load_profile
 
@@ -170,9 +170,7 @@ class HFSkipLM(HFLM):
             mine, self._unmerged = self._unmerged, []
             gathered = self.gather_object(mine)
             if self.rank == 0:
-                others = [part for parts in gathered[1:] for part in parts]
-                self.meter.merge(others)
-                self._log_flops("all ranks", {task for part in [*mine, *others] for task in part})
+                self._log_flops("all ranks", self.meter.merge_ranks(gathered))
         super().barrier()
 
     def _log_flops(self, kind: str, tasks) -> None:
@@ -216,16 +214,11 @@ def _config(pretrained, hf_args: dict):
 
 
 def check_skip_args(skip_layers, skip_random, skip_profile, skip_k, hf_args: dict) -> None:
-    """Errors in the skip model_args that need no model: two methods, skip_k alone, a list that
-    is not one, and a misspelt skip key (the other keys go to HFLM and from_pretrained)."""
-    chosen = [name for name, value in (("skip_layers", skip_layers), ("skip_random", skip_random),
-                                       ("skip_profile", skip_profile)) if value is not None]
-    if len(chosen) > 1:
-        raise ValueError(f"hf_skip: {' and '.join(chosen)} both given: choose one way of skipping")
-    if skip_k is not None and skip_profile is None:
-        raise ValueError("hf_skip: skip_k is given without skip_profile=PATH")
-    if skip_layers is not None:
-        parse_layers(skip_layers, "skip_layers")
+    """Errors in the skip model_args that need no model, by llada_skip's rules (two methods,
+    skip_k alone, a list that is not one, a profile that is none), and a misspelt skip key (the
+    other keys go to HFLM and from_pretrained)."""
+    check_skipping({"skip_layers": skip_layers, "skip_random": skip_random, "skip_profile": skip_profile,
+                    "skip_k": skip_k})
     for key in hf_args:
         close = difflib.get_close_matches(key, SKIP_ARGS, n=1, cutoff=0.75)
         if close or key.startswith("skip"):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .flops import FlopsModel
-from .loading import DTYPES
+from .loading import DTYPES, check_dtype
 from .policies import ForwardBatch, SkipPolicy, SkipTrace, row_keys
 
 FAMILY = "hf"
@@ -204,8 +204,7 @@ def load_hf(path: Path, dtype: str, device: str):
     (safetensors only, no code from the checkpoint)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not supported; use auto, bfloat16, float16 or float32")
+    check_dtype(dtype)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))

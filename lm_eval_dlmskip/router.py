@@ -19,6 +19,7 @@ A checkpoint is a directory: ``router.safetensors`` (weights, no pickle) and ``r
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -247,6 +248,16 @@ def resolve_router(router: str) -> Path:
         if not (path / needed).exists():
             raise ValueError(f"router={router!r}: {needed} is missing; is this a router checkpoint?")
     return path
+
+
+def router_digest(path: Path) -> str:
+    """sha256 of a router checkpoint's weights and LoRA adapter (those present): what it computes,
+    whatever folder it lies in (a router retrained in place keeps its path)."""
+    digest = hashlib.sha256()
+    for file in (path / "router.safetensors", path / "adapter" / "adapter_model.safetensors"):
+        if file.exists():
+            digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def load_routers(

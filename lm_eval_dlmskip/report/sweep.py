@@ -26,9 +26,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import files_digest
 from ..files import check_output_dir, write_json
-from ..router import resolve_router
+from ..router import resolve_router, router_digest
 from .calibrate import profile_blocks, read_profile
 
 KEY_FILE = "sweep_run.json"
@@ -88,7 +87,7 @@ def _evaluated(model_args: dict) -> dict:
 def _router_key(router: str) -> dict:
     path = resolve_router(router)  # checks the checkpoint's two files
     meta_file = path / "router.json"
-    weights = files_digest([path / "router.safetensors", path / "adapter" / "adapter_model.safetensors"])
+    weights = router_digest(path)
     return {"weights": weights, "shape": json.loads(meta_file.read_text()).get("router")}
 
 
