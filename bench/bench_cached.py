@@ -28,12 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llada import LLADA_8B, forced_routers, peak_gib, random_model, reset_peak  # noqa: E402
 
-from lm_eval_dlmskip.flops import FlopsModel  # noqa: E402
-from lm_eval_dlmskip.generation import GenerationSettings, generate  # noqa: E402
-from lm_eval_dlmskip.graphs import GraphRunner  # noqa: E402
-from lm_eval_dlmskip.loading import load_llada  # noqa: E402
-from lm_eval_dlmskip.policies import NO_SKIP, RandomSkip, StaticSkip  # noqa: E402
-from lm_eval_dlmskip.router import RoutedSkip, RouterConfig, Routers  # noqa: E402
+from lm_eval_dlmskip.decoding.generate import GenerationSettings, generate  # noqa: E402
+from lm_eval_dlmskip.decoding.graphs import GraphRunner  # noqa: E402
+from lm_eval_dlmskip.models.loading import load_llada  # noqa: E402
+from lm_eval_dlmskip.skipping.flops import FlopsModel  # noqa: E402
+from lm_eval_dlmskip.skipping.policies import NO_SKIP, RandomSkip, StaticSkip  # noqa: E402
+from lm_eval_dlmskip.skipping.routers import RoutedSkip, RouterConfig, Routers  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llada-tiny-reference"
 STATIC = {4: [2, 4, 6, 8], 8: [2, 4, 6, 8, 10, 12, 14, 16]}
@@ -142,9 +142,9 @@ def time_generate(forward, policy, prompt, settings: GenerationSettings, flops: 
 def fast_dllm(root: str, model, prompt, steps: int, repeat: int) -> dict:
     """Fast-dLLM's LLaDA sharing our weights, timed in its own generate_with_dual_cache."""
     sys.path.insert(0, str(Path(root) / "llada"))
+    from generate import generate_with_dual_cache
     from model.configuration_llada import LLaDAConfig as FastConfig
     from model.modeling_llada import LLaDAModel, LLaDAModelLM, create_model_config_from_pretrained_config
-    from generate import generate_with_dual_cache
 
     cfg = model.cfg
     config = FastConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, n_layers=cfg.n_layers,
@@ -226,7 +226,8 @@ def speed(device, fastdllm: str | None, repeat: int, compile: bool, only_b1: boo
 @torch.no_grad()
 def profile(device, compile: bool) -> None:
     """Where one cached generation (B=1, dual, gen 64) spends GPU time: kernels by total time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     model = random_model(LLADA_8B, device)
     if compile:

@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llada import LLADA_8B, STATIC_SETS, peak_gib, random_model, reset_peak, timed  # noqa: E402
 
-from lm_eval_dlmskip.flops import FlopsModel  # noqa: E402
-from lm_eval_dlmskip.generation import GenerationSettings, generate  # noqa: E402
-from lm_eval_dlmskip.generation_dream import DreamGenerationSettings, dream_generate  # noqa: E402
-from lm_eval_dlmskip.graphs import GraphRunner  # noqa: E402
-from lm_eval_dlmskip.loading import load_model  # noqa: E402
-from lm_eval_dlmskip.model import LLaDAConfig  # noqa: E402
-from lm_eval_dlmskip.policies import NO_SKIP, RandomSkip, StaticSkip  # noqa: E402
+from lm_eval_dlmskip.decoding.dream import DreamGenerationSettings, dream_generate  # noqa: E402
+from lm_eval_dlmskip.decoding.generate import GenerationSettings, generate  # noqa: E402
+from lm_eval_dlmskip.decoding.graphs import GraphRunner  # noqa: E402
+from lm_eval_dlmskip.models.config import LLaDAConfig  # noqa: E402
+from lm_eval_dlmskip.models.loading import load_model  # noqa: E402
+from lm_eval_dlmskip.skipping.flops import FlopsModel  # noqa: E402
+from lm_eval_dlmskip.skipping.policies import NO_SKIP, RandomSkip, StaticSkip  # noqa: E402
 
 # Dream-org/Dream-v0-Base-7B's config.json (the fields the model reads).
 DREAM_7B_CONFIG = {

@@ -38,13 +38,14 @@ from pathlib import Path
 
 import torch
 
-from lm_eval_dlmskip.flops import FlopsModel
-from lm_eval_dlmskip.generation import GenerationSettings, generate
-from lm_eval_dlmskip.graphs import GraphRunner
-from lm_eval_dlmskip.likelihood import LikelihoodSettings, mc_loglikelihood, request_generator
-from lm_eval_dlmskip.model import LLaDA, LLaDAConfig, rotary_tables
-from lm_eval_dlmskip.policies import SkipTrace, StaticSkip
-from lm_eval_dlmskip.router import RoutedSkip, RouterConfig, Routers
+from lm_eval_dlmskip.decoding.generate import GenerationSettings, generate
+from lm_eval_dlmskip.decoding.graphs import GraphRunner
+from lm_eval_dlmskip.decoding.likelihood import LikelihoodSettings, mc_loglikelihood, request_generator
+from lm_eval_dlmskip.models.config import LLaDAConfig
+from lm_eval_dlmskip.models.llada import LLaDA, rotary_tables
+from lm_eval_dlmskip.skipping.flops import FlopsModel
+from lm_eval_dlmskip.skipping.policies import SkipTrace, StaticSkip
+from lm_eval_dlmskip.skipping.routers import RoutedSkip, RouterConfig, Routers
 
 LLADA_8B = LLaDAConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
                        vocab_size=126464, max_sequence_length=4096, mask_token_id=126336, rope_theta=500000.0)
@@ -117,10 +118,10 @@ class Upstream:
         sys.path.insert(0, root)
         from dataclasses import fields
 
-        from llada_upstream.configuration_llada import ModelConfig
-        from llada_upstream.modeling_llada import LLaDAModel
         import llada_upstream.generate as up_generate
         import llada_upstream.get_log_likelihood as up_likelihood
+        from llada_upstream.configuration_llada import ModelConfig
+        from llada_upstream.modeling_llada import LLaDAModel
 
         cfg = ours.cfg
         raw = {"d_model": cfg.d_model, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "n_layers": cfg.n_layers,

@@ -10,10 +10,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from bench_llada import timed as _timed
-from lm_eval_dlmskip.model import Block, LLaDAConfig, rotary_tables
-from lm_eval_dlmskip.router import RouterConfig, Routers
+
+from lm_eval_dlmskip.models.config import LLaDAConfig
+from lm_eval_dlmskip.models.llada import Block, rotary_tables
+from lm_eval_dlmskip.skipping.routers import RouterConfig, Routers
 
 
 def timed(fn):

@@ -15,11 +15,12 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.varlen import varlen_attn
-
 from bench_llada import timed as _timed
 from probe import capture
-from lm_eval_dlmskip.model import apply_rotary, rms_norm, rotary_tables
+from torch.nn.attention.varlen import varlen_attn
+
+from lm_eval_dlmskip.common.norms import rms_norm
+from lm_eval_dlmskip.models.llada import apply_rotary, rotary_tables
 
 D, H, HD, MLP, EPS, THETA = 4096, 32, 128, 12288, 1e-5, 500000.0
 

@@ -16,9 +16,9 @@ import sys
 
 REGISTRY = "lm_eval.api.registry"
 MODELS = {  # --model name -> class, as pyproject's lm_eval.models entry points
-    "llada_skip": "lm_eval_dlmskip.harness:LLaDASkipLM",
-    "hf_skip": "lm_eval_dlmskip.hf:HFSkipLM",
-    "dream_skip": "lm_eval_dlmskip.harness_dream:DreamSkipLM",
+    "llada_skip": "lm_eval_dlmskip.harness.llada:LLaDASkipLM",
+    "hf_skip": "lm_eval_dlmskip.harness.hf:HFSkipLM",
+    "dream_skip": "lm_eval_dlmskip.harness.dream:DreamSkipLM",
 }
 
 

@@ -6,29 +6,12 @@ import argparse
 import logging
 import sys
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, also where the option has no help text; not None, a flag's
-    True/False, or one the help already names."""
-
-    def _format_action(self, action: argparse.Action) -> str:
-        if action.help is None and self._shown_default(action):
-            action.help = "(default: %(default)s)"
-        return super()._format_action(action)
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return super()._get_help_string(action) if self._shown_default(action) else action.help
-
-    @staticmethod
-    def _shown_default(action: argparse.Action) -> bool:
-        default = action.default
-        return (action.option_strings != [] and default is not None and not isinstance(default, bool)
-                and default is not argparse.SUPPRESS and "default" not in (action.help or ""))
+from .common.cli_help import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
     from .report import analyze, calibrate, compare, sweep
-    from .train import add_arguments as train_arguments
+    from .train.config import add_arguments as train_arguments
 
     parser = argparse.ArgumentParser(prog="dlmskip", description="Layer skipping for diffusion LMs in lm-eval",
                                      formatter_class=HelpFormatter)
@@ -64,7 +47,7 @@ def _run(args: argparse.Namespace, command_argv: list[str]) -> int:
 
         return run_demo(args.out, args.skip_layers)
     if args.command == "train":
-        from .train import run_train
+        from .train.cli import run_train
 
         return run_train(args, command_argv)
     from .report import analyze, calibrate, compare, sweep

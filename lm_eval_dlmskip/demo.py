@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .model import LLaDA, LLaDAConfig
+from .models.config import LLaDAConfig
+from .models.llada import LLaDA
 
 WORDS = [f"w{i}" for i in range(24)]
 SPECIALS = ["<|mdm_mask|>", "<|endoftext|>", "<|startoftext|>", "<|eot_id|>"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_eval_dlmskip.loading import load_llada
+from lm_eval_dlmskip.models.loading import load_llada
 
 REFERENCE = Path(__file__).parent / "fixtures" / "llada-tiny-reference"
 MASK_ID, EOS_ID = 250, 251
@@ -39,7 +39,7 @@ def ref_model():
 
 def model_denoiser(model, policy=None):
     """A denoise(ids, attention_mask, logits_at) over a model, as the harness builds one."""
-    from lm_eval_dlmskip.policies import NO_SKIP
+    from lm_eval_dlmskip.skipping.policies import NO_SKIP
 
     def denoise(ids, attention_mask, logits_at):
         return model(ids, attention_mask, policy=policy or NO_SKIP, logits_at=logits_at)[0]

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_eval_dlmskip.generation import GenerationSettings, generate
-from lm_eval_dlmskip.graphs import GraphRunner
-from lm_eval_dlmskip.loading import load_llada, model_identity
-from lm_eval_dlmskip.policies import NO_SKIP, RandomSkip, StaticSkip
-from lm_eval_dlmskip.router import RouterConfig, Routers, save_routers
+from lm_eval_dlmskip.decoding.generate import GenerationSettings, generate
+from lm_eval_dlmskip.decoding.graphs import GraphRunner
+from lm_eval_dlmskip.models.loading import load_llada
+from lm_eval_dlmskip.skipping.identity import model_identity
+from lm_eval_dlmskip.skipping.policies import NO_SKIP, RandomSkip, StaticSkip
+from lm_eval_dlmskip.skipping.router_checkpoints import save_routers
+from lm_eval_dlmskip.skipping.routers import RouterConfig, Routers
 
 from .conftest import EOS_ID, MASK_ID
 
@@ -154,7 +156,7 @@ def test_lm_eval_cli_decodes_with_a_cache_a_threshold_and_skipping(tmp_path, ref
 
 
 def test_decoding_model_args_are_refused_before_loading(tmp_path):
-    from lm_eval_dlmskip.harness import LLaDASkipLM
+    from lm_eval_dlmskip.harness.llada import LLaDASkipLM
 
     missing = str(tmp_path / "no-such-checkpoint")
     for args, message in (({"cache": "full"}, "cache='full'"), ({"threshold": 1.5}, "threshold=1.5"),
@@ -167,7 +169,7 @@ def test_decoding_model_args_are_refused_before_loading(tmp_path):
 def test_shipped_task_configs_give_valid_decoding_settings(path):
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from lm_eval_dlmskip.gen_kwargs import resolve_generation
+    from lm_eval_dlmskip.harness.gen_kwargs import resolve_generation
 
     config = load_yaml(str(path), resolve_func=False)  # MBPP's metric would fetch code_eval from the hub
     settings, until, _ = resolve_generation(config["generation_kwargs"], {})

@@ -189,7 +189,7 @@ def test_wheel_ships_the_hook_and_entry_point_and_works_in_a_fresh_venv(tmp_path
         assert "lm_eval_dlmskip.pth" in names
         [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
         text = z.read(entry_points).decode()
-    assert "[lm_eval.models]" in text and "llada_skip = lm_eval_dlmskip.harness:LLaDASkipLM" in text
+    assert "[lm_eval.models]" in text and "llada_skip = lm_eval_dlmskip.harness.llada:LLaDASkipLM" in text
     assert "dlmskip = lm_eval_dlmskip.cli:main" in text
     # A fresh venv that borrows the dependencies from this one (a plain path entry: the .pth hooks
     # of this environment are not run there), then a regular install of the wheel.
@@ -204,7 +204,7 @@ def test_wheel_ships_the_hook_and_entry_point_and_works_in_a_fresh_venv(tmp_path
         "import lm_eval_dlmskip, sys; from lm_eval.api.registry import get_model\n"
         "print(get_model('llada_skip').__module__, get_model('hf').__name__, lm_eval_dlmskip.__file__.startswith(sys.prefix))"
     )
-    assert run([python, "-c", code], cwd=tmp_path).stdout.split() == ["lm_eval_dlmskip.harness", "HFLM", "True"]
+    assert run([python, "-c", code], cwd=tmp_path).stdout.split() == ["lm_eval_dlmskip.harness.llada", "HFLM", "True"]
 
 
 def test_demo_runs_offline(tmp_path):

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_dlmskip.report.compare import (
-    OTHER_MODEL, Row, add_arguments, build_leaderboard, choose_metric, load_runs, run_compare,
-)
+from lm_eval_dlmskip.report.compare import add_arguments, run_compare
+from lm_eval_dlmskip.report.leaderboard import OTHER_MODEL, Row, build_leaderboard, choose_metric, load_runs
 
 N_LAYERS = 32
 PIQA = {"acc_norm,none": 0.75, "acc_norm_stderr,none": 0.01}  # acc_norm first: acc,none must still win

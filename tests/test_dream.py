@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_eval_dlmskip.generation_dream import DreamGenerationSettings, dream_generate, transfer_counts
-from lm_eval_dlmskip.likelihood import LikelihoodSettings, dream_masks, mc_loglikelihood
-from lm_eval_dlmskip.loading import check_identity, load_llada, load_model, model_identity
+from lm_eval_dlmskip.decoding.dream import DreamGenerationSettings, dream_generate, transfer_counts
+from lm_eval_dlmskip.decoding.likelihood import LikelihoodSettings, dream_masks, mc_loglikelihood
+from lm_eval_dlmskip.models.loading import load_llada, load_model
+from lm_eval_dlmskip.skipping.identity import check_identity, model_identity
 
 from .conftest import model_denoiser
 
@@ -192,7 +193,7 @@ def _byte_level_bpe(folder: Path, config: dict) -> Path:
 def test_dreams_custom_tokenizer_loads_without_its_code(tmp_path):
     """Dream's hub tokenizer is DreamTokenizer, custom code (auto_map): it loads as the Qwen2 BPE it is,
     and an unknown custom tokenizer without tokenizer.json is refused with the fix named."""
-    from lm_eval_dlmskip.loading import load_tokenizer
+    from lm_eval_dlmskip.models.loading import load_tokenizer
 
     auto_map = {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]}
     folder = _byte_level_bpe(tmp_path / "dream", {"tokenizer_class": "DreamTokenizer", "auto_map": auto_map})

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_eval_dlmskip.generation_dream import dream_generate
-from lm_eval_dlmskip.harness import LLaDASkipLM
-from lm_eval_dlmskip.harness_dream import DreamSkipLM
+from lm_eval_dlmskip.decoding.dream import dream_generate
+from lm_eval_dlmskip.harness.dream import DreamSkipLM
+from lm_eval_dlmskip.harness.llada import LLaDASkipLM
 
 from .conftest import words, write_task
 from .test_cli import lm_eval

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_eval_dlmskip.generation import GenerationSettings, add_gumbel_noise, generate, noise_keys, transfer_schedule
+from lm_eval_dlmskip.decoding.generate import GenerationSettings, add_gumbel_noise, generate, transfer_schedule
+from lm_eval_dlmskip.decoding.noise import noise_keys
 
 from .conftest import EOS_ID, MASK_ID, model_denoiser
 

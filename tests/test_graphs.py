@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from lm_eval_dlmskip.graphs import GraphRunner
-from lm_eval_dlmskip.policies import NO_SKIP, RandomSkip, StaticSkip
-from lm_eval_dlmskip.router import RoutedSkip, RouterConfig, Routers
+from lm_eval_dlmskip.decoding.graphs import GraphRunner
+from lm_eval_dlmskip.skipping.policies import NO_SKIP, RandomSkip, StaticSkip
+from lm_eval_dlmskip.skipping.routers import RoutedSkip, RouterConfig, Routers
 
 from .conftest import MASK_ID
 

@@ -13,8 +13,8 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import CachingLM
 
-from lm_eval_dlmskip.harness import LLaDASkipLM
-from lm_eval_dlmskip.likelihood import LikelihoodSettings, mc_loglikelihood, request_generator
+from lm_eval_dlmskip.decoding.likelihood import LikelihoodSettings, mc_loglikelihood, request_generator
+from lm_eval_dlmskip.harness.llada import LLaDASkipLM
 
 from .conftest import EOS_ID, MASK_ID, greedy_answer, model_denoiser, words, write_task
 
@@ -54,7 +54,7 @@ def test_loglikelihood_is_the_estimator_on_the_tokenized_request(lm, ref, ref_mo
     runs = ref["cases"]["loglikelihood"]["runs"][:4]
     for (score, greedy), run in zip(scores, runs):
         settings = LikelihoodSettings(mc_num=16)
-        gen = [request_generator(lm.mc_seed, run["prompt"], run["answer"])]
+        gen = [request_generator(lm.args.mc_seed, run["prompt"], run["answer"])]
         direct = mc_loglikelihood(model_denoiser(ref_model), [run["prompt"]], [run["answer"]], settings, MASK_ID, EOS_ID, gen, torch.device("cpu"))
         assert score == pytest.approx(direct[0], abs=1e-4)
         assert greedy is False  # choices of a multiple-choice document: lm-eval does not read is_greedy
@@ -291,7 +291,7 @@ def test_loglikelihood_rolling_sums_windows(ref_dir, ref):
     windows = [([EOS_ID], t[0:7]), ([t[6]], t[7:14]), (t[12:14], t[14:20])]
     expected = 0.0
     for context, chunk in windows:
-        gen = [request_generator(lm.mc_seed, context, chunk)]
+        gen = [request_generator(lm.args.mc_seed, context, chunk)]
         expected += mc_loglikelihood(model_denoiser(lm.model), [context], [chunk], lm.likelihood, MASK_ID, EOS_ID, gen, torch.device("cpu"))[0]
     assert total == pytest.approx(expected, abs=1e-3)
 
@@ -321,7 +321,7 @@ def test_bad_model_args_are_named(ref_dir, args, message):
 def _bad_paths(tmp: Path) -> dict[str, str]:
     """Paths for the bad-argument cases: missing ones, a folder that is no router, a router folder
     with its two files, a two-block skip profile, garbage JSON, a folder that is no adapter."""
-    from lm_eval_dlmskip.report.calibrate import FORMAT_VERSION, KIND
+    from lm_eval_dlmskip.skipping.profiles import FORMAT_VERSION, KIND
 
     (tmp / "empty").mkdir()
     (tmp / "router").mkdir()
@@ -375,7 +375,7 @@ def _bad_paths(tmp: Path) -> dict[str, str]:
 )
 def test_bad_model_args_fail_before_anything_loads(tmp_path, monkeypatch, ref_dir, args, message):
     """Every mistake that needs no model is named before the checkpoint or the tokenizer is read."""
-    import lm_eval_dlmskip.harness as harness
+    import lm_eval_dlmskip.harness.base as harness
 
     def never(*_, **__):
         raise AssertionError("the model or tokenizer was loaded before the model_args were checked")
@@ -390,7 +390,7 @@ def test_bad_model_args_fail_before_anything_loads(tmp_path, monkeypatch, ref_di
 
 def test_what_needs_the_model_fails_right_after_the_load(monkeypatch, ref_dir):
     """The block range needs n_layers: checked as soon as the checkpoint is in, before the tokenizer."""
-    import lm_eval_dlmskip.harness as harness
+    import lm_eval_dlmskip.harness.base as harness
 
     def never(*_, **__):
         raise AssertionError("the tokenizer was loaded before the block range was checked")
@@ -493,7 +493,7 @@ def test_lora_adapter_is_merged(tmp_path, ref_dir, ref_tensors):
     """A PEFT LoRA adapter saved with upstream key names changes the logits exactly as merged weights."""
     from peft import LoraConfig, get_peft_model
 
-    from lm_eval_dlmskip.loading import load_llada
+    from lm_eval_dlmskip.models.loading import load_llada
 
     base = load_llada(str(ref_dir)).model
     peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

@@ -16,8 +16,8 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from lm_eval_dlmskip.hf import HFSkipLM
-from lm_eval_dlmskip.hf_model import find_layers
+from lm_eval_dlmskip.harness.hf import HFSkipLM
+from lm_eval_dlmskip.models.hf_layers import find_layers
 from lm_eval_dlmskip.report import analyze, calibrate
 
 from .conftest import write_task
@@ -235,7 +235,7 @@ def test_a_profile_from_another_model_is_refused(qwen, tmp_path):
 
 
 def test_an_hf_profile_is_refused_by_llada_skip(qwen, tmp_path, ref_dir):
-    from lm_eval_dlmskip.harness import LLaDASkipLM
+    from lm_eval_dlmskip.harness.llada import LLaDASkipLM
 
     path = _calibrate(qwen["full"], tmp_path)
     with pytest.raises(ValueError, match=r"made for HF causal LM \(qwen2\), while this model is LLaDA"):

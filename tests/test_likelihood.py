@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from lm_eval_dlmskip.likelihood import (
+from lm_eval_dlmskip.decoding.likelihood import (
     LikelihoodSettings,
     greedy_matches,
     mc_loglikelihood,

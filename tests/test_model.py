@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from lm_eval_dlmskip.demo import write_checkpoint
-from lm_eval_dlmskip.loading import load_llada, load_tokenizer
-from lm_eval_dlmskip.model import LLaDA, LLaDAConfig
-from lm_eval_dlmskip.policies import StaticSkip
+from lm_eval_dlmskip.models.config import LLaDAConfig
+from lm_eval_dlmskip.models.llada import LLaDA
+from lm_eval_dlmskip.models.loading import load_llada, load_tokenizer
+from lm_eval_dlmskip.skipping.policies import StaticSkip
 
 TOL = 1e-4
 

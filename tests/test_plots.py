@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lm_eval_dlmskip.report.calibrate import select_blocks
-from lm_eval_dlmskip.report.compare import build_leaderboard, load_runs
+from lm_eval_dlmskip.report.leaderboard import build_leaderboard, load_runs
 from lm_eval_dlmskip.report.plots import accuracy_figure, analysis_figures, routed_blocks_figure
 
 from .test_compare import routed, write_run

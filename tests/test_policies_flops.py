@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_eval_dlmskip.flops import FlopsMeter, FlopsModel
-from lm_eval_dlmskip.model import LLaDAConfig
-from lm_eval_dlmskip.policies import ForwardBatch, RandomSkip, SkipTrace, StaticSkip, check_layers
+from lm_eval_dlmskip.models.config import LLaDAConfig
+from lm_eval_dlmskip.skipping.flops import FlopsMeter, FlopsModel
+from lm_eval_dlmskip.skipping.policies import ForwardBatch, RandomSkip, SkipTrace, StaticSkip, check_layers
 
 from .conftest import MASK_ID
 

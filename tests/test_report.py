@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lm_eval_dlmskip.harness import LLaDASkipLM
+from lm_eval_dlmskip.harness.llada import LLaDASkipLM
 from lm_eval_dlmskip.report import analyze, calibrate
 from lm_eval_dlmskip.report.calibrate import consecutive_similarity, select_blocks
 
@@ -179,8 +179,9 @@ def test_analyze_refuses_a_decode_limit_below_one_before_loading_the_model(tmp_p
 
 
 def test_matplotlib_is_a_plain_dependency():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     assert any(d.startswith("matplotlib") for d in project["dependencies"])

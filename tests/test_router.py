@@ -12,21 +12,16 @@ import torch
 from lm_eval.api.instance import Instance
 from safetensors.torch import load_file
 
-from lm_eval_dlmskip.harness import LLaDASkipLM
-from lm_eval_dlmskip.loading import load_llada, load_model, model_identity
-from lm_eval_dlmskip.policies import ForwardBatch
-from lm_eval_dlmskip.router import (
-    EXECUTE,
-    SKIP,
-    GumbelRouting,
-    RoutedSkip,
-    RouterConfig,
-    Routers,
-    load_routers,
-    save_routers,
-)
-from lm_eval_dlmskip.train import TrainConfig, collate, lr_factor, train
-from lm_eval_dlmskip.train_data import encode_pairs, jsonl_texts, split_validation, task_texts
+from lm_eval_dlmskip.data import encode_pairs, jsonl_texts, split_validation, task_texts
+from lm_eval_dlmskip.harness.llada import LLaDASkipLM
+from lm_eval_dlmskip.models.loading import load_llada, load_model
+from lm_eval_dlmskip.skipping.identity import model_identity
+from lm_eval_dlmskip.skipping.policies import ForwardBatch
+from lm_eval_dlmskip.skipping.router_checkpoints import load_routers, save_routers
+from lm_eval_dlmskip.skipping.routers import EXECUTE, SKIP, GumbelRouting, RoutedSkip, RouterConfig, Routers
+from lm_eval_dlmskip.train.config import TrainConfig
+from lm_eval_dlmskip.train.loop import lr_factor, train
+from lm_eval_dlmskip.train.objective import collate
 
 from .conftest import MASK_ID, words
 
@@ -152,7 +147,7 @@ def test_training_moves_the_execution_ratio_to_the_target_and_leaves_the_backbon
     """lambda = 5, 150 steps: the training execution ratio (mean of the last five logs) ends within
     0.1 of 1 - alpha_target, and the held-out ratio with inference decisions has left 1.0. The
     backbone the trainer holds in memory ends with the weights it started with."""
-    import lm_eval_dlmskip.train as train_module
+    import lm_eval_dlmskip.train.loop as train_module
 
     loaded = []
 
@@ -184,8 +179,8 @@ def test_validation_measures_the_execution_ratio_evaluation_sees(ref_dir, tmp_pa
     """Training holds float32 routers; lm-eval runs them cast to the model's dtype. With near-tied
     votes (the two output rows almost equal) bfloat16 flips some of them: the recorded ratio must
     be the one RoutedSkip gives through the harness in bfloat16 on the same held-out forwards."""
-    from lm_eval_dlmskip.loading import load_tokenizer
-    from lm_eval_dlmskip.train import validate, validation_batches
+    from lm_eval_dlmskip.models.loading import load_tokenizer
+    from lm_eval_dlmskip.train.objective import validate, validation_batches
 
     torch.manual_seed(0)
     routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16, init_bias=0.0, tau=0.5))
@@ -237,7 +232,7 @@ def test_a_run_too_short_to_move_the_routers_says_what_to_change(ref_dir, tmp_pa
 
 
 def test_lora_adapters_train_with_the_routers_and_are_merged_at_evaluation(ref_dir, tmp_path):
-    from lm_eval_dlmskip.loading import merge_lora
+    from lm_eval_dlmskip.models.loading import merge_lora
 
     train(_config(ref_dir, tmp_path, "lora", lam=1.0, lr=1e-2, max_steps=4, lora=True, lora_rank=2, router_hidden=None))
     ckpt = tmp_path / "lora"
@@ -253,7 +248,7 @@ def test_lora_adapters_train_with_the_routers_and_are_merged_at_evaluation(ref_d
 
 
 def test_backbone_gets_no_gradient(ref_dir, ref_model):
-    from lm_eval_dlmskip.train import RouterObjective
+    from lm_eval_dlmskip.train.objective import RouterObjective
 
     backbone = load_llada(str(ref_dir)).model.requires_grad_(False)
     routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16))
@@ -270,7 +265,7 @@ def test_training_keeps_the_fused_projections(ref_dir):
     the model keep one q/k/v and one gate/up product per block, with the same numbers."""
     from accelerate import Accelerator
 
-    from lm_eval_dlmskip.train import RouterObjective
+    from lm_eval_dlmskip.train.objective import RouterObjective
 
     backbone = load_llada(str(ref_dir)).model.requires_grad_(False)
     routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16))
@@ -302,7 +297,7 @@ def test_a_training_step_reads_nothing_back_per_micro_batch(ref_dir, tmp_path, m
 def test_micro_batch_is_the_largest_divisor_that_fits(monkeypatch):
     """Without --batch-size: on a GPU the largest micro-batch that divides the examples per step and
     fits in memory (accelerate's find_executable_batch_size); on a CPU at most 4."""
-    from lm_eval_dlmskip.train import choose_micro_batch
+    from lm_eval_dlmskip.train.loop import choose_micro_batch
 
     tried = []
 
@@ -321,7 +316,7 @@ def test_micro_batch_is_the_largest_divisor_that_fits(monkeypatch):
 
 def test_objective_is_the_papers_formula(ref_dir):
     """With routers that always execute, alpha = 0 and the loss is (CE + lambda * alpha_target) / p."""
-    from lm_eval_dlmskip.train import RouterObjective
+    from lm_eval_dlmskip.train.objective import RouterObjective
 
     backbone = load_llada(str(ref_dir)).model.requires_grad_(False)
     routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16, init_bias=1e4))
@@ -344,7 +339,7 @@ def test_objective_is_the_papers_formula(ref_dir):
 
 
 def test_resume_gives_the_same_routers_as_one_run(ref_dir, tmp_path, monkeypatch):
-    import lm_eval_dlmskip.train as train_module
+    import lm_eval_dlmskip.train.loop as train_module
 
     train(_config(ref_dir, tmp_path, "straight", lam=1.0, max_steps=12, eval_every=100))
     # The same run, killed during step 8 after saving at step 6, then resumed.
@@ -627,8 +622,8 @@ def test_random_shots_never_show_the_document_itself(tmp_path):
 
 
 def test_train_takes_the_tasks_shots_and_lm_evals_prompt_flags(ref_dir, tmp_path):
-    from lm_eval_dlmskip.loading import load_tokenizer
-    from lm_eval_dlmskip.train_data import tokenizer_chat_template
+    from lm_eval_dlmskip.data import tokenizer_chat_template
+    from lm_eval_dlmskip.models.loading import load_tokenizer
 
     _fewshot_task(tmp_path / "tasks", "generate_until", "first_n")
     cfg = _config(ref_dir, tmp_path, "fs", data=None, task="fewshot", include_path=str(tmp_path / "tasks"),
@@ -645,7 +640,7 @@ def test_train_takes_the_tasks_shots_and_lm_evals_prompt_flags(ref_dir, tmp_path
 
 
 def test_jsonl_pairs_and_validation_split(tmp_path, ref_dir):
-    from lm_eval_dlmskip.loading import load_tokenizer
+    from lm_eval_dlmskip.models.loading import load_tokenizer
 
     texts = jsonl_texts(_pairs_file(tmp_path, n=10))
     pairs = encode_pairs(texts, load_tokenizer(ref_dir, MASK_ID), max_length=64)
@@ -677,7 +672,7 @@ def test_train_says_where_the_router_went_and_how_lm_eval_uses_it(ref_dir, tmp_p
 def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(ref_dir, tmp_path, monkeypatch, capsys):
     import shlex
 
-    import lm_eval_dlmskip.train as train_module
+    import lm_eval_dlmskip.train.loop as train_module
     from lm_eval_dlmskip.cli import main
 
     real = train_module.step_examples

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lm_eval_dlmskip.train as train_module
-from lm_eval_dlmskip.train import TrainConfig, train
+import lm_eval_dlmskip.train.loop as train_module
+from lm_eval_dlmskip.train.config import TrainConfig
+from lm_eval_dlmskip.train.loop import train
 
 from .test_router import _config, _log
 
@@ -109,7 +110,7 @@ def test_a_router_saved_mid_training_is_warned_about_and_recorded(ref_dir, tmp_p
     import shlex
 
     from lm_eval_dlmskip.cli import main
-    from lm_eval_dlmskip.harness import LLaDASkipLM
+    from lm_eval_dlmskip.harness.llada import LLaDASkipLM
 
     cfg = _config(ref_dir, tmp_path, "half", lam=1.0, max_steps=4, save_every=2, eval_every=100, mask_scaling=False, norm_first=True)
     _dies_at(monkeypatch, 3)

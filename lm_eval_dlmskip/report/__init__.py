@@ -1,1 +1,2 @@
-"""Reports over lm-eval results files: one module per ``dlmskip`` subcommand, plus their plots."""
+"""Reports: one module per ``dlmskip`` subcommand (calibrate, analyze, sweep, compare), the leaderboard
+compare builds from lm-eval results files, and the plots."""

@@ -22,22 +22,30 @@ under ``"calibration"``, in the layout of calibrate's skip profile). An autoregr
 from __future__ import annotations
 
 import argparse
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..files import check_output_dir, write_json
-from ..generation import GenerationSettings, generate
-from ..generation_dream import DreamGenerationSettings, dream_generate
-from ..loading import read_config, resolve_checkpoint
-from ..model import LLaDA
-from ..hf_model import hidden_states
+from ..common.files import check_output_dir, write_json
+from ..decoding.dream import DreamGenerationSettings, dream_generate
+from ..decoding.generate import GenerationSettings, generate
+from ..models.hf_layers import hidden_states
+from ..models.llada import LLaDA
+from ..models.loading import read_config, resolve_checkpoint
 from .calibrate import (
-    CALIBRATION_PROMPTS, add_model_and_prompt_arguments, add_selection_arguments, build_profile, consecutive_similarity,
-    hf_checkpoint, load_hf_and_examples, load_model_and_examples, measure_hf, measure_llada,
+    CALIBRATION_PROMPTS,
+    add_model_and_prompt_arguments,
+    add_selection_arguments,
+    build_profile,
+    consecutive_similarity,
+    hf_checkpoint,
+    load_hf_and_examples,
+    load_model_and_examples,
+    measure_hf,
+    measure_llada,
 )
 
 

@@ -19,7 +19,6 @@ at the first step; 0.5: half decoded, using the data's reference answer).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..files import check_output_file, write_json
-from ..hf_model import hf_model_type, hidden_states, load_hf, weights_fingerprint
-from ..hf_model import model_identity as hf_identity
-from ..loading import Checkpoint, check_identity, load_model, load_tokenizer, model_identity, resolve_checkpoint
-from ..model import LLaDA
-from ..train_data import add_source_arguments
+from ..common.files import check_output_file, write_json
+from ..data import add_source_arguments
+from ..models.hf_layers import hf_model_type, hidden_states, load_hf, weights_fingerprint
+from ..models.hf_layers import model_identity as hf_identity
+from ..models.llada import LLaDA
+from ..models.loading import Checkpoint, load_model, load_tokenizer, resolve_checkpoint
+from ..skipping.identity import model_identity
+from ..skipping.profiles import FORMAT_VERSION, KIND, NUMBERING
 
-FORMAT_VERSION = 1
-KIND = "lm_eval_dlmskip.skip_profile"
 CALIBRATION_PROMPTS = 64  # default --limit of calibrate and analyze, so that both measure the same prompts
-NUMBERING = (
-    "skip_layers and selection_order are 0-based block indices; the papers number blocks 1..N "
-    "(paper_layers = skip_layers + 1)"
-)
 
 
 def consecutive_similarity(states: list[Tensor], positions: Tensor) -> Tensor:
@@ -128,7 +123,7 @@ def similarity_profile(
 def load_examples(args: argparse.Namespace, tokenizer) -> tuple[list[Example], str]:
     """Calibration prompts: an lm-eval task's evaluation documents (rendered with its prompt format),
     a JSONL file of prompt/target pairs, or a text file of prompts (one per line)."""
-    from ..train_data import encode_pairs, jsonl_texts, task_texts
+    from ..data import encode_pairs, jsonl_texts, task_texts
 
     if args.task:
         texts, note = task_texts(args.task, args.include_path, split="eval")
@@ -262,39 +257,6 @@ def measure_hf(
         rows.append(consecutive_similarity(states, where).cpu())
     data = {"source": source, "n_prompts": len(examples), "mask_fractions": None, "answer_length": None}
     return torch.cat(rows), {}, hf_identity(model.config, args.model, fingerprint), data
-
-
-def read_profile(path: str | Path) -> dict:
-    """A skip profile file, checked to be one (not yet against a model)."""
-    path = Path(path)
-    try:
-        profile = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"skip_profile={str(path)!r}: no such file; make one with dlmskip calibrate") from None
-    except IsADirectoryError:
-        raise ValueError(f"skip_profile={str(path)!r} is a directory; give the JSON file dlmskip calibrate wrote") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"skip_profile={str(path)!r}: not valid JSON ({err})") from err
-    if not isinstance(profile, dict) or profile.get("kind") != KIND or profile.get("format") != FORMAT_VERSION:
-        raise ValueError(f"skip_profile={str(path)!r}: not a skip profile of format {FORMAT_VERSION}")
-    return profile
-
-
-def profile_blocks(profile: dict, path: str | Path, k: int | None) -> list[int]:
-    """The blocks (sorted) a profile selects: all its choices, or its first ``k``."""
-    order = profile["selection_order"]
-    if k is not None:
-        if not 0 <= k <= len(order):
-            raise ValueError(f"skip_k={k}: the profile {str(path)!r} chose {len(order)} blocks; give 0..{len(order)}")
-        order = order[:k]
-    return sorted(order)
-
-
-def load_profile(path: str | Path, cfg, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
-    """The blocks a skip profile selects (its first ``k`` choices when given), checked against the model."""
-    profile = read_profile(path)
-    check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
-    return profile_blocks(profile, path, k), profile
 
 
 def add_model_and_prompt_arguments(parser: argparse.ArgumentParser, what: str, limit: int) -> None:

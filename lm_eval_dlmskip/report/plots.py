@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..files import write_atomically
-from .compare import Leaderboard, Row, short_number
+from ..common.files import write_atomically
+from .leaderboard import Leaderboard, Row, short_number
 
 # family -> (colour, marker, legend)
 FAMILIES = {

@@ -26,9 +26,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import check_output_dir, write_json
-from ..router import resolve_router, router_digest
-from .calibrate import profile_blocks, read_profile
+from ..common.files import check_output_dir, write_json
+from ..skipping.profiles import profile_blocks, read_profile
+from ..skipping.router_checkpoints import resolve_router, router_digest
 
 KEY_FILE = "sweep_run.json"
 

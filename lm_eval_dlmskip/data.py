@@ -1,4 +1,5 @@
-"""(prompt, target) pairs for router training, from lm-eval task definitions or a JSONL file.
+"""(prompt, target) pairs from lm-eval task definitions or a JSONL file: the data routers are trained
+on and skip profiles are calibrated on.
 
 From a task, each document of its training split (its validation split when it has none) is
 rendered as lm-eval renders an evaluation request: the prompt is the task's own
@@ -148,14 +149,23 @@ def _target_text(task, doc) -> str:
     return str(target[0] if isinstance(target, list) else target)
 
 
+def render_chat(tokenizer, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """A chat rendered by the tokenizer's template, as llada_skip renders it for
+    ``lm_eval --apply_chat_template`` (an unfinished last message is continued)."""
+    return tokenizer.apply_chat_template(
+        chat_history,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=not add_generation_prompt,
+    )
+
+
 def tokenizer_chat_template(tokenizer) -> Callable[..., str]:
     """The chat rendering ``lm_eval --apply_chat_template`` gets from llada_skip, over ``tokenizer``."""
-    from .harness import LLaDASkipLM
-
     if tokenizer.chat_template is None:
         raise ValueError("--apply-chat-template: this checkpoint's tokenizer has no chat template (no chat_template "
                          "in tokenizer_config.json); train without it, as lm_eval would evaluate")
-    return partial(LLaDASkipLM.apply_chat_template, SimpleNamespace(tokenizer=tokenizer))
+    return partial(render_chat, tokenizer)
 
 
 def jsonl_texts(path: str | Path) -> list[tuple[str, str]]:

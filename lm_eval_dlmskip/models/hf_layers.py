@@ -1,13 +1,13 @@
 """A Hugging Face causal LM as this package sees it: its decoder layers, skipping them, its identity.
 
 ``hf_skip`` evaluates transformers' own model, so skipping cannot be an argument of our forward
-as in ``model.py``. Instead each decoder layer is put inside a ``SkippableLayer`` that asks a
+as in ``llada.py``. Instead each decoder layer is put inside a ``SkippableLayer`` that asks a
 ``LayerSchedule`` which rows run it: a layer no row runs is not called at all (static skipping
 saves its time), and a row that skips keeps its hidden states (h_{l+1} = h_l). The schedule is
 fixed for a whole model call (a loglikelihood forward, or every step of one ``generate``), so a
 row that skips layer l never reads the keys and values of layer l through an output it keeps.
 
-Nothing here imports lm-eval; ``hf.py`` (the harness) and ``report/`` build on it.
+Nothing here imports lm-eval; ``harness/hf.py`` and ``report/`` build on it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .flops import FlopsModel
+from ..skipping.flops import FlopsModel
+from ..skipping.policies import ForwardBatch, SkipPolicy, SkipTrace, row_keys
 from .loading import DTYPES, check_dtype
-from .policies import ForwardBatch, SkipPolicy, SkipTrace, row_keys
 
 FAMILY = "hf"
 # Where transformers keeps the decoder layers, by architecture (the suffix of a ModuleList's name).

@@ -7,7 +7,7 @@ the launch pipeline restarts empty. Replayed from graphs, a block is one launch 
 hidden states in place, and a router is one launch that also copies its decisions to pinned host
 memory, so the one host read per block costs a round trip instead of a pipeline of launches.
 
-``GraphRunner`` is an ``Executor`` of the model's own block loop (``LLaDA.trunk``): the loop, the
+``GraphRunner`` is an ``Executor`` of the model's own block loop (``models/execution.run_blocks``): the loop, the
 policy questions and the cache rules stay the model's. What the runner adds is static memory per
 shape: every forward copies its inputs (hidden states, rotary tables, key mask, the policy's view,
 cache slots) into the buffers the graphs read, so a replay always sees the current batch, padding
@@ -27,8 +27,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .model import LLaDA, Block, Executor, ForwardContext, KVCache, LogitPositions, run_block
-from .policies import NO_SKIP, Decision, ForwardBatch, SkipPolicy, SkipTrace
+from ..models.execution import Executor, ForwardContext, KVCache, LogitPositions, run_block
+from ..models.llada import Block, LLaDA
+from ..skipping.policies import NO_SKIP, Decision, ForwardBatch, SkipPolicy, SkipTrace
 
 log = logging.getLogger(__name__)
 

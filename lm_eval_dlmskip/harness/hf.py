@@ -3,7 +3,8 @@
 Everything but skipping and FLOPs is lm-eval's ``HFLM``: loading, tokenization, batching,
 loglikelihood, rolling windows, generate_until. This class adds the skip model_args (the forms
 and 0-based numbering of ``llada_skip``), puts the decoder layers behind a ``LayerSchedule``
-(hf_model.py), and charges every forward the model runs to its task with flops.py's formulas.
+(models/hf_layers.py), and charges every forward the model runs to its task with skipping/flops.py's
+formulas.
 The papers' autoregressive baseline (Qwen2.5-7B with layers skipped) is
 ``lm_eval --model hf_skip --model_args pretrained=Qwen/Qwen2.5-7B,skip_layers=[4,6,8]``.
 
@@ -25,13 +26,14 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import CacheHook
 from lm_eval.models.huggingface import HFLM
 
-from .cache import claim
-from .flops import FlopsMeter, TableAtExit, TaskTotals, format_flops_table
-from .harness import build_policy, describe_policy
-from .hf_model import HFShape, LayerSchedule, find_layers, flops_model, install_skipping, weights_fingerprint
-from .model_args import check_skipping
-from .policies import NO_SKIP, SkipTrace, StaticSkip
-from .report.calibrate import load_profile
+from ..models.hf_layers import HFShape, LayerSchedule, find_layers, flops_model, install_skipping, weights_fingerprint
+from ..skipping.flops import FlopsMeter, TaskTotals
+from ..skipping.policies import NO_SKIP, SkipTrace, StaticSkip
+from ..skipping.profiles import load_profile
+from .answer_cache import claim
+from .flops_table import TableAtExit, format_flops_table, log_task_flops
+from .model_args import SkipArgs
+from .skip_method import build_policy, describe_policy
 
 log = logging.getLogger("lm_eval.hf_skip")  # under lm-eval's logger, so its CLI shows our lines
 
@@ -60,11 +62,11 @@ class HFSkipLM(HFLM):
         allow_mismatch: bool = False,
         **hf_args: Any,
     ) -> None:
-        check_skip_args(skip_layers, skip_random, skip_profile, skip_k, hf_args)
+        skip_args = parse_skip_args(skip_layers, skip_random, skip_profile, skip_k, seed, allow_mismatch, hf_args)
         shape = HFShape.of(_config(pretrained, hf_args))  # before loading: ranges and profile shapes
         if skip_profile is not None:  # the file, its family, shape and skip_k; the weights once loaded
             load_profile(skip_profile, shape, "", True, skip_k)
-        policy = build_policy(shape.n_layers, skip_layers, skip_random, int(seed))
+        policy = build_policy(shape.n_layers, skip_args)
         super().__init__(pretrained=pretrained, **hf_args)
         if self.backend != "causal":
             raise ValueError(f"hf_skip: {pretrained!r} is a {self.backend} model; hf_skip skips layers of causal LMs")
@@ -153,7 +155,7 @@ class HFSkipLM(HFLM):
         if self.world_size > 1:
             self._unmerged.append(added)
         else:
-            self._log_flops(kind, added)
+            log_task_flops(log, self.meter, kind, added, "hf_skip", self.schedule.n_layers, "layers run", self.rank)
         return results
 
     def set_cache_hook(self, cache_hook: CacheHook) -> None:
@@ -170,18 +172,9 @@ class HFSkipLM(HFLM):
             mine, self._unmerged = self._unmerged, []
             gathered = self.gather_object(mine)
             if self.rank == 0:
-                self._log_flops("all ranks", self.meter.merge_ranks(gathered))
+                log_task_flops(log, self.meter, "all ranks", self.meter.merge_ranks(gathered), "hf_skip",
+                               self.schedule.n_layers, "layers run", self.rank)
         super().barrier()
-
-    def _log_flops(self, kind: str, tasks) -> None:
-        if self.rank != 0:
-            return
-        summaries = self.meter.summary()
-        for task in sorted(tasks):
-            s = summaries[task]
-            log.info("hf_skip %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), %.2f of %d layers run on "
-                     "average over %d forwards", kind, task, s["normalized_flops_papers"],
-                     s["normalized_flops_whole_model"], s["mean_executed_blocks"], self.schedule.n_layers, s["forwards"])
 
     def get_model_info(self) -> dict:
         flops = self.meter.summary()
@@ -213,14 +206,14 @@ def _config(pretrained, hf_args: dict):
     )
 
 
-def check_skip_args(skip_layers, skip_random, skip_profile, skip_k, hf_args: dict) -> None:
-    """Errors in the skip model_args that need no model, by llada_skip's rules (two methods,
-    skip_k alone, a list that is not one, a profile that is none), and a misspelt skip key (the
-    other keys go to HFLM and from_pretrained)."""
-    check_skipping({"skip_layers": skip_layers, "skip_random": skip_random, "skip_profile": skip_profile,
-                    "skip_k": skip_k})
+def parse_skip_args(skip_layers, skip_random, skip_profile, skip_k, seed, allow_mismatch, hf_args: dict) -> SkipArgs:
+    """The skip model_args, judged by llada_skip's rules (two methods, skip_k alone, a list that is
+    not one, a profile that is none), after refusing a misspelt skip key (the other keys go to
+    HFLM and from_pretrained)."""
     for key in hf_args:
         close = difflib.get_close_matches(key, SKIP_ARGS, n=1, cutoff=0.75)
         if close or key.startswith("skip"):
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"hf_skip: unknown model_args key {key!r}.{hint} Its skip keys: {', '.join(SKIP_ARGS)}")
+    return SkipArgs.parse({"skip_layers": skip_layers, "skip_random": skip_random, "skip_profile": skip_profile,
+                           "skip_k": skip_k, "seed": seed, "allow_mismatch": allow_mismatch})

@@ -1,4 +1,4 @@
-"""LLaDA in one file: config, RMSNorm, rotary embedding, attention + SwiGLU block, and the model.
+"""LLaDA in one file: rotary embedding, attention + SwiGLU block, and the model (its config is config.py).
 
 The same function as the upstream Hugging Face code (GSAI-ML/LLaDA-8B-Base, ``modeling_llada.py``):
 a bidirectional Llama-style encoder with no causal mask. Attribute names follow the upstream
@@ -13,201 +13,34 @@ renames its keys. A skip policy is an argument of ``forward``:
 
 For cached decoding (Fast-dLLM) a ``KVCache`` holds every block's keys and values over the whole
 canvas: a forward without ``window`` fills it, a forward with ``window`` computes only those
-positions and attends to the cache. The block loop lives in ``LLaDA.trunk`` alone; an
-``Executor`` decides how each block runs (eagerly here, replayed from CUDA graphs in graphs.py).
+positions and attends to the cache. The block loop, the cache and the executors that run each
+block (eagerly, or replayed from CUDA graphs in decoding/graphs.py) are execution.py's.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .policies import NO_SKIP, Decision, ForwardBatch, SkipPolicy, SkipTrace
-
-FAMILIES = {"llada": "LLaDA", "dream": "Dream", "hf": "HF causal LM"}  # family -> display name
-
-# Upstream config fields whose other values this implementation does not compute.
-_REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
-    "block_type": ("llama",),
-    "layer_norm_type": ("rms",),
-    "activation_type": ("silu",),
-    "alibi": (False,),
-    "rope": (True,),
-    "attention_layer_norm": (False,),
-    "block_group_size": (1,),
-}
-
-
-@dataclass(frozen=True)
-class LLaDAConfig:
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    mlp_hidden_size: int
-    vocab_size: int  # rows of the embedding and of the LM head (upstream `embedding_size`)
-    max_sequence_length: int
-    mask_token_id: int
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
-    include_bias: bool = False
-    include_qkv_bias: bool = False
-    weight_tying: bool = False
-    input_emb_norm: bool = False
-    scale_logits: bool = False
-    layer_norm_with_affine: bool = True
-    rope_full_precision: bool = True
-    dtype: str | None = None  # the checkpoint's declared dtype, used by dtype="auto"
-    family: str = "llada"  # a key of FAMILIES
-    shift_logits: bool = False  # Dream: logits at position p come from the hidden state at p-1 (p=0: itself)
-    positions_from_mask: bool = False  # Dream: rotary position ids cumsum(attention_mask)-1 per row
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "LLaDAConfig":
-        """Map an upstream ``config.json`` (LLaDA's or Dream's) and name every field this
-        implementation cannot honour."""
-        if family_of(raw) == "dream":
-            return cls.from_dream_dict(raw)
-        for name, allowed in _REQUIRED_VALUES.items():
-            if name in raw and raw[name] not in allowed:
-                raise ValueError(
-                    f"config.json: {name}={raw[name]!r} is not supported by lm_eval_dlmskip's LLaDA "
-                    f"(supported: {', '.join(map(repr, allowed))})"
-                )
-        include_bias = bool(raw.get("include_bias", False))
-        norm_bias = raw.get("bias_for_layer_norm")
-        if (include_bias if norm_bias is None else norm_bias):
-            raise ValueError("config.json: layer norms with a bias (bias_for_layer_norm) are not supported")
-        for name in ("d_model", "n_layers", "n_heads"):
-            if name not in raw:
-                raise ValueError(f"config.json: required field '{name}' is missing; is this a LLaDA checkpoint?")
-        if raw.get("mask_token_id") is None:
-            raise ValueError(
-                "config.json: 'mask_token_id' is missing; LLaDA checkpoints declare it (126336 for LLaDA-8B)"
-            )
-        if raw["d_model"] % raw["n_heads"]:
-            raise ValueError(f"config.json: d_model={raw['d_model']} is not divisible by n_heads={raw['n_heads']}")
-        n_kv_heads = raw.get("n_kv_heads") or (1 if raw.get("multi_query_attention") else raw["n_heads"])
-        if raw["n_heads"] % n_kv_heads:
-            raise ValueError(f"config.json: n_heads={raw['n_heads']} is not a multiple of n_kv_heads={n_kv_heads}")
-        mlp_hidden = raw.get("mlp_hidden_size") or raw.get("mlp_ratio", 4) * raw["d_model"]
-        return cls(
-            d_model=raw["d_model"],
-            n_layers=raw["n_layers"],
-            n_heads=raw["n_heads"],
-            n_kv_heads=n_kv_heads,
-            mlp_hidden_size=int(mlp_hidden),
-            vocab_size=raw.get("embedding_size") or raw["vocab_size"],
-            max_sequence_length=raw.get("max_sequence_length", 4096),
-            mask_token_id=raw["mask_token_id"],
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            eos_token_id=raw.get("eos_token_id"),
-            pad_token_id=raw.get("pad_token_id"),
-            include_bias=include_bias,
-            include_qkv_bias=bool(raw.get("include_qkv_bias", False)),
-            weight_tying=bool(raw.get("weight_tying", False)),
-            input_emb_norm=bool(raw.get("input_emb_norm", False)),
-            scale_logits=bool(raw.get("scale_logits", False)),
-            layer_norm_with_affine=bool(raw.get("layer_norm_with_affine", True)),
-            rope_full_precision=bool(raw.get("rope_full_precision", True)),
-            dtype=raw.get("torch_dtype") or raw.get("dtype"),
-        )
-
-    @classmethod
-    def from_dream_dict(cls, raw: dict[str, Any]) -> "LLaDAConfig":
-        """Dream's Qwen2-style config.json (``DreamConfig``): q/k/v with biases, o_proj and the MLP
-        without; RMSNorm eps 1e-6; rotary applied in the input dtype; shifted logits."""
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-            if name not in raw:
-                raise ValueError(f"config.json: required field '{name}' is missing; is this a Dream checkpoint?")
-        if raw.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act={raw['hidden_act']!r} is not supported (supported: 'silu')")
-        if raw.get("rope_scaling") not in (None, {}) and (raw["rope_scaling"].get("rope_type") or raw["rope_scaling"].get("type")) != "default":
-            raise ValueError(f"config.json: rope_scaling={raw['rope_scaling']!r} is not supported (only the default rotary)")
-        if raw.get("use_sliding_window"):
-            raise ValueError("config.json: use_sliding_window=true is not supported (Dream attends to every position)")
-        if raw.get("mask_token_id") is None:
-            raise ValueError("config.json: 'mask_token_id' is missing; Dream checkpoints declare it (151666 for Dream-7B)")
-        d_model, n_heads = raw["hidden_size"], raw["num_attention_heads"]
-        n_kv_heads = raw.get("num_key_value_heads") or n_heads
-        if d_model % n_heads or n_heads % n_kv_heads:
-            raise ValueError(
-                f"config.json: hidden_size={d_model}, num_attention_heads={n_heads}, num_key_value_heads={n_kv_heads} "
-                "must divide evenly"
-            )
-        return cls(
-            d_model=d_model,
-            n_layers=raw["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
-            mlp_hidden_size=raw["intermediate_size"],
-            vocab_size=raw["vocab_size"],
-            max_sequence_length=raw.get("max_position_embeddings", 32768),
-            mask_token_id=raw["mask_token_id"],
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            eos_token_id=raw.get("eos_token_id"),
-            pad_token_id=raw.get("pad_token_id"),
-            include_qkv_bias=True,
-            weight_tying=bool(raw.get("tie_word_embeddings", False)),
-            rope_full_precision=False,
-            dtype=raw.get("torch_dtype") or raw.get("dtype"),
-            family="dream",
-            shift_logits=True,
-            positions_from_mask=True,
-        )
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "LLaDAConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def family_of(raw: dict[str, Any]) -> str:
-    """The model family a config.json describes: ``model_type`` "Dream" is Dream; "llada", or no
-    model_type with LLaDA's field names, is LLaDA."""
-    model_type = raw.get("model_type")
-    if model_type == "Dream":
-        return "dream"
-    if model_type == "llada" or model_type is None and "d_model" in raw:
-        return "llada"
-    raise ValueError(
-        f"config.json: model_type={model_type!r} is not a model lm_eval_dlmskip knows; it runs LLaDA "
-        "(model_type 'llada') and Dream (model_type 'Dream') checkpoints"
-    )
-
-
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """Upstream RMSLayerNorm: normalise in float32, cast back, then scale."""
-    y = x.float()
-    y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return y if weight is None else weight * y
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, affine: bool = True) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+from ..common.families import FAMILIES
+from ..common.norms import RMSNorm, rms_norm
+from ..skipping.policies import NO_SKIP, ForwardBatch, SkipPolicy, SkipTrace
+from .config import LLaDAConfig
+from .execution import (
+    EAGER_EXECUTOR,
+    KV,
+    Executor,
+    ForwardContext,
+    KVCache,
+    LogitPositions,
+    head_positions,
+    run_blocks,
+)
 
 
 def rotary_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -235,9 +68,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool) -> T
     half = t.shape[-1] // 2
     rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
     return (t * cos.type_as(t) + rotated * sin.type_as(t)).to(x.dtype)
-
-
-KV = tuple[Tensor, Tensor] | None  # one block's cached keys and values [B, H_kv, L, hd], or None
 
 
 def attend(
@@ -388,64 +218,6 @@ class Block(nn.Module):
         return self
 
 
-LogitPositions = slice | Tensor | None  # None: all; slice: columns; Tensor: flat indices into B*W
-
-
-@dataclass
-class KVCache:
-    """Keys and values of every block over the whole canvas, kept between the forwards of one
-    semi-autoregressive block of cached decoding (Fast-dLLM's prefix and dual caches).
-
-    A full forward fills it and records, per block, which rows ran it (``ran``): a row that
-    skipped a block there has no keys and values for it, so it skips that block in every window
-    forward until the next fill. With ``reuse_decisions`` the window forwards do not ask the skip
-    policy at all and run exactly what the fill ran: no router cost and no host read per block
-    there. Storage is allocated by the first fill (or lent by an executor).
-    """
-
-    k: Tensor | None = None  # [n_layers, B, H_kv, L, hd], rotated
-    v: Tensor | None = None
-    ran: list[bool | list[bool]] = field(default_factory=list)  # per block, host-known
-    reuse_decisions: bool = False
-
-    def allocate(self, cfg: LLaDAConfig, B: int, L: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (cfg.n_layers, B, cfg.n_kv_heads, L, cfg.head_dim)
-        if self.k is None or self.k.shape != shape or self.k.dtype != dtype or self.k.device != device:
-            self.k = torch.empty(shape, dtype=dtype, device=device)
-            self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.ran = []
-
-
-@dataclass
-class ForwardContext:
-    """What every block of one forward reads besides its input, built once per forward."""
-
-    batch: ForwardBatch  # the computed positions, as the skip policy sees them
-    cos: Tensor  # [W, hd] rotary tables at the computed positions ([B, 1, W, hd] with per-row positions)
-    sin: Tensor
-    key_mask: Tensor | None  # [B, 1, 1, L] bool: real (non-padding) keys; None: no padding
-    cache: KVCache | None = None
-    positions: Tensor | None = None  # [W] canvas slots the computed positions write in the cache
-    filling: bool = False  # a full forward that (re)fills the cache
-
-
-class Executor:
-    """How the block loop runs each step: eagerly, as here, or replayed from CUDA graphs (graphs.py).
-    The loop itself is ``LLaDA.trunk``'s, whichever executor runs it."""
-
-    def begin(self, model: "LLaDA", x: Tensor, ctx: ForwardContext) -> tuple[Tensor, ForwardContext]:
-        return x, ctx
-
-    def decide(self, layer: int, policy: SkipPolicy, x: Tensor, ctx: ForwardContext) -> Decision:
-        return policy.rows_to_run(layer, x, ctx.batch)
-
-    def run(self, layer: int, block: Block, x: Tensor, run: Decision, ctx: ForwardContext) -> Tensor:
-        return run_block(block, layer, x, run, ctx)
-
-
-EAGER_EXECUTOR = Executor()
-
-
 class LLaDA(nn.Module):
     """Embedding -> blocks (each asked of the skip policy) -> final norm -> LM head."""
 
@@ -519,22 +291,7 @@ class LLaDA(nn.Module):
         ``hidden_states`` when given."""
         ctx = self.context(ids, attention_mask, cache, window)
         x, ctx = executor.begin(self, self.embed(ids if window is None else ids[:, window]), ctx)
-        reuse = ctx.cache is not None and not ctx.filling and ctx.cache.reuse_decisions
-        decisions: list[Decision] = []
-        for i, block in enumerate(self.blocks):
-            if hidden_states is not None:
-                hidden_states.append(x)
-            if reuse:
-                run = ctx.cache.ran[i]
-            else:
-                run = resolve(executor.decide(i, policy, x, ctx))
-                if ctx.filling:
-                    ctx.cache.ran.append(run)
-                elif ctx.cache is not None:
-                    run = both(run, ctx.cache.ran[i])
-            x = executor.run(i, block, x, run, ctx)
-            decisions.append(run)
-        return x, make_trace(decisions, ctx, 0 if reuse else getattr(policy, "routed_layers", 0))
+        return run_blocks(self.blocks, x, policy, ctx, executor, hidden_states)
 
     def context(
         self, ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None = None, window: slice | None = None
@@ -600,66 +357,3 @@ def shifted_source(h: Tensor, logits_at: LogitPositions) -> tuple[Tensor, LogitP
         columns = (torch.arange(start, stop, step, device=h.device) - 1).clamp_min_(0)
         return h.index_select(1, columns), None
     return h, logits_at - (logits_at % W > 0).long()
-
-
-def make_trace(decisions: list, ctx: ForwardContext, routed_layers: int) -> SkipTrace:
-    """The trace of one forward (its head positions are filled in once the head has run): the
-    tokens computed per row and the keys each attended to (the whole canvas in a window forward)."""
-    batch = ctx.batch
-    B, W = batch.ids.shape
-    device = batch.ids.device
-    computed = torch.full((B,), W, device=device) if batch.attention_mask is None else batch.attention_mask.sum(1)
-    keys = None
-    if ctx.cache is not None:
-        L = ctx.cache.k.shape[3]
-        keys = torch.full((B,), L, device=device) if ctx.key_mask is None else ctx.key_mask.flatten(1).sum(1)
-    executed = SkipTrace.from_decisions(decisions, B, device)
-    return SkipTrace(executed, computed, computed, batch.masked.sum(1), routed_layers, keys)
-
-
-def head_positions(logits_at: LogitPositions, B: int, W: int, device: torch.device) -> Tensor:
-    """[B] positions per row at which the LM head ran."""
-    if logits_at is None:
-        return torch.full((B,), W, device=device)
-    if isinstance(logits_at, slice):
-        return torch.full((B,), len(range(W)[logits_at]), device=device)
-    return torch.bincount(logits_at // W, minlength=B)
-
-
-def resolve(run: Decision) -> Decision | list[bool]:
-    """A decision the host can branch on: per-row bools are read back (the one sync of a routed
-    block) and collapse to True/False when every row agrees; training's float gates pass through."""
-    if isinstance(run, bool) or isinstance(run, Tensor) and run.dtype.is_floating_point:
-        return run
-    chosen = run if isinstance(run, list) else run.tolist()  # sync: one read per block, every row's decision
-    return True if all(chosen) else False if not any(chosen) else chosen
-
-
-def both(run: Decision | list[bool], allowed: bool | list[bool]) -> Decision | list[bool]:
-    """Rows that run a block: those the policy chose, among those the cache allows."""
-    if allowed is True or run is False:
-        return run
-    if allowed is False or run is True:
-        return allowed
-    return resolve([a and b for a, b in zip(run, allowed)])
-
-
-def run_block(block: Block, layer: int, x: Tensor, run: Decision | list[bool], ctx: ForwardContext) -> Tensor:
-    """Run ``block`` for the rows the policy chose; a skipped row keeps its input unchanged."""
-    kv = None if ctx.cache is None else (ctx.cache.k[layer], ctx.cache.v[layer])
-    args = (ctx.cos, ctx.sin, ctx.key_mask, kv, ctx.positions)
-    if run is True:
-        return block(x, *args)
-    if run is False:
-        return x
-    if isinstance(run, Tensor):  # a differentiable gate in [0, 1] (router training)
-        return x + run.to(x.dtype)[:, None, None] * (block(x, *args) - x)
-    rows = torch.tensor([i for i, c in enumerate(run) if c], device=x.device)
-    sub_mask = None if ctx.key_mask is None else ctx.key_mask.index_select(0, rows)
-    sub_kv = None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
-    cos, sin = (ctx.cos, ctx.sin) if ctx.cos.dim() == 2 else (ctx.cos.index_select(0, rows), ctx.sin.index_select(0, rows))
-    out = block(x.index_select(0, rows), cos, sin, sub_mask, sub_kv, ctx.positions)
-    if kv is not None:  # the subset's refreshed keys and values go back into the cache
-        kv[0].index_copy_(0, rows, sub_kv[0])
-        kv[1].index_copy_(0, rows, sub_kv[1])
-    return x.index_copy(0, rows, out)

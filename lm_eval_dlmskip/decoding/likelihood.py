@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .generation import Denoiser, guided_logits
+from .generate import Denoiser, guided_logits
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,13 @@ fraction), so one can see that later denoising steps (little left masked) run fe
 
 from __future__ import annotations
 
-import atexit
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .model import LLaDAConfig
 from .policies import SkipTrace
 
 
@@ -43,7 +41,8 @@ class FlopsModel:
     router_depth: int = 2
 
     @classmethod
-    def of(cls, cfg: LLaDAConfig, router_hidden: int = 0, router_depth: int = 2) -> "FlopsModel":
+    def of(cls, cfg: Any, router_hidden: int = 0, router_depth: int = 2) -> "FlopsModel":
+        """From a model config (d_model, n_layers, n_heads/n_kv_heads/head_dim, mlp_hidden_size, vocab_size)."""
         kv = cfg.n_kv_heads * cfg.head_dim
         return cls(cfg.d_model, cfg.n_layers, kv, cfg.mlp_hidden_size, cfg.vocab_size, router_hidden, router_depth)
 
@@ -236,36 +235,3 @@ class FlopsMeter:
             for task in sorted(tasks)
             if summaries[task]["normalized_flops_whole_model"] >= 1.0
         ]
-
-
-def format_flops_table(summaries: dict[str, dict], n_layers: int, model: str = "llada_skip") -> str:
-    """Per-task FLOPs of ``--model`` ``model`` as a Markdown table like lm-eval's results table;
-    decoding columns only when some task decoded."""
-    decoded = any("nfe_per_request" in s for s in summaries.values())
-    header = ["Tasks", "Normalized FLOPs (papers)", "Normalized FLOPs (whole model)", f"Mean blocks run (of {n_layers})",
-              "Forwards", *(["NFE/request", "FLOPs vs plain decoding"] if decoded else [])]
-    rows = [[task, f"{s['normalized_flops_papers']:.4f}", f"{s['normalized_flops_whole_model']:.4f}",
-             f"{s['mean_executed_blocks']:.2f}", str(s["forwards"]),
-             *([f"{s['nfe_per_request']:.2f}", f"{s['normalized_flops_vs_plain_decoding']:.4f}"]
-               if "nfe_per_request" in s else ["", ""])][: len(header)]
-            for task, s in sorted(summaries.items())]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["|" + "|".join(c.center(w) for c, w in zip(r, widths)) + "|" for r in [header, *rows]]
-    lines.insert(1, "|" + "|".join("-" * w for w in widths) + "|")
-    return "\n".join([f"{model} FLOPs per task (1.0 = nothing skipped):", *lines])
-
-
-class TableAtExit:
-    """Prints the latest FLOPs table below lm-eval's results table under the ``lm_eval`` CLI:
-    lm-eval asks for the model info (rank 0 only), then prints its tables and exits, so the table
-    is printed at exit. Library callers of ``simple_evaluate`` get nothing printed."""
-
-    def __init__(self) -> None:
-        self.table: str | None = None
-
-    def show(self, table: str) -> None:
-        if getattr(sys.modules.get("__main__"), "cli_evaluate", None) is None:  # not python -m lm_eval / lm_eval
-            return
-        if self.table is None:
-            atexit.register(lambda: print("\n" + self.table, flush=True))
-        self.table = table

@@ -1,20 +1,16 @@
-"""``lm_eval --model llada_skip``: LLaDA scored and decoded by diffusion, with blocks skipped.
-
-Requests are batched across requests (longest first, generation grouped by gen_kwargs, as lm-eval's
-HFLM does), handed to the diffusion algorithms as a ``denoise(ids, attention_mask, logits_at)``
-callable, and every forward's skip trace is charged to the request's task. The per-task FLOPs
-figures and every skipping and sampling setting come back through ``get_model_info()``, which
-lm-eval merges into ``results["config"]``.
+"""The lm-eval model of every diffusion family (``llada_skip``, ``dream_skip``): requests batched
+across requests (longest first, generation grouped by gen_kwargs, as lm-eval's HFLM does), handed to
+the decoding algorithms as a ``denoise(ids, attention_mask, logits_at)`` callable, and every
+forward's skip trace charged to the request's task. The per-task FLOPs figures and every skipping
+and sampling setting come back through ``get_model_info()``, which lm-eval merges into
+``results["config"]``. A family (llada.py, dream.py) names its checkpoints, decoding and likelihood.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 from dataclasses import asdict
-from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from lm_eval.api.instance import Instance
@@ -22,165 +18,100 @@ from lm_eval.api.model import CacheHook, TemplateLM
 from lm_eval.models.utils import Collator, postprocess_generated_text
 from tqdm import tqdm
 
-from .cache import AnswerCache
-from .flops import FlopsMeter, FlopsModel, TableAtExit, TaskTotals, format_flops_table
-from .gen_kwargs import LLADA, check_user_settings, resolve_generation
-from .generation import GenerationSettings, generate
-from .graphs import GraphRunner
-from .likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
-from .loading import adapter_fingerprint, load_model, load_tokenizer, merge_lora, tokenizer_fingerprint, with_adapter
-from .model_args import check_before_loading, parse_layers
-from .policies import NO_SKIP, RandomSkip, SkipPolicy, StaticSkip, check_layers, row_keys
-from .report.calibrate import load_profile
-from .router import RoutedSkip, RouterCheckpoint, load_routers, router_digest
+from ..data import render_chat
+from ..decoding.graphs import GraphRunner
+from ..decoding.likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
+from ..models.loading import adapter_fingerprint, load_model, load_tokenizer, merge_lora
+from ..skipping.flops import FlopsMeter, TaskTotals
+from ..skipping.identity import with_adapter
+from .answer_cache import AnswerCache, settings_identity
+from .flops_table import TableAtExit, format_flops_table, log_task_flops
+from .gen_kwargs import DecodingSpec, resolve_generation
+from .model_args import ModelArgs, parse_model_args
+from .requests import encode_prompts, greedy_wanted, sampling_seeds
+from .skip_method import skip_method, warn_if_unfinished
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm_eval passes as device when --device is not given
 
 
-
-class LLaDASkipLM(TemplateLM):
-    """LLaDA in lm-eval: Monte-Carlo likelihood, diffusion generation, static/random skipping.
+class DiffusionSkipLM(TemplateLM):
+    """A diffusion LM in lm-eval: Monte-Carlo likelihood, diffusion decoding, every skip method.
 
     Block indices in ``skip_layers`` are 0-based (the papers number blocks 1..32: their k=3 set
-    {5,7,9} is ``skip_layers=[4,6,8]``).
+    {5,7,9} is ``skip_layers=[4,6,8]``). ``model_args`` are parsed once into ``self.args``
+    (model_args.py); the keys a family takes are the common ones, its decoding keys and
+    ``extra_args``.
     """
 
     backend = "causal"  # context and continuation are encoded together, then split
-    family = "llada"  # the checkpoints this model takes (loading.py refuses the others)
-    decoding = LLADA  # its decoding settings and their keys (gen_kwargs.py)
+    family: str  # the checkpoints this model takes (loading.py refuses the others)
+    decoding: DecodingSpec  # its decoding settings and their keys (gen_kwargs.py)
+    extra_args: dict[str, Any] = {}  # model_args only this family takes, with their defaults
 
-    def __init__(
-        self,
-        pretrained: str,
-        revision: str = "main",
-        tokenizer: str | None = None,
-        dtype: str = "auto",
-        device: str | None = None,
-        batch_size: int | str = 1,
-        max_batch_size: int | None = 64,
-        max_length: int | None = None,
-        mc_num: int = 128,
-        mc_batch: int = 16,
-        cfg: float | None = None,
-        check_greedy: bool = False,
-        gen_length: int | None = None,
-        steps: int | None = None,
-        block_length: int | None = None,
-        remasking: str | None = None,
-        temperature: float | None = None,
-        cache: str | None = None,
-        threshold: float | None = None,
-        decide_every: str | None = None,
-        skip_layers: list[int] | int | str | None = None,
-        skip_random: int | None = None,
-        skip_profile: str | None = None,
-        skip_k: int | None = None,
-        router: str | None = None,
-        router_tau: float | None = None,
-        allow_mismatch: bool = False,
-        seed: int = 1234,
-        mc_seed: int = 1234,
-        compile: bool = False,
-        cuda_graphs: bool = True,
-        peft: str | None = None,
-        trust_remote_code: bool | None = None,
-    ) -> None:
+    def __init__(self, pretrained: str | None = None, **model_args: Any) -> None:
         super().__init__()
-        # What the user typed for decoding (None: not given, the task or the default decides).
-        self.gen_args = self.decoding_args(
-            {"gen_length": gen_length, "steps": steps, "block_length": block_length, "cfg": cfg, "remasking": remasking,
-             "temperature": temperature, "cache": cache, "threshold": threshold, "decide_every": decide_every}
-        )
-        # Every argument that needs no model is checked before anything is loaded.
-        check_user_settings(self.gen_args, self.decoding)
-        self.likelihood = self.likelihood_settings(mc_num, mc_batch, float(cfg or 0.0))
-        self.likelihood.check()
-        check_before_loading({
-            "pretrained": pretrained, "tokenizer": tokenizer, "peft": peft, "dtype": dtype, "device": device,
-            "batch_size": batch_size, "max_batch_size": max_batch_size, "max_length": max_length, "seed": seed,
-            "mc_seed": mc_seed, "check_greedy": check_greedy, "allow_mismatch": allow_mismatch, "compile": compile,
-            "cuda_graphs": cuda_graphs, "skip_layers": skip_layers, "skip_random": skip_random,
-            "skip_profile": skip_profile, "skip_k": skip_k, "router": router, "router_tau": router_tau,
-        })
-        if trust_remote_code:
-            log.info("trust_remote_code is not needed: llada_skip runs its own LLaDA code and executes none from the hub")
-        self._setup_distributed(device)
-        checkpoint = load_model(pretrained, revision=str(revision), dtype=dtype, device=self._device, family=self.family)
+        self.args: ModelArgs = parse_model_args({"pretrained": pretrained, **model_args}, type(self))
+        args = self.args
+        if args.trust_remote_code:
+            log.info("trust_remote_code is not needed: %s runs its own model code and executes none from the hub",
+                     self.decoding.model)
+        self._setup_distributed(args.device)
+        checkpoint = load_model(args.pretrained, revision=args.revision, dtype=args.dtype, device=self._device,
+                                family=self.family)
         self.checkpoint = checkpoint
         self.model, fingerprint = checkpoint.model, checkpoint.fingerprint
-        if peft:  # skip profiles and routers must fit the weights evaluated, adapter merged
-            self.model = merge_lora(checkpoint.model, peft, str(revision))
-            fingerprint = with_adapter(fingerprint, adapter_fingerprint(peft, str(revision)))
+        if args.peft:  # skip profiles and routers must fit the weights evaluated, adapter merged
+            self.model = merge_lora(checkpoint.model, args.peft, args.revision)
+            fingerprint = with_adapter(fingerprint, adapter_fingerprint(args.peft, args.revision))
         self.cfg = checkpoint.model.cfg
-        self.seed = int(seed)  # random skipping and sampled decoding
         # What needs the model (block range, fit of a router or profile) fails here, before the rest.
-        self.policy, skip, flops = self._skip_policy(
-            fingerprint, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
-            bool(allow_mismatch), bool(compile),
-        )
-        if compile:
+        method = skip_method(args.skip, self.cfg, fingerprint, self._device, self.model.dtype, args.compile)
+        if method.routers is not None:
+            warn_if_unfinished(method.routers, log)
+            if method.routers.adapter is not None:
+                self.model = merge_lora(self.model, str(method.routers.adapter))
+        self.policy = method.policy
+        if args.compile:
             self.model.compile_blocks()
-        self.tokenizer = load_tokenizer(checkpoint.path if tokenizer is None else tokenizer, self.cfg.mask_token_id)
+        self.tokenizer = load_tokenizer(checkpoint.path if args.tokenizer is None else args.tokenizer, self.cfg.mask_token_id)
         self.mask_id = self.cfg.mask_token_id
-        self._max_length = max_length or self.cfg.max_sequence_length
-        self.batch_size_arg = str(batch_size)
-        self.max_batch_size = max_batch_size or 64
-        self.mc_seed = int(mc_seed)  # the Monte-Carlo masks alone, so runs that vary `seed` score alike
-        self.check_greedy = bool(check_greedy)  # is_greedy for multiple-choice requests too
+        self._max_length = args.max_length or self.cfg.max_sequence_length
+        self.likelihood = args.likelihood
+        self.gen_args = args.decoding  # what the user typed for decoding (None: the task or the default decides)
         self._announced: set[str] = set()  # tasks whose decoding settings were logged
         self.settings = {
-            "pretrained": pretrained,
-            "revision": str(revision),
-            "peft": peft,
+            "pretrained": args.pretrained,
+            "revision": args.revision,
+            "peft": args.peft,
             "fingerprint": fingerprint,  # with peft's adapter; a router's own adapter belongs to the router
-            "skip": skip,
+            "skip": method.description,
             "likelihood": asdict(self.likelihood),
-            "check_greedy": self.check_greedy,
+            "check_greedy": args.check_greedy,
             "generation": dict(self.gen_args),
-            "seed": self.seed,
-            "mc_seed": self.mc_seed,
-            "compile": bool(compile),
-            "cuda_graphs": bool(cuda_graphs),
+            "seed": args.seed,
+            "mc_seed": args.mc_seed,
+            "compile": args.compile,
+            "cuda_graphs": args.cuda_graphs,
             "max_length": self._max_length,
         }
-        self.meter = FlopsMeter(flops, self._device)
+        self.meter = FlopsMeter(method.flops, self._device)
         self.answer_cache: AnswerCache | None = None  # with --use_cache
         self._unmerged: list[dict[str, TaskTotals]] = []  # this rank's FLOPs since the last merge
         self._flops_table = TableAtExit()  # printed at exit under the lm_eval CLI
         # Generation repeats one shape for every denoising step: replay it from CUDA graphs.
-        use_graphs = bool(cuda_graphs) and self._device.type == "cuda"
+        use_graphs = args.cuda_graphs and self._device.type == "cuda"
         self.generation_forward = GraphRunner(self.model) if use_graphs else self.model
 
-    def _skip_policy(
-        self, fingerprint: str, skip_layers, skip_random, skip_profile, skip_k, router, router_tau,
-        allow_mismatch: bool, compile: bool,
-    ) -> tuple[SkipPolicy, dict, FlopsModel]:
-        """The skipping method the model_args name (``check_before_loading`` allowed at most one),
-        how to describe it in the results, and the FLOPs model that counts its cost."""
-        if router is not None:
-            routed = load_routers(router, self.cfg, fingerprint, router_tau, allow_mismatch, self._device, dtype=self.model.dtype)
-            warn_if_unfinished(routed)
-            if routed.adapter is not None:
-                self.model = merge_lora(self.model, str(routed.adapter))
-            policy = RoutedSkip(routed.routers, routed.routers.cfg.tau)
-            flops = FlopsModel.of(self.cfg, routed.routers.cfg.hidden, routed.routers.cfg.depth)
-            return (policy.compiled() if compile else policy), describe_router(routed), flops
-        if skip_profile is not None:
-            layers, profile = load_profile(skip_profile, self.cfg, fingerprint, allow_mismatch, skip_k)
-            policy = StaticSkip(layers) if layers else NO_SKIP
-            skip = {**describe_policy(policy), "skip_profile": str(skip_profile), "threshold": profile["threshold"]}
-            return policy, skip, FlopsModel.of(self.cfg)
-        policy = build_policy(self.cfg.n_layers, skip_layers, skip_random, self.seed)
-        return policy, describe_policy(policy), FlopsModel.of(self.cfg)
+    # ---- what a model family changes (llada.py, dream.py) ---------------------------------------
+    @classmethod
+    def likelihood_settings(cls, args: Mapping[str, Any]) -> LikelihoodSettings:
+        """The Monte-Carlo estimator's settings from the (unchecked) model_args."""
+        raise NotImplementedError
 
-    # ---- what a model family changes (DreamSkipLM overrides these) ---------------------------
-    def decoding_args(self, given: dict[str, Any]) -> dict[str, Any]:
-        """The decoding model_args as given (None: not given), keyed as ``self.decoding.keys``."""
-        return given
-
-    def likelihood_settings(self, mc_num: int, mc_batch: int, cfg: float) -> LikelihoodSettings:
-        return LikelihoodSettings(mc_num=mc_num, mc_batch=mc_batch, cfg=cfg)
+    @classmethod
+    def check_family_args(cls, args: Mapping[str, Any]) -> None:
+        """Refuse model_args values the family cannot honour (before anything is loaded)."""
 
     def likelihood_answer(self, continuation: list[int]) -> list[int]:
         """The tokens scored as the answer of a loglikelihood request."""
@@ -188,13 +119,10 @@ class LLaDASkipLM(TemplateLM):
 
     def decode(self, denoise, ids: torch.Tensor, attention_mask: torch.Tensor | None, settings, row_seeds) -> torch.Tensor:
         """The family's diffusion decoding: prompt ids [B, P] -> [B, P + gen_length]."""
-        return generate(denoise, ids, attention_mask, settings, self.mask_id, row_seeds)
+        raise NotImplementedError
 
     # ---- lm-eval conventions -------------------------------------------------------------
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
-        check_model_args(arg_dict, cls)
-        return super().create_from_arg_obj(arg_dict, additional_config)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -240,12 +168,7 @@ class LLaDASkipLM(TemplateLM):
         return self.tokenizer.encode(string, add_special_tokens=False)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt,
-        )
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.accelerator is None else self.accelerator.gather(tensor)
@@ -267,25 +190,16 @@ class LLaDASkipLM(TemplateLM):
         mine, self._unmerged = self._unmerged, []
         gathered = self.gather_object(mine)
         if self.rank == 0:
-            self._log_flops("all ranks", self.meter.merge_ranks(gathered))
+            log_task_flops(log, self.meter, "all ranks", self.meter.merge_ranks(gathered), self.decoding.model,
+                           self.cfg.n_layers, "blocks executed", self.rank)
         self.accelerator.wait_for_everyone()
 
     def set_cache_hook(self, cache_hook: CacheHook) -> None:
         """--use_cache: refuse a cache written with other settings; keep each answer's FLOPs with it."""
         if cache_hook.dbdict is not None:
-            self.answer_cache = AnswerCache(cache_hook.dbdict, self.cache_identity(), self.meter.flops, self._device)
+            identity = settings_identity(self.settings, self.model.dtype, self.tokenizer)
+            self.answer_cache = AnswerCache(cache_hook.dbdict, identity, self.meter.flops, self._device, self.decoding.model)
         super().set_cache_hook(cache_hook)
-
-    def cache_identity(self) -> dict:
-        """Every setting that can change an answer: the settings but the speed switches (the batch
-        layout never changes one), the dtype, max_length (truncation), the tokenizer, and the
-        router's weights (a router retrained in place keeps its path)."""
-        identity = {k: v for k, v in self.settings.items() if k not in ("compile", "cuda_graphs")}
-        identity.update(dtype=str(self.model.dtype), tokenizer=tokenizer_fingerprint(self.tokenizer))
-        router = self.settings["skip"].get("router")
-        if router is not None:
-            identity["router_weights"] = router_digest(Path(router))
-        return identity
 
     def get_model_info(self) -> dict:
         self._count_served()
@@ -302,11 +216,11 @@ class LLaDASkipLM(TemplateLM):
     # ---- batching helpers ------------------------------------------------------------------
     def _batch_size(self, rows_per_request: int, seq_len: int) -> int:
         """``batch_size`` as an int; ``auto`` probes the largest request batch that fits in memory."""
-        if not self.batch_size_arg.startswith("auto"):
-            return int(self.batch_size_arg)  # checked >= 1 before loading
+        if not self.args.batch_size.startswith("auto"):
+            return int(self.args.batch_size)  # checked >= 1 before loading
         from accelerate.utils import find_executable_batch_size
 
-        @find_executable_batch_size(starting_batch_size=self.max_batch_size)
+        @find_executable_batch_size(starting_batch_size=self.args.max_batch_size)
         def probe(batch_size: int) -> int:
             ids = torch.full((batch_size * rows_per_request, seq_len), self.mask_id, device=self._device)
             with torch.no_grad():
@@ -349,7 +263,7 @@ class LLaDASkipLM(TemplateLM):
         if self.world_size > 1:
             self._unmerged.append(added)
         else:
-            self._log_flops(kind, added)
+            log_task_flops(log, self.meter, kind, added, self.decoding.model, self.cfg.n_layers, "blocks executed", self.rank)
 
     def _count_served(self) -> None:
         """Add the FLOPs of the answers lm-eval served from --use_cache without calling the model."""
@@ -365,22 +279,6 @@ class LLaDASkipLM(TemplateLM):
         if self.world_size > 1:
             self._unmerged.extend(served)
 
-    def _log_flops(self, kind: str, tasks) -> None:
-        if self.rank != 0:
-            return
-        summaries = self.meter.summary()
-        for task in sorted(tasks):
-            summary = summaries[task]
-            log.info(
-                "%s %s [%s]: normalized FLOPs %.4f (papers) %.4f (whole model), "
-                "%.2f of %d blocks executed on average over %d forwards",
-                self.decoding.model, kind, task, summary["normalized_flops_papers"],
-                summary["normalized_flops_whole_model"], summary["mean_executed_blocks"], self.cfg.n_layers,
-                summary["forwards"],
-            )
-        for warning in self.meter.router_warnings(tasks, self.decoding.model):
-            log.warning(warning)
-
     # ---- loglikelihood -----------------------------------------------------------------------
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         encoded = []
@@ -392,7 +290,7 @@ class LLaDASkipLM(TemplateLM):
                 ctx, cont = self._encode_pair(context, continuation)
             encoded.append(((context, continuation), ctx, self.likelihood_answer(cont)))
         tasks = [req.task_name for req in requests]
-        greedy = greedy_wanted(requests, self.check_greedy)
+        greedy = greedy_wanted(requests, self.args.check_greedy)
         scores = self._loglikelihood_tokens(encoded, tasks=tasks, greedy=greedy, disable_tqdm=disable_tqdm)
         self._finish_call("loglikelihood", requests)
         return scores
@@ -424,7 +322,7 @@ class LLaDASkipLM(TemplateLM):
             task_rows = torch.tensor([task_index[task] for _, task, _, _ in chunk], device=self._device)
             lengths = torch.tensor([len(a) for a in answers], device=self._device)
             denoise = self._denoiser(task_rows, lengths, self._answer_rows(answer_index, [o for *_, o in chunk]))
-            generators = [request_generator(self.mc_seed, p, a) for p, a in zip(prompts, answers)]
+            generators = [request_generator(self.args.mc_seed, p, a) for p, a in zip(prompts, answers)]
             scores = mc_loglikelihood(
                 denoise, list(prompts), list(answers), self.likelihood, self.mask_id, self.tokenizer.pad_token_id,
                 generators, self._device, on_rows=denoise.select,
@@ -500,7 +398,7 @@ class LLaDASkipLM(TemplateLM):
         return scores
 
     # ---- generate_until ----------------------------------------------------------------------
-    def generation_settings(self, gen_kwargs: dict) -> tuple[GenerationSettings, list[str], dict[str, str]]:
+    def generation_settings(self, gen_kwargs: dict) -> tuple[Any, list[str], dict[str, str]]:
         """A request's decoding settings, stop strings, and each setting's value and source."""
         return resolve_generation(gen_kwargs, self.gen_args, self.decoding)
 
@@ -527,9 +425,10 @@ class LLaDASkipLM(TemplateLM):
             contexts, all_kwargs, chunk_tasks, chunk_answers = zip(*chunk)
             settings, until, origin = self.generation_settings(dict(all_kwargs[0]))
             self._announce(chunk_tasks, origin)
-            ids, attention_mask = self._encode_prompts(list(contexts), self.max_length - settings.gen_length)
+            ids, attention_mask = encode_prompts([self.tok_encode(c) for c in contexts], self.max_length - settings.gen_length,
+                                                 self.max_length, self.tokenizer.pad_token_id, self._device)
             task_rows = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
-            row_seeds = sampling_seeds(self.seed, ids, attention_mask)
+            row_seeds = sampling_seeds(self.args.seed, ids, attention_mask)
             answer_len = torch.full_like(task_rows, settings.gen_length)
             answer_rows = self._answer_rows(answer_index, chunk_answers)
             denoise = self._denoiser(task_rows, answer_len, answer_rows, self.generation_forward)
@@ -544,7 +443,7 @@ class LLaDASkipLM(TemplateLM):
         self._finish_call("generate_until", requests)
         return collator.get_original(results)
 
-    def _count_decoding(self, task_rows, answer_rows, ids, attention_mask, settings: GenerationSettings) -> None:
+    def _count_decoding(self, task_rows, answer_rows, ids, attention_mask, settings: Any) -> None:
         """Count the batch's rows for NFE per request, and what upstream's uncached decoding without
         skipping would have spent on them (its steps, each a full forward with the head over a block)."""
         rows = 2 if settings.cfg else 1
@@ -562,109 +461,8 @@ class LLaDASkipLM(TemplateLM):
         return self.tokenizer.decode(self.tok_encode(text), skip_special_tokens=True)
 
     def _generation_batch_size(self, items) -> int:
-        if not self.batch_size_arg.startswith("auto"):
+        if not self.args.batch_size.startswith("auto"):
             return self._batch_size(1, 1)
         longest = max(len(self.tok_encode(c)) for c, *_ in items)
         settings, _, _ = self.generation_settings(dict(items[0][1]))
         return self._batch_size(2 if settings.cfg else 1, min(longest + settings.gen_length, self.max_length))
-
-    def _encode_prompts(self, contexts: list[str], max_prompt: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Left-padded prompt ids [B, P] and attention mask (None when no row is padded)."""
-        if max_prompt < 1:
-            raise ValueError(f"gen_length leaves no room for a prompt within max_length={self.max_length}")
-        encoded = [self.tok_encode(c) for c in contexts]
-        for i, enc in enumerate(encoded):
-            if len(enc) > max_prompt:
-                log.warning("prompt of %d tokens left-truncated to %d to leave room for the answer", len(enc), max_prompt)
-                encoded[i] = enc[-max_prompt:]
-        P = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), P), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros(len(encoded), P, dtype=torch.long)
-        for i, enc in enumerate(encoded):
-            ids[i, P - len(enc) :] = torch.tensor(enc, dtype=torch.long)
-            attention[i, P - len(enc) :] = 1
-        padded = not bool(attention.all())
-        return ids.to(self._device), attention.to(self._device) if padded else None
-
-
-def sampling_seeds(seed: int, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """[B] int64 noise keys from (seed, each row's prompt tokens): sampled decoding of a request
-    then depends on the request alone, never on the batch it shares."""
-    return row_keys(ids, attention_mask) + ((seed % 2**32) << 31)  # row keys are < 2^31
-
-
-def greedy_wanted(requests: list[Instance], every: bool) -> list[bool]:
-    """Which loglikelihood requests need ``is_greedy``: those of ``loglikelihood`` tasks, whose ``acc``
-    (LAMBADA's) is "the answer is the greedy one"; every request when ``every`` (check_greedy=True:
-    only an ``exact_match`` metric on a multiple_choice task reads it there).
-
-    An Instance does not name its task's output type, but a multiple_choice task sends the choices
-    of a document as idx 0, 1, ... while a loglikelihood task sends one request, idx 0: a document
-    with a request of idx > 0 is multiple choice. (A lone idx-0 choice, its siblings served by
-    --use_cache, is taken for a loglikelihood request: a greedy check too many, no wrong answer.)
-    """
-    if every:
-        return [True] * len(requests)
-    multiple_choice = {(req.task_name, req.doc_id) for req in requests if req.idx > 0}
-    return [(req.task_name, req.doc_id) not in multiple_choice for req in requests]
-
-
-def build_policy(n_layers: int, skip_layers: Any, skip_random: Any, seed: int) -> SkipPolicy:
-    """The static or random skip policy the model_args ask for."""
-    if skip_layers is not None:
-        layers = parse_layers(skip_layers, "skip_layers")
-        check_layers(layers, n_layers, "skip_layers")
-        return StaticSkip(layers) if layers else NO_SKIP
-    if skip_random is not None:
-        policy = RandomSkip(skip_random, n_layers, seed)
-        policy.check(n_layers)
-        return policy
-    return NO_SKIP
-
-
-def describe_router(routed: RouterCheckpoint) -> dict:
-    meta = routed.meta
-    return {
-        "method": "routed",
-        "router": str(routed.path),
-        "tau": routed.routers.cfg.tau,
-        **{k: meta.get(k) for k in ("lambda", "alpha_target", "mask_scaling")},
-        "router_shape": meta["router"],
-        "trained_on": meta.get("training", {}).get("source"),
-        "trained_for": meta["base_model"]["name"],
-        # A checkpoint saved mid-training scores as a partly trained router.
-        "completed_steps": meta.get("training", {}).get("completed_steps"),
-        "training_steps": meta.get("training", {}).get("steps"),
-        "finished": meta.get("training", {}).get("finished"),
-    }
-
-
-def warn_if_unfinished(routed: RouterCheckpoint) -> None:
-    """One warning line when the router was saved mid-training, with the command that finishes it."""
-    training = routed.meta.get("training", {})
-    if training.get("finished") is False:
-        from .train import resume_command
-
-        log.warning("router=%s was saved mid-training: it stopped at step %s of %s, so these results are a partly "
-                    "trained router's; finish it with: %s", routed.path, training.get("completed_steps"),
-                    training.get("steps"), resume_command(routed.path.resolve()))
-
-
-def describe_policy(policy: SkipPolicy) -> dict:
-    if isinstance(policy, StaticSkip):
-        return {"method": "static", "skip_layers": sorted(policy.layers), "k": len(policy.layers)}
-    if isinstance(policy, RandomSkip):
-        return {"method": "random", "k": policy.k, "seed": policy.seed}
-    return {"method": "none"}
-
-
-def check_model_args(args: dict[str, Any], model: type = LLaDASkipLM) -> None:
-    """Name an unknown model_args key and suggest the closest known one."""
-    known = set(inspect.signature(model.__init__).parameters) - {"self"}
-    for key in args:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"{model.decoding.model}: unknown model_args key {key!r}.{hint} Known keys: {', '.join(sorted(known))}"
-            )

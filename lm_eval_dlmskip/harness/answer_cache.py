@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import hash_args
 from sqlitedict import SqliteDict
 
-from .flops import FlopsMeter, FlopsModel, TaskTotals
+from ..models.loading import tokenizer_fingerprint
+from ..skipping.flops import FlopsMeter, FlopsModel, TaskTotals
+from ..skipping.router_checkpoints import router_digest
 
 SETTINGS_KEY = "__llada_skip_settings__"
 FLOPS_PREFIX = "__llada_skip_flops__|"
@@ -52,11 +55,23 @@ def claim(db: SqliteDict, identity: dict, model: str) -> _ServedAnswers:
     return db
 
 
-class AnswerCache:
-    """The llada_skip side of lm-eval's answer cache: its settings, and a FLOPs meter per answer."""
+def settings_identity(settings: dict, dtype: torch.dtype, tokenizer) -> dict:
+    """Every setting that can change an answer: the settings but the speed switches (the batch
+    layout never changes one), the dtype, max_length (truncation), the tokenizer, and the
+    router's weights (a router retrained in place keeps its path)."""
+    identity = {k: v for k, v in settings.items() if k not in ("compile", "cuda_graphs")}
+    identity.update(dtype=str(dtype), tokenizer=tokenizer_fingerprint(tokenizer))
+    router = settings["skip"].get("router")
+    if router is not None:
+        identity["router_weights"] = router_digest(Path(router))
+    return identity
 
-    def __init__(self, db: SqliteDict, identity: dict, flops: FlopsModel, device: torch.device) -> None:
-        self.db = claim(db, identity, "llada_skip")
+
+class AnswerCache:
+    """Our side of lm-eval's answer cache: its settings, and a FLOPs meter per answer."""
+
+    def __init__(self, db: SqliteDict, identity: dict, flops: FlopsModel, device: torch.device, model: str) -> None:
+        self.db = claim(db, identity, model)
         self.meter = FlopsMeter(flops, device)  # "tasks" are the answers of one call
 
     def start(self, answers: list[int]) -> dict[int, int]:

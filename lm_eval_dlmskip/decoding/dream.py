@@ -9,7 +9,7 @@ the other algorithms commit the int(M (1 - s/t)) most confident of the M still m
 by the margin between the two most likely tokens, ``entropy`` by the negative entropy. With
 ``alg_temp`` > 0 the committed positions are drawn from softmax(confidence / alg_temp) instead.
 
-Upstream draws its noise from torch's global generator; here, as in generation.py, noise is a
+Upstream draws its noise from torch's global generator; here, as in generate.py, noise is a
 hash of (row seed, step, answer position), so a row decodes the same text in any batch. Greedy
 settings (temperature 0, alg_temp 0, any algorithm but ``origin``) use no noise and give
 upstream's tokens. Mask tokens inside a prompt stay as they are (upstream would fill them too).
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .generation import Denoiser, noise_keys, uniform_noise
+from .generate import Denoiser
+from .noise import noise_keys, uniform_noise
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 

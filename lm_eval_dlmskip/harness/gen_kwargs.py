@@ -13,8 +13,8 @@ from typing import Any
 
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from .generation import GenerationSettings
-from .generation_dream import DreamGenerationSettings
+from ..decoding.dream import DreamGenerationSettings
+from ..decoding.generate import GenerationSettings
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,58 @@
+"""Helpers of the request handling that need no model: prompts as a left-padded batch, the
+sampling noise keys of a row, and which loglikelihood requests need ``is_greedy``."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from lm_eval.api.instance import Instance
+
+from ..skipping.policies import row_keys
+
+log = logging.getLogger("lm_eval.llada_skip")
+
+
+def encode_prompts(
+    encoded: list[list[int]], max_prompt: int, max_length: int, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Left-padded prompt ids [B, P] and attention mask (None when no row is padded); a prompt
+    longer than ``max_prompt`` is left-truncated (with a warning) to leave room for the answer."""
+    if max_prompt < 1:
+        raise ValueError(f"gen_length leaves no room for a prompt within max_length={max_length}")
+    for i, enc in enumerate(encoded):
+        if len(enc) > max_prompt:
+            log.warning("prompt of %d tokens left-truncated to %d to leave room for the answer", len(enc), max_prompt)
+            encoded[i] = enc[-max_prompt:]
+    P = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), P), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(encoded), P, dtype=torch.long)
+    for i, enc in enumerate(encoded):
+        ids[i, P - len(enc) :] = torch.tensor(enc, dtype=torch.long)
+        attention[i, P - len(enc) :] = 1
+    padded = not bool(attention.all())
+    return ids.to(device), attention.to(device) if padded else None
+
+
+def sampling_seeds(seed: int, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B] int64 noise keys from (seed, each row's prompt tokens): sampled decoding of a request
+    then depends on the request alone, never on the batch it shares."""
+    return row_keys(ids, attention_mask) + ((seed % 2**32) << 31)  # row keys are < 2^31
+
+
+def greedy_wanted(requests: list[Instance], every: bool) -> list[bool]:
+    """Which loglikelihood requests need ``is_greedy``: those of ``loglikelihood`` tasks, whose ``acc``
+    (LAMBADA's) is "the answer is the greedy one"; every request when ``every`` (check_greedy=True:
+    only an ``exact_match`` metric on a multiple_choice task reads it there).
+
+    An Instance does not name its task's output type, but a multiple_choice task sends the choices
+    of a document as idx 0, 1, ... while a loglikelihood task sends one request, idx 0: a document
+    with a request of idx > 0 is multiple choice. (A lone idx-0 choice, its siblings served by
+    --use_cache, is taken for a loglikelihood request: a greedy check too many, no wrong answer.)
+    """
+    if every:
+        return [True] * len(requests)
+    multiple_choice = {(req.task_name, req.doc_id) for req in requests if req.idx > 0}
+    return [(req.task_name, req.doc_id) not in multiple_choice for req in requests]
+
+

@@ -1,0 +1,165 @@
+"""How a forward runs its blocks: the skip policy asked per block, the KV cache of cached decoding,
+and the executor that runs each block (eagerly here, replayed from CUDA graphs in
+decoding/graphs.py). Family-agnostic: a model builds a ``ForwardContext`` and hands its blocks to
+``run_blocks``, the one block loop of the package.
+
+A skipped row keeps its hidden states (h_{l+1} = h_l). Decisions the host can branch on stay
+Python bools; per-row decisions are read back once per block (the one sync of a routed block),
+or, in the window forwards of cached decoding with ``reuse_decisions``, taken from the cache fill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..skipping.policies import Decision, ForwardBatch, SkipPolicy, SkipTrace
+
+KV = tuple[Tensor, Tensor] | None  # one block's cached keys and values [B, H_kv, L, hd], or None
+LogitPositions = slice | Tensor | None  # None: all; slice: columns; Tensor: flat indices into B*W
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every block over the whole canvas, kept between the forwards of one
+    semi-autoregressive block of cached decoding (Fast-dLLM's prefix and dual caches).
+
+    A full forward fills it and records, per block, which rows ran it (``ran``): a row that
+    skipped a block there has no keys and values for it, so it skips that block in every window
+    forward until the next fill. With ``reuse_decisions`` the window forwards do not ask the skip
+    policy at all and run exactly what the fill ran: no router cost and no host read per block
+    there. Storage is allocated by the first fill (or lent by an executor).
+    """
+
+    k: Tensor | None = None  # [n_layers, B, H_kv, L, hd], rotated
+    v: Tensor | None = None
+    ran: list[bool | list[bool]] = field(default_factory=list)  # per block, host-known
+    reuse_decisions: bool = False
+
+    def allocate(self, cfg: Any, B: int, L: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (cfg.n_layers, B, cfg.n_kv_heads, L, cfg.head_dim)
+        if self.k is None or self.k.shape != shape or self.k.dtype != dtype or self.k.device != device:
+            self.k = torch.empty(shape, dtype=dtype, device=device)
+            self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.ran = []
+
+
+@dataclass
+class ForwardContext:
+    """What every block of one forward reads besides its input, built once per forward."""
+
+    batch: ForwardBatch  # the computed positions, as the skip policy sees them
+    cos: Tensor  # [W, hd] rotary tables at the computed positions ([B, 1, W, hd] with per-row positions)
+    sin: Tensor
+    key_mask: Tensor | None  # [B, 1, 1, L] bool: real (non-padding) keys; None: no padding
+    cache: KVCache | None = None
+    positions: Tensor | None = None  # [W] canvas slots the computed positions write in the cache
+    filling: bool = False  # a full forward that (re)fills the cache
+
+
+class Executor:
+    """How the block loop runs each step: eagerly, as here, or replayed from CUDA graphs (decoding/graphs.py).
+    The loop itself is ``run_blocks``', whichever executor runs it."""
+
+    def begin(self, model: nn.Module, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, ForwardContext]:
+        return x, ctx
+
+    def decide(self, layer: int, policy: SkipPolicy, x: Tensor, ctx: ForwardContext) -> Decision:
+        return policy.rows_to_run(layer, x, ctx.batch)
+
+    def run(self, layer: int, block: nn.Module, x: Tensor, run: Decision, ctx: ForwardContext) -> Tensor:
+        return run_block(block, layer, x, run, ctx)
+
+
+EAGER_EXECUTOR = Executor()
+
+
+def run_blocks(
+    blocks: nn.ModuleList, x: Tensor, policy: SkipPolicy, ctx: "ForwardContext", executor: "Executor",
+    hidden_states: list[Tensor] | None = None,
+) -> tuple[Tensor, SkipTrace]:
+    """The block loop: ask the policy (or the cache fill) which rows run each block, run them; the
+    hidden states after the last block and the forward's trace. Appends each block's input to
+    ``hidden_states`` when given."""
+    reuse = ctx.cache is not None and not ctx.filling and ctx.cache.reuse_decisions
+    decisions: list[Decision] = []
+    for i, block in enumerate(blocks):
+        if hidden_states is not None:
+            hidden_states.append(x)
+        if reuse:
+            run = ctx.cache.ran[i]
+        else:
+            run = resolve(executor.decide(i, policy, x, ctx))
+            if ctx.filling:
+                ctx.cache.ran.append(run)
+            elif ctx.cache is not None:
+                run = both(run, ctx.cache.ran[i])
+        x = executor.run(i, block, x, run, ctx)
+        decisions.append(run)
+    return x, make_trace(decisions, ctx, 0 if reuse else getattr(policy, "routed_layers", 0))
+
+
+def make_trace(decisions: list, ctx: ForwardContext, routed_layers: int) -> SkipTrace:
+    """The trace of one forward (its head positions are filled in once the head has run): the
+    tokens computed per row and the keys each attended to (the whole canvas in a window forward)."""
+    batch = ctx.batch
+    B, W = batch.ids.shape
+    device = batch.ids.device
+    computed = torch.full((B,), W, device=device) if batch.attention_mask is None else batch.attention_mask.sum(1)
+    keys = None
+    if ctx.cache is not None:
+        L = ctx.cache.k.shape[3]
+        keys = torch.full((B,), L, device=device) if ctx.key_mask is None else ctx.key_mask.flatten(1).sum(1)
+    executed = SkipTrace.from_decisions(decisions, B, device)
+    return SkipTrace(executed, computed, computed, batch.masked.sum(1), routed_layers, keys)
+
+
+def head_positions(logits_at: LogitPositions, B: int, W: int, device: torch.device) -> Tensor:
+    """[B] positions per row at which the LM head ran."""
+    if logits_at is None:
+        return torch.full((B,), W, device=device)
+    if isinstance(logits_at, slice):
+        return torch.full((B,), len(range(W)[logits_at]), device=device)
+    return torch.bincount(logits_at // W, minlength=B)
+
+
+def resolve(run: Decision) -> Decision | list[bool]:
+    """A decision the host can branch on: per-row bools are read back (the one sync of a routed
+    block) and collapse to True/False when every row agrees; training's float gates pass through."""
+    if isinstance(run, bool) or isinstance(run, Tensor) and run.dtype.is_floating_point:
+        return run
+    chosen = run if isinstance(run, list) else run.tolist()  # sync: one read per block, every row's decision
+    return True if all(chosen) else False if not any(chosen) else chosen
+
+
+def both(run: Decision | list[bool], allowed: bool | list[bool]) -> Decision | list[bool]:
+    """Rows that run a block: those the policy chose, among those the cache allows."""
+    if allowed is True or run is False:
+        return run
+    if allowed is False or run is True:
+        return allowed
+    return resolve([a and b for a, b in zip(run, allowed)])
+
+
+def run_block(block: Callable[..., Tensor], layer: int, x: Tensor, run: Decision | list[bool], ctx: ForwardContext) -> Tensor:
+    """Run ``block`` for the rows the policy chose; a skipped row keeps its input unchanged."""
+    kv = None if ctx.cache is None else (ctx.cache.k[layer], ctx.cache.v[layer])
+    args = (ctx.cos, ctx.sin, ctx.key_mask, kv, ctx.positions)
+    if run is True:
+        return block(x, *args)
+    if run is False:
+        return x
+    if isinstance(run, Tensor):  # a differentiable gate in [0, 1] (router training)
+        return x + run.to(x.dtype)[:, None, None] * (block(x, *args) - x)
+    rows = torch.tensor([i for i, c in enumerate(run) if c], device=x.device)
+    sub_mask = None if ctx.key_mask is None else ctx.key_mask.index_select(0, rows)
+    sub_kv = None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+    cos, sin = (ctx.cos, ctx.sin) if ctx.cos.dim() == 2 else (ctx.cos.index_select(0, rows), ctx.sin.index_select(0, rows))
+    out = block(x.index_select(0, rows), cos, sin, sub_mask, sub_kv, ctx.positions)
+    if kv is not None:  # the subset's refreshed keys and values go back into the cache
+        kv[0].index_copy_(0, rows, sub_kv[0])
+        kv[1].index_copy_(0, rows, sub_kv[1])
+    return x.index_copy(0, rows, out)

@@ -1,0 +1,67 @@
+"""``dlmskip train`` and ``python -m lm_eval_dlmskip.train``: parse the options, train, say where the
+routers went and how lm_eval uses them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from ..common.cli_help import HelpFormatter
+from .config import TrainConfig, add_arguments, config_from_args
+from .loop import train
+
+DESCRIPTION = "learn the routers of a frozen diffusion LM (the router paper's objective and recipe)"
+
+
+def run_train(args: argparse.Namespace, argv: list[str]) -> int:
+    """Train; then say where the routers went and how lm_eval uses them. Ctrl-C (exit 130) says
+    how to resume from the last checkpoint, or that none was saved yet. ``argv``: the train arguments."""
+    cfg = config_from_args(args)
+    out = Path(cfg.output).resolve()
+    first_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch, one process speaks
+    try:
+        metrics = train(cfg)
+    except KeyboardInterrupt:
+        if first_process:
+            print(interrupted_message(cfg, argv), file=sys.stderr)
+        return 130
+    print(json.dumps(metrics))
+    if not first_process:
+        return 0
+    model = Path(cfg.model).resolve() if Path(cfg.model).expanduser().is_dir() else cfg.model
+    family = json.loads((out / "router.json").read_text())["base_model"]["family"]
+    print(f"router checkpoint: {out}\nevaluate with it: lm_eval --model {family}_skip "
+          f"--model_args 'pretrained={model},router={out}' --tasks TASKS")
+    return 0
+
+
+def interrupted_message(cfg: TrainConfig, argv: list[str]) -> str:
+    out = Path(cfg.output).resolve()
+    again = shlex.join(["dlmskip", "train", *[a for a in argv if a != "--resume"]])
+    state = out / "train_state.json"
+    if state.exists():
+        step = json.loads(state.read_text())["step"]
+        return (f"dlmskip train: interrupted; the last checkpoint ({out}) holds step {step}. "
+                f"Continue it with:\n  {again} --resume")
+    before = f"dlmskip train: interrupted before the first checkpoint (every --save-every {cfg.save_every} steps)"
+    if out.is_dir():
+        return f"{before}. Start it again from step 0 with:\n  {again} --resume"
+    return f"{before}; nothing was written. Start again with:\n  {again}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dlmskip train", description=DESCRIPTION, formatter_class=HelpFormatter)
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return run_train(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

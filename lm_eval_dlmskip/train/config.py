@@ -1,0 +1,132 @@
+"""The settings of a router training run (``TrainConfig``) and the ``dlmskip train`` options that
+set them; the options a run was started with are saved so that it can be resumed."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from ..data import add_source_arguments
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    output: str
+    task: str | None = None
+    include_path: str | None = None
+    data: str | None = None
+    num_fewshot: int | None = None  # None: the task's own
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    revision: str = "main"
+    lam: float = 0.1
+    alpha_target: float = 0.5
+    tau: float = 0.1
+    mask_scaling: bool = True
+    gumbel_temperature: float = 1.0
+    router_hidden: int | None = None  # None: d_model / 8 (512 on LLaDA-8B)
+    router_depth: int = 2
+    norm_first: bool = False
+    init_bias: float = 4.0
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    epochs: float = 10.0
+    max_steps: int | None = None
+    batch_size: int | None = None  # examples per micro-batch and process; None: the largest that fits
+    effective_batch_size: int = 64
+    lr: float = 5e-5
+    warmup_epochs: float = 2.0
+    warmup_steps: int | None = None
+    weight_decay: float = 0.02
+    grad_clip: float = 1.0
+    max_length: int = 1024
+    min_mask_ratio: float = 1e-3  # LLaDA's eps: p_mask = (1 - eps) t + eps
+    seed: int = 0
+    val_fraction: float = 0.05
+    eval_every: int = 100
+    save_every: int = 500
+    log_every: int = 10
+    dtype: str = "bfloat16"
+    device: str | None = None
+    resume: bool = False
+
+    def check(self) -> None:
+        if (self.task is None) == (self.data is None):
+            raise ValueError("give exactly one of --task NAME or --data FILE.jsonl")
+        if self.data is not None and (self.num_fewshot is not None or self.apply_chat_template):
+            raise ValueError("--num-fewshot and --apply-chat-template render --task prompts; --data prompts are used as written")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("--fewshot-as-multiturn needs --apply-chat-template (as in lm_eval)")
+        if not 0 <= self.alpha_target <= 1:
+            raise ValueError(f"--alpha-target {self.alpha_target} must be in [0, 1]")
+        if self.lam < 0:
+            raise ValueError(f"--lambda {self.lam} must be >= 0")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size} must be >= 1 (or left out: the largest that fits)")
+        if self.batch_size is not None and self.effective_batch_size % self.batch_size:
+            raise ValueError(f"--effective-batch-size {self.effective_batch_size} is not a multiple of --batch-size {self.batch_size}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", required=True, help="LLaDA hub id or checkpoint directory (the frozen backbone)")
+    a("--output", required=True, help="router checkpoint directory to write (e.g. router_ckpts/gsm8k-l0.3)")
+    add_source_arguments(parser, "lm-eval task whose training split (else validation split) is the data",
+                         "JSONL file with prompt/target fields, instead of --task")
+    a("--num-fewshot", type=int, help="few-shot examples in each --task prompt (default: the task's own num_fewshot, "
+                                       "as lm_eval); drawn from the task's few-shot split, never the example itself")
+    a("--apply-chat-template", action="store_true", help="render --task prompts with the tokenizer's chat template, as lm_eval's flag")
+    a("--fewshot-as-multiturn", action="store_true", help="few-shot examples as chat turns, as lm_eval's flag")
+    a("--revision", default="main")
+    a("--lambda", dest="lam", type=float, default=0.1, help="weight of the skip loss |alpha - alpha_target|")
+    a("--alpha-target", type=float, default=0.5, help="target share of skipped blocks")
+    a("--tau", type=float, default=0.1, help="skip a block when the share of skip votes exceeds tau")
+    a("--no-mask-scaling", dest="mask_scaling", action="store_false", help="do not divide the skip loss by p_mask (ablation)")
+    a("--gumbel-temperature", type=float, default=1.0)
+    a("--router-hidden", type=int, help="router MLP width (default d_model / 8: 512 on LLaDA-8B, as in the paper)")
+    a("--router-depth", type=int, default=2, help="linear layers per router (2 as in the paper; 4 also tried)")
+    a("--norm-first", action="store_true", help="RMSNorm(d) -> Linear -> SiLU -> Linear instead of D-LLM's order")
+    a("--init-bias", type=float, default=4.0, help="execute-minus-skip logit bias at start (all blocks run)")
+    a("--lora", action="store_true", help="also train LoRA adapters on the blocks (peft)")
+    a("--lora-rank", type=int, default=8)
+    a("--lora-alpha", type=int, default=16)
+    a("--epochs", type=float, default=10.0)
+    a("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    a("--batch-size", type=int, help="examples per micro-batch and process (default: on a GPU the largest that fits, "
+                                      "probed; 4 on a CPU; recorded in router.json, as the random draws depend on it)")
+    a("--effective-batch-size", type=int, default=64, help="examples per optimizer step, all processes together")
+    a("--lr", type=float, default=5e-5)
+    a("--warmup-epochs", type=float, default=2.0)
+    a("--warmup-steps", type=int)
+    a("--weight-decay", type=float, default=0.02)
+    a("--grad-clip", type=float, default=1.0)
+    a("--max-length", type=int, default=1024)
+    a("--seed", type=int, default=0)
+    a("--val-fraction", type=float, default=0.05)
+    a("--eval-every", type=int, default=100)
+    a("--save-every", type=int, default=500)
+    a("--log-every", type=int, default=10)
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    a("--device", choices=["cuda", "cpu"])
+    a("--resume", action="store_true", help="continue the run in --output from its last saved step")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def command_arguments(cfg: TrainConfig) -> list[str]:
+    """The ``dlmskip train`` options of ``cfg`` that differ from their defaults, without --output and
+    --resume (saved with the run, so that the command continuing it can be given later)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    words: list[str] = []
+    for action in parser._actions:  # argparse keeps each option's flag and default only here
+        value = getattr(cfg, action.dest, action.default)
+        if not action.option_strings or action.dest in ("resume", "output", "help") or value == action.default:
+            continue
+        words += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], str(value)]
+    return words

@@ -1,0 +1,109 @@
+"""The router paper's training objective on one micro-batch, and the held-out validation that
+measures the routers as evaluation will run them."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import Pair
+from ..models.llada import LLaDA
+from ..skipping.routers import GumbelRouting, RoutedSkip, Routers
+from .config import TrainConfig
+
+
+@dataclass
+class Batch:
+    ids: Tensor  # [b, L] prompt + target, right-padded
+    attention_mask: Tensor | None
+    target: Tensor  # [b, L] bool: target positions
+    target_len: Tensor  # [b]
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(None if t is None else t.to(device) for t in vars(self).values()))
+
+
+def collate(pairs: list[Pair], pad_id: int) -> Batch:
+    L = max(len(p.prompt) + len(p.target) for p in pairs)
+    ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)
+    target = torch.zeros(len(pairs), L, dtype=torch.bool)
+    attention = torch.zeros(len(pairs), L, dtype=torch.long)
+    for i, p in enumerate(pairs):
+        n = len(p.prompt) + len(p.target)
+        ids[i, :n] = torch.tensor(p.prompt + p.target)
+        target[i, len(p.prompt) : n] = True
+        attention[i, :n] = 1
+    return Batch(ids, None if bool(attention.all()) else attention, target, target.sum(1))
+
+
+class RouterObjective(nn.Module):
+    """Frozen backbone + routers; forward gives the paper's loss for one micro-batch."""
+
+    def __init__(self, backbone: nn.Module, routers: Routers, cfg: TrainConfig, mask_id: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.routers = routers
+        self.cfg = cfg
+        self.mask_id = mask_id
+
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, device = self.cfg, batch.ids.device
+        b = batch.ids.shape[0]
+        t = torch.rand(b, 1, device=device, generator=generator)
+        p_mask = (1 - cfg.min_mask_ratio) * t + cfg.min_mask_ratio
+        masked = batch.target & (torch.rand(batch.ids.shape, device=device, generator=generator) < p_mask)
+        noisy = torch.where(masked, self.mask_id, batch.ids)
+        positions = masked.flatten().nonzero().squeeze(1)  # sync: the count sizes the LM head
+        routing = GumbelRouting(self.routers, cfg.gumbel_temperature, generator)
+        logits, _ = self.backbone(noisy, batch.attention_mask, policy=routing, logits_at=positions)
+        ce = F.cross_entropy(logits.float(), batch.ids.flatten()[positions], reduction="none")
+        ce_row = torch.zeros(b, device=device).index_add_(0, positions // batch.ids.shape[1], ce) / batch.target_len
+        alpha = routing.alpha()
+        skip_loss = (alpha - cfg.alpha_target).abs()
+        p = p_mask.squeeze(1)
+        if cfg.mask_scaling:
+            loss = (ce_row + cfg.lam * skip_loss) / p
+        else:
+            loss = ce_row / p + cfg.lam * skip_loss
+        stats = {"ce": ce_row.mean().detach(), "skip_loss": skip_loss.mean().detach(), "alpha": alpha.mean().detach()}
+        return loss.mean(), stats
+
+
+def validation_batches(pairs: list[Pair], batch_size: int, seed: int, pad_id: int) -> Iterator[tuple[Batch, Tensor]]:
+    """The held-out forwards: every example at mask ratios 0.25, 0.5, 0.75 and 1.0, with fixed
+    masks; yields each batch and its [b, L] bool mask (on the host)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(pairs[start : start + batch_size], pad_id)
+        for ratio in (0.25, 0.5, 0.75, 1.0):
+            masked = batch.target & (torch.rand(batch.ids.shape, generator=generator) < ratio)
+            yield batch, masked
+
+
+@torch.no_grad()
+def validate(backbone: LLaDA, routers: Routers, pairs: list[Pair], batch_size: int, seed: int, mask_id: int, pad_id: int) -> dict:
+    """Masked CE and execution ratio as evaluation will measure them: the routers cast to the
+    model's dtype (as the harness loads a checkpoint), the model in that dtype without autocast,
+    and RoutedSkip's decisions (argmax votes, hard tau). Training's bf16 autocast over float32
+    routers flips near-tied votes, so its own ratio is not what lm-eval sees."""
+    if not pairs:
+        return {}
+    device, dtype = backbone.device, backbone.dtype
+    policy = RoutedSkip(copy.deepcopy(routers).to(dtype).eval(), routers.cfg.tau)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [CE, executed share], summed over rows
+    tokens, forwards = 0, 0
+    for batch, masked in validation_batches(pairs, batch_size, seed, pad_id):
+        noisy, positions = torch.where(masked, mask_id, batch.ids), masked.flatten().nonzero().squeeze(1)
+        mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+        logits, trace = backbone(noisy.to(device), mask, policy=policy, logits_at=positions.to(device))
+        sums[0] += F.cross_entropy(logits.float(), batch.ids.flatten()[positions].to(device), reduction="sum")
+        sums[1] += trace.executed.double().mean(1).sum()
+        tokens += len(positions)
+        forwards += len(masked)
+    ce, executed = sums.tolist()  # sync: once per validation
+    return {"val_ce": ce / max(tokens, 1), "val_execution_ratio": executed / forwards, "val_dtype": str(dtype).removeprefix("torch.")}
