@@ -6,15 +6,15 @@ schedules and 0-token steps, ties, and the last block shorter than the others (r
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from lm_eval_dlmskip.gen_kwargs import resolve_generation
-from lm_eval_dlmskip.generation import GenerationSettings, generate, transfer_schedule, unmask
+from lm_eval_dlmskip.decoding.generate import GenerationSettings, generate, transfer_schedule, unmask
+from lm_eval_dlmskip.harness.gen_kwargs import resolve_generation
 
 EDGES = json.loads((Path(__file__).parent / "fixtures" / "fastdllm-reference" / "edges.json").read_text())
 PALETTE = EDGES["palette"]
