@@ -154,6 +154,16 @@ def test_drawn_token_and_its_confidence(alg):
         assert torch.allclose(confidence.double(), q[x0], atol=1e-6)
 
 
+def test_nucleus_keeps_tokens_until_the_mass_before_them_exceeds_top_p():
+    """At an exact boundary: four probabilities of exactly 1/4; a token is dropped only once the
+    tokens before it exceed top_p, so top_p 1/4 keeps two, 1/2 three, 3/4 all four (Dream's
+    ``cumulative_probs > top_p``, shifted by one)."""
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0, -30.0, -30.0]]])
+    for top_p, kept in ((0.25, 2), (0.5, 3), (0.75, 4)):
+        _, confidence = tokens_and_confidence(logits, DreamGenerationSettings(alg="maskgit_plus", top_p=top_p), None)
+        assert confidence.item() == pytest.approx(1 / kept), top_p
+
+
 # Answer positions with distinct confidences under every algorithm (6 positions, 8 tokens).
 POSITION_LOGITS = [
     [2.5, 0.1, -0.4, 0.3, -1.0, 0.0, 0.2, -0.3],
