@@ -16,15 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_eval_dlmskip.generation import noise_keys
-from lm_eval_dlmskip.generation_dream import (
+from lm_eval_dlmskip.decoding.dream import (
     DreamGenerationSettings,
     dream_generate,
     tokens_and_confidence,
     transfer_counts,
 )
-from lm_eval_dlmskip.likelihood import LikelihoodSettings, dream_masks, mc_loglikelihood
-from lm_eval_dlmskip.loading import load_model
+from lm_eval_dlmskip.decoding.likelihood import LikelihoodSettings, dream_masks, mc_loglikelihood
+from lm_eval_dlmskip.decoding.noise import noise_keys
+from lm_eval_dlmskip.models.loading import load_model
 
 from .conftest import model_denoiser
 
