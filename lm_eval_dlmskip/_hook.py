@@ -19,6 +19,7 @@ MODELS = {  # --model name -> class, as pyproject's lm_eval.models entry points
     "llada_skip": "lm_eval_dlmskip.harness.llada:LLaDASkipLM",
     "hf_skip": "lm_eval_dlmskip.harness.hf:HFSkipLM",
     "dream_skip": "lm_eval_dlmskip.harness.dream:DreamSkipLM",
+    "llada2_skip": "lm_eval_dlmskip.harness.llada2:LLaDA2SkipLM",
 }
 
 

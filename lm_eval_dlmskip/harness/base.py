@@ -48,6 +48,7 @@ class DiffusionSkipLM(TemplateLM):
     family: str  # the checkpoints this model takes (loading.py refuses the others)
     decoding: DecodingSpec  # its decoding settings and their keys (gen_kwargs.py)
     extra_args: dict[str, Any] = {}  # model_args only this family takes, with their defaults
+    graphs = True  # whether generation's forwards replay from CUDA graphs (decoding/graphs.py) on a GPU
 
     def __init__(self, pretrained: str | None = None, **model_args: Any) -> None:
         super().__init__()
@@ -100,7 +101,7 @@ class DiffusionSkipLM(TemplateLM):
         self._unmerged: list[dict[str, TaskTotals]] = []  # this rank's FLOPs since the last merge
         self._flops_table = TableAtExit()  # printed at exit under the lm_eval CLI
         # Generation repeats one shape for every denoising step: replay it from CUDA graphs.
-        use_graphs = args.cuda_graphs and self._device.type == "cuda"
+        use_graphs = args.cuda_graphs and self._device.type == "cuda" and self.graphs
         self.generation_forward = GraphRunner(self.model) if use_graphs else self.model
 
     # ---- what a model family changes (llada.py, dream.py) ---------------------------------------
@@ -118,8 +119,19 @@ class DiffusionSkipLM(TemplateLM):
         return continuation
 
     def decode(self, denoise, ids: torch.Tensor, attention_mask: torch.Tensor | None, settings, row_seeds) -> torch.Tensor:
-        """The family's diffusion decoding: prompt ids [B, P] -> [B, P + gen_length]."""
+        """The family's diffusion decoding: left-padded prompt ids [B, P] -> answers [B, gen_length]."""
         raise NotImplementedError
+
+    @property
+    def likelihood_forward(self):
+        """The forward the Monte-Carlo likelihood's rows run through."""
+        return self.model
+
+    def plain_decoding_flops(self, prompt_lens: torch.Tensor, settings: Any) -> torch.Tensor:
+        """[B] FLOPs of upstream's uncached decoding without skipping for prompts of ``prompt_lens``
+        (the baseline of ``normalized_flops_vs_plain_decoding``): its steps, each a full forward
+        with the head over a block."""
+        return self.meter.flops.plain_decoding(prompt_lens + settings.gen_length, settings.steps, settings.block_length)
 
     # ---- lm-eval conventions -------------------------------------------------------------
     @classmethod
@@ -239,8 +251,9 @@ class DiffusionSkipLM(TemplateLM):
         state = {"rows": torch.arange(len(task), device=task.device)}
         forward = forward or self.model
 
-        def denoise(ids, attention_mask, logits_at, cache=None, window=None):
-            logits, trace = forward(ids, attention_mask, policy=self.policy, logits_at=logits_at, cache=cache, window=window)
+        def denoise(ids, attention_mask, logits_at, cache=None, window=None, **options):
+            logits, trace = forward(ids, attention_mask, policy=self.policy, logits_at=logits_at, cache=cache, window=window,
+                                    **options)
             rows = state["rows"].repeat(len(ids) // len(state["rows"]))
             self.meter.record(trace, task[rows], answer_len[rows])
             if answer is not None:
@@ -321,7 +334,8 @@ class DiffusionSkipLM(TemplateLM):
             prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _, _, _ in chunk))
             task_rows = torch.tensor([task_index[task] for _, task, _, _ in chunk], device=self._device)
             lengths = torch.tensor([len(a) for a in answers], device=self._device)
-            denoise = self._denoiser(task_rows, lengths, self._answer_rows(answer_index, [o for *_, o in chunk]))
+            denoise = self._denoiser(task_rows, lengths, self._answer_rows(answer_index, [o for *_, o in chunk]),
+                                     self.likelihood_forward)
             generators = [request_generator(self.args.mc_seed, p, a) for p, a in zip(prompts, answers)]
             scores = mc_loglikelihood(
                 denoise, list(prompts), list(answers), self.likelihood, self.mask_id, self.tokenizer.pad_token_id,
@@ -433,8 +447,8 @@ class DiffusionSkipLM(TemplateLM):
             answer_rows = self._answer_rows(answer_index, chunk_answers)
             denoise = self._denoiser(task_rows, answer_len, answer_rows, self.generation_forward)
             self._count_decoding(task_rows, answer_rows, ids, attention_mask, settings)
-            out = self.decode(denoise, ids, attention_mask, settings, row_seeds)
-            for context, kwargs, answer in zip(contexts, all_kwargs, out[:, ids.shape[1] :].tolist()):
+            answers = self.decode(denoise, ids, attention_mask, settings, row_seeds)
+            for context, kwargs, answer in zip(contexts, all_kwargs, answers.tolist()):
                 text = self.decode_answer(answer, until)
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, kwargs), text)
@@ -445,11 +459,11 @@ class DiffusionSkipLM(TemplateLM):
 
     def _count_decoding(self, task_rows, answer_rows, ids, attention_mask, settings: Any) -> None:
         """Count the batch's rows for NFE per request, and what upstream's uncached decoding without
-        skipping would have spent on them (its steps, each a full forward with the head over a block)."""
+        skipping would have spent on them (``plain_decoding_flops``)."""
         rows = 2 if settings.cfg else 1
         real = ids.shape[1] if attention_mask is None else attention_mask.sum(1)
-        seq_lens = (torch.as_tensor(real, device=self._device) + settings.gen_length).expand(len(ids)).repeat(rows)
-        plain = self.meter.flops.plain_decoding(seq_lens, settings.steps, settings.block_length)
+        prompt_lens = torch.as_tensor(real, device=self._device).expand(len(ids)).repeat(rows).double()
+        plain = self.plain_decoding_flops(prompt_lens, settings)
         self.meter.decoding(task_rows.repeat(rows), plain)
         if answer_rows is not None:
             self.answer_cache.meter.decoding(answer_rows.repeat(rows), plain)

@@ -48,7 +48,7 @@ class DreamSkipLM(DiffusionSkipLM):
         return continuation + [self.eot_token_id]
 
     def decode(self, denoise, ids: torch.Tensor, attention_mask: torch.Tensor | None, settings, row_seeds) -> torch.Tensor:
-        return dream_generate(denoise, ids, attention_mask, settings, self.mask_id, row_seeds)
+        return dream_generate(denoise, ids, attention_mask, settings, self.mask_id, row_seeds)[:, ids.shape[1] :]
 
     def _greedy(self, denoise, chunk, prompts, answers) -> list[bool]:
         """is_greedy of the continuation itself (Dream's evaluation computes none; the EOS its

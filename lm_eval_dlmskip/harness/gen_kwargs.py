@@ -13,6 +13,7 @@ from typing import Any
 
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
+from ..decoding.block_diffusion import BlockDiffusionSettings
 from ..decoding.dream import DreamGenerationSettings
 from ..decoding.generate import GenerationSettings
 
@@ -40,6 +41,13 @@ DREAM = DecodingSpec(
     "dream_skip", DreamGenerationSettings,
     ("gen_length", "steps", "alg", "temperature", "top_p", "top_k", "alg_temp", "eps"),
     ("steps",), frozenset({"do_sample", "num_beams", "repetition_penalty", "min_p"}),
+    {"top_p": float, "top_k": int},
+)
+LLADA2 = DecodingSpec(
+    "llada2_skip", BlockDiffusionSettings,
+    ("gen_length", "block_length", "steps", "threshold", "minimal_topk", "temperature", "top_p", "top_k",
+     "eos_early_stop", "cache"),
+    (), frozenset({"do_sample", "num_beams", "repetition_penalty", "min_p"}),
     {"top_p": float, "top_k": int},
 )
 # lm-eval's names for the answer length (max_gen_toks and its aliases).

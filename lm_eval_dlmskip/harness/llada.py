@@ -26,4 +26,4 @@ class LLaDASkipLM(DiffusionSkipLM):
         return LikelihoodSettings(mc_num=args["mc_num"], mc_batch=args["mc_batch"], cfg=float(args["cfg"] or 0.0))
 
     def decode(self, denoise, ids: torch.Tensor, attention_mask: torch.Tensor | None, settings, row_seeds) -> torch.Tensor:
-        return generate(denoise, ids, attention_mask, settings, self.mask_id, row_seeds)
+        return generate(denoise, ids, attention_mask, settings, self.mask_id, row_seeds)[:, ids.shape[1] :]

@@ -32,12 +32,20 @@ class KVCache:
     forward until the next fill. With ``reuse_decisions`` the window forwards do not ask the skip
     policy at all and run exactly what the fill ran: no router cost and no host read per block
     there. Storage is allocated by the first fill (or lent by an executor).
+
+    Under block-causal attention (LLaDA2) the cache is exact instead: every forward is a window
+    that writes its own keys and values, and finished blocks never change. The policy is asked at
+    every forward; ``written`` [n_layers, B, L] records which slots each row wrote at each block,
+    so that a row never reads the keys of a block it skipped when they were computed (the blocks
+    in ``partial`` are those some forward skipped for some row: only they need the check).
     """
 
     k: Tensor | None = None  # [n_layers, B, H_kv, L, hd], rotated
     v: Tensor | None = None
     ran: list[bool | list[bool]] = field(default_factory=list)  # per block, host-known
     reuse_decisions: bool = False
+    written: Tensor | None = None  # [n_layers, B, L] bool, block-causal (exact) caches only
+    partial: set[int] = field(default_factory=set)
 
     def allocate(self, cfg: Any, B: int, L: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (cfg.n_layers, B, cfg.n_kv_heads, L, cfg.head_dim)
@@ -45,6 +53,8 @@ class KVCache:
             self.k = torch.empty(shape, dtype=dtype, device=device)
             self.v = torch.empty(shape, dtype=dtype, device=device)
         self.ran = []
+        self.written = torch.zeros(shape[:2] + (L,), dtype=torch.bool, device=device)
+        self.partial = set()
 
 
 @dataclass
@@ -54,10 +64,29 @@ class ForwardContext:
     batch: ForwardBatch  # the computed positions, as the skip policy sees them
     cos: Tensor  # [W, hd] rotary tables at the computed positions ([B, 1, W, hd] with per-row positions)
     sin: Tensor
-    key_mask: Tensor | None  # [B, 1, 1, L] bool: real (non-padding) keys; None: no padding
+    key_mask: Tensor | None  # [B, 1, 1, L] bool: real (non-padding) keys, [B|1, 1, W, K] block-causal; None: all
     cache: KVCache | None = None
     positions: Tensor | None = None  # [W] canvas slots the computed positions write in the cache
     filling: bool = False  # a full forward that (re)fills the cache
+    key_limit: int | None = None  # block-causal window: the keys read are the cache's first key_limit slots
+    keys: Tensor | None = None  # [B] real keys a row's queries attend over (cached forwards), for FLOPs
+    exact: bool = False  # block-causal cache: policy asked every forward, unwritten keys hidden
+
+    def kv(self, layer: int) -> KV:
+        """Block ``layer``'s cache storage this forward reads and writes (None without a cache)."""
+        if self.cache is None:
+            return None
+        limit = slice(None, self.key_limit)
+        return self.cache.k[layer][:, :, limit], self.cache.v[layer][:, :, limit]
+
+    def mask_for(self, layer: int) -> Tensor | None:
+        """The key mask of block ``layer``: with an exact cache, slots a row never wrote at this
+        block (it skipped the block when they were computed) are hidden as well."""
+        if not self.exact or layer not in self.cache.partial:
+            return self.key_mask
+        written = self.cache.written[layer][:, : self.key_limit].clone()
+        written[:, self.positions] = True  # this forward writes its own columns before attending
+        return self.key_mask & written[:, None, None, :]
 
 
 class Executor:
@@ -84,7 +113,7 @@ def run_blocks(
     """The block loop: ask the policy (or the cache fill) which rows run each block, run them; the
     hidden states after the last block and the forward's trace. Appends each block's input to
     ``hidden_states`` when given."""
-    reuse = ctx.cache is not None and not ctx.filling and ctx.cache.reuse_decisions
+    reuse = ctx.cache is not None and not ctx.filling and not ctx.exact and ctx.cache.reuse_decisions
     decisions: list[Decision] = []
     for i, block in enumerate(blocks):
         if hidden_states is not None:
@@ -95,11 +124,15 @@ def run_blocks(
             run = resolve(executor.decide(i, policy, x, ctx))
             if ctx.filling:
                 ctx.cache.ran.append(run)
-            elif ctx.cache is not None:
+            elif ctx.cache is not None and not ctx.exact:
                 run = both(run, ctx.cache.ran[i])
         x = executor.run(i, block, x, run, ctx)
         decisions.append(run)
-    return x, make_trace(decisions, ctx, 0 if reuse else getattr(policy, "routed_layers", 0))
+    trace = make_trace(decisions, ctx, 0 if reuse else getattr(policy, "routed_layers", 0))
+    if ctx.exact:
+        ctx.cache.partial.update(i for i, run in enumerate(decisions) if run is not True)
+        ctx.cache.written[:, :, ctx.positions] |= trace.executed.T[:, :, None]
+    return x, trace
 
 
 def make_trace(decisions: list, ctx: ForwardContext, routed_layers: int) -> SkipTrace:
@@ -109,8 +142,8 @@ def make_trace(decisions: list, ctx: ForwardContext, routed_layers: int) -> Skip
     B, W = batch.ids.shape
     device = batch.ids.device
     computed = torch.full((B,), W, device=device) if batch.attention_mask is None else batch.attention_mask.sum(1)
-    keys = None
-    if ctx.cache is not None:
+    keys = ctx.keys
+    if ctx.cache is not None and keys is None:
         L = ctx.cache.k.shape[3]
         keys = torch.full((B,), L, device=device) if ctx.key_mask is None else ctx.key_mask.flatten(1).sum(1)
     executed = SkipTrace.from_decisions(decisions, B, device)
@@ -146,8 +179,8 @@ def both(run: Decision | list[bool], allowed: bool | list[bool]) -> Decision | l
 
 def run_block(block: Callable[..., Tensor], layer: int, x: Tensor, run: Decision | list[bool], ctx: ForwardContext) -> Tensor:
     """Run ``block`` for the rows the policy chose; a skipped row keeps its input unchanged."""
-    kv = None if ctx.cache is None else (ctx.cache.k[layer], ctx.cache.v[layer])
-    args = (ctx.cos, ctx.sin, ctx.key_mask, kv, ctx.positions)
+    kv, key_mask = ctx.kv(layer), ctx.mask_for(layer)
+    args = (ctx.cos, ctx.sin, key_mask, kv, ctx.positions)
     if run is True:
         return block(x, *args)
     if run is False:
@@ -155,7 +188,7 @@ def run_block(block: Callable[..., Tensor], layer: int, x: Tensor, run: Decision
     if isinstance(run, Tensor):  # a differentiable gate in [0, 1] (router training)
         return x + run.to(x.dtype)[:, None, None] * (block(x, *args) - x)
     rows = torch.tensor([i for i, c in enumerate(run) if c], device=x.device)
-    sub_mask = None if ctx.key_mask is None else ctx.key_mask.index_select(0, rows)
+    sub_mask = None if key_mask is None else key_mask if len(key_mask) == 1 else key_mask.index_select(0, rows)
     sub_kv = None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
     cos, sin = (ctx.cos, ctx.sin) if ctx.cos.dim() == 2 else (ctx.cos.index_select(0, rows), ctx.sin.index_select(0, rows))
     out = block(x.index_select(0, rows), cos, sin, sub_mask, sub_kv, ctx.positions)

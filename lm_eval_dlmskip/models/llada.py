@@ -41,6 +41,7 @@ from .execution import (
     head_positions,
     run_blocks,
 )
+from .moe import MoE
 
 
 def rotary_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -62,8 +63,12 @@ def position_ids(attention_mask: Tensor | None, L: int, cfg: "LLaDAConfig", devi
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool) -> Tensor:
-    """x [B, H, L, hd], cos/sin [L, hd] or per row [B, 1, L, hd]: rotate the two halves of each
-    head (upstream's rotate_half convention)."""
+    """x [B, H, L, hd], cos/sin [L, r] or per row [B, 1, L, r]: rotate the two halves of the first
+    r dims of each head (upstream's rotate_half convention); with partial rotary (r < hd, the MoE
+    families) the other dims pass unchanged."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :r], cos, sin, full_precision), x[..., r:]), dim=-1)
     t = x.float() if full_precision else x
     half = t.shape[-1] // 2
     rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
@@ -72,39 +77,42 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool) -> T
 
 def attend(
     q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, cfg: LLaDAConfig,
-    kv: KV = None, positions: Tensor | None = None,
+    kv: KV = None, positions: Tensor | None = None, q_norm: Tensor | None = None, k_norm: Tensor | None = None,
 ) -> Tensor:
-    """Bidirectional attention of projected q, k, v [B, W, .] with rotary positions; [B, W, d].
+    """Attention of projected q, k, v [B, W, .] with rotary positions; [B, W, H * hd]. No causal
+    mask: ``key_mask`` [B, 1, 1 or W, K] hides padding (and later blocks of a block-causal model).
 
     With ``kv`` the rotated keys and values are first written into the cache at ``positions``
     (slots of the canvas) and the queries attend to the whole cache: a full forward fills it,
-    a window forward refreshes its own slots and reads the rest as cached (Fast-dLLM)."""
+    a window forward refreshes its own slots and reads the rest as cached (Fast-dLLM). With
+    ``q_norm``/``k_norm`` (the MoE families) each head of q and k is RMS-normalised before rotary."""
     B, W, _ = q.shape
     q = q.view(B, W, cfg.n_heads, cfg.head_dim).transpose(1, 2)
     k = k.view(B, W, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     v = v.view(B, W, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, cfg.rms_norm_eps), rms_norm(k, k_norm, cfg.rms_norm_eps)
     q = apply_rotary(q, cos, sin, cfg.rope_full_precision)
     k = apply_rotary(k, cos, sin, cfg.rope_full_precision)
     if kv is not None:
         kv[0].index_copy_(2, positions, k)
         kv[1].index_copy_(2, positions, v)
         k, v = kv
-    att = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=key_mask, enable_gqa=cfg.n_kv_heads != cfg.n_heads
-    )  # no causal mask; key_mask [B, 1, 1, L] hides padding
+    att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
     return att.transpose(1, 2).reshape(B, W, cfg.n_heads * cfg.head_dim)
 
 
 def attention_residual(
-    x: Tensor, norm_w: Tensor, qkv_w: Tensor, qkv_b: Tensor | None, out_w: Tensor, cos: Tensor, sin: Tensor,
-    key_mask: Tensor | None, cfg: LLaDAConfig, kv: KV = None, positions: Tensor | None = None,
+    x: Tensor, norm_w: Tensor, qkv_w: Tensor, qkv_b: Tensor | None, out_w: Tensor, out_b: Tensor | None,
+    q_norm: Tensor | None, k_norm: Tensor | None, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
+    cfg: LLaDAConfig, kv: KV = None, positions: Tensor | None = None,
 ) -> Tensor:
     """x + Attention(RMSNorm(x)) with q, k, v from one fused projection (the fast path); ``qkv_b``
-    is the fused q/k/v bias (Dream) or None (LLaDA)."""
+    is the fused q/k/v bias (Dream, LLaDA2 with use_qkv_bias) or None."""
     kv_dim = cfg.n_kv_heads * cfg.head_dim
     h = F.linear(rms_norm(x, norm_w, cfg.rms_norm_eps), qkv_w, qkv_b)
-    q, k, v = h.split((cfg.d_model, kv_dim, kv_dim), dim=-1)
-    return x + F.linear(attend(q, k, v, cos, sin, key_mask, cfg, kv, positions), out_w)
+    q, k, v = h.split((cfg.n_heads * cfg.head_dim, kv_dim, kv_dim), dim=-1)
+    return x + F.linear(attend(q, k, v, cos, sin, key_mask, cfg, kv, positions, q_norm, k_norm), out_w, out_b)
 
 
 def mlp_residual(x: Tensor, norm_w: Tensor, gate_up_w: Tensor, down_w: Tensor, cfg: LLaDAConfig) -> Tensor:
@@ -126,7 +134,8 @@ _FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("ff_proj", "
 
 
 class Block(nn.Module):
-    """x + Attention(RMSNorm(x)), then + SwiGLU-MLP(RMSNorm(.)); upstream LLaDALlamaBlock.
+    """x + Attention(RMSNorm(x)), then + MLP(RMSNorm(.)); upstream LLaDALlamaBlock. The MLP is a
+    SwiGLU, or in an MoE layer of the MoE families the routed and shared experts (moe.py).
 
     After ``fuse_projections`` the q/k/v and gate/up weights live in one buffer each, of which the
     per-name parameters are views: the state-dict keys stay upstream's, and the forward runs one
@@ -134,20 +143,24 @@ class Block(nn.Module):
     the block falls back to the plain per-module path by itself.
     """
 
-    def __init__(self, cfg: LLaDAConfig) -> None:
+    def __init__(self, cfg: LLaDAConfig, layer: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+        d, q_dim, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         qkv_bias = cfg.include_bias or cfg.include_qkv_bias
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.layer_norm_with_affine)
-        self.q_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.q_proj = nn.Linear(d, q_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d, kv, bias=qkv_bias)
         self.v_proj = nn.Linear(d, kv, bias=qkv_bias)
-        self.attn_out = nn.Linear(d, d, bias=cfg.include_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.attn_out = nn.Linear(q_dim, d, bias=cfg.include_bias or cfg.attention_out_bias)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.layer_norm_with_affine)
-        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=cfg.include_bias)  # gate (SiLU)
-        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=cfg.include_bias)
-        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=cfg.include_bias)
+        self.moe = MoE(cfg) if cfg.is_moe_layer(layer) else None
+        if self.moe is None:
+            self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=cfg.include_bias)  # gate (SiLU)
+            self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=cfg.include_bias)
+            self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=cfg.include_bias)
         self.kernels = EAGER
         self._fused: dict[str, Tensor] = {}
 
@@ -155,22 +168,29 @@ class Block(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, kv: KV = None, positions: Tensor | None = None
     ) -> Tensor:
         fused = self.fused_weights()
+        q_norm = None if self.q_norm is None else self.q_norm.weight
+        k_norm = None if self.k_norm is None else self.k_norm.weight
         if fused is not None:
             x = self.kernels.attention(
-                x, self.attn_norm.weight, fused["qkv"], fused.get("qkv_bias"), self.attn_out.weight, cos, sin, key_mask,
-                self.cfg, kv, positions,
+                x, self.attn_norm.weight, fused["qkv"], fused.get("qkv_bias"), self.attn_out.weight, self.attn_out.bias,
+                q_norm, k_norm, cos, sin, key_mask, self.cfg, kv, positions,
             )
+        else:
+            h = self.attn_norm(x)
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+            x = x + self.attn_out(attend(q, k, v, cos, sin, key_mask, self.cfg, kv, positions, q_norm, k_norm))
+        if self.moe is not None:
+            return x + self.moe(self.ff_norm(x))
+        if fused is not None:
             return self.kernels.mlp(x, self.ff_norm.weight, fused["gate_up"], self.ff_out.weight, self.cfg)
-        h = self.attn_norm(x)
-        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        x = x + self.attn_out(attend(q, k, v, cos, sin, key_mask, self.cfg, kv, positions))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
     def _fused_parts(self) -> list[tuple[str, tuple[str, ...], str]]:
-        """(buffer name, projections, parameter) of every fused buffer: the groups' weights, and
-        the q/k/v biases where the config has them (Dream)."""
-        parts = [(group, names, "weight") for group, names in _FUSED_GROUPS.items()]
+        """(buffer name, projections, parameter) of every fused buffer: the groups' weights (gate/up
+        of a dense MLP), and the q/k/v biases where the config has them (Dream)."""
+        groups = {k: v for k, v in _FUSED_GROUPS.items() if k == "qkv" or self.moe is None}
+        parts = [(group, names, "weight") for group, names in groups.items()]
         return parts + ([("qkv_bias", _FUSED_GROUPS["qkv"], "bias")] if self.cfg.include_qkv_bias else [])
 
     @torch.no_grad()
@@ -180,7 +200,7 @@ class Block(nn.Module):
         cfg = self.cfg
         if cfg.include_bias or not cfg.layer_norm_with_affine:
             return  # the fast path covers LLaDA's and Dream's blocks: affine norms, biases on q/k/v at most
-        if any(type(getattr(self, n)) is not nn.Linear for names in _FUSED_GROUPS.values() for n in names):
+        if any(type(getattr(self, n)) is not nn.Linear for _, names, _ in self._fused_parts() for n in names):
             return
         for fused, names, param in self._fused_parts():
             modules = [getattr(self, n) for n in names]
@@ -225,7 +245,7 @@ class LLaDA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.layer_norm_with_affine)
         self.ff_out = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.include_bias)
 
@@ -259,6 +279,7 @@ class LLaDA(nn.Module):
         cache: KVCache | None = None,
         window: slice | None = None,
         executor: Executor = EAGER_EXECUTOR,
+        block_length: int | None = None,
     ) -> tuple[Tensor, SkipTrace]:
         """Logits [B, W, V] of the computed positions (or at ``logits_at`` among them) and the trace
         of the blocks each row ran.
@@ -266,14 +287,18 @@ class LLaDA(nn.Module):
         ``attention_mask`` [B, L] marks real tokens with 1; pass None when no row is padded, so
         attention can take its fastest kernel. With ``cache`` and no ``window`` the forward computes
         every position and fills the cache; with a ``window`` of canvas columns it computes those
-        only, attending to the cache for the rest.
+        only, attending to the cache for the rest. With ``block_length`` (LLaDA2) attention is
+        block-causal: a position sees its own block and the blocks before it (counted from column 0);
+        a ``window`` forward then writes its keys and values into the (exact) cache and attends to
+        the columns before the window's end.
         """
         if window is not None and self.cfg.shift_logits:
             raise ValueError(
                 f"cached decoding (a window forward) is not supported for {FAMILIES[self.cfg.family]}: its shifted "
                 "logits need the hidden state left of the window; use cache=none"
             )
-        h, trace = self.trunk(ids, attention_mask, policy, cache=cache, window=window, executor=executor)
+        h, trace = self.trunk(ids, attention_mask, policy, cache=cache, window=window, executor=executor,
+                              block_length=block_length)
         trace.head_positions = head_positions(logits_at, *h.shape[:2], ids.device)
         return self.head(h, logits_at), trace
 
@@ -286,24 +311,29 @@ class LLaDA(nn.Module):
         cache: KVCache | None = None,
         window: slice | None = None,
         executor: Executor = EAGER_EXECUTOR,
+        block_length: int | None = None,
     ) -> tuple[Tensor, SkipTrace]:
         """Hidden states after the last block (before ``ln_f``); appends each block's input to
         ``hidden_states`` when given."""
-        ctx = self.context(ids, attention_mask, cache, window)
+        ctx = self.context(ids, attention_mask, cache, window, block_length)
         x, ctx = executor.begin(self, self.embed(ids if window is None else ids[:, window]), ctx)
         return run_blocks(self.blocks, x, policy, ctx, executor, hidden_states)
 
     def context(
-        self, ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None = None, window: slice | None = None
+        self, ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None = None, window: slice | None = None,
+        block_length: int | None = None,
     ) -> ForwardContext:
         """Everything a forward's blocks share: the policy's view, rotary tables, key mask, cache slots."""
         cfg = self.cfg
         B, L = ids.shape
-        cos, sin = rotary_tables(position_ids(attention_mask, L, cfg, ids.device), cfg.head_dim, cfg.rope_theta)
+        cos, sin = rotary_tables(position_ids(attention_mask, L, cfg, ids.device), cfg.rotary_dim or cfg.head_dim,
+                                 cfg.rope_theta)
         if cos.dim() == 3:  # per-row positions: [B, 1, L, hd], broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         batch = ForwardBatch.of(ids, attention_mask, cfg.mask_token_id)
+        if block_length is not None:
+            return block_causal_context(batch, cos, sin, attention_mask, cache, window, block_length, cfg, self.dtype)
         if cache is None:
             if window is not None:
                 raise ValueError("a window forward needs the KVCache that a full forward filled")
@@ -341,6 +371,35 @@ class LLaDA(nn.Module):
         h, _ = self.trunk(ids, attention_mask, policy, hidden_states=states)
         states.append(self.ln_f(h))
         return states
+
+
+def block_causal_context(
+    batch: ForwardBatch, cos: Tensor, sin: Tensor, attention_mask: Tensor | None, cache: KVCache | None,
+    window: slice | None, block_length: int, cfg: LLaDAConfig, dtype: torch.dtype,
+) -> ForwardContext:
+    """The context of a block-causal forward (LLaDA2): each computed column attends to the real
+    columns of its block and the blocks before it; with a cache, the forward computes ``window``,
+    writes its keys and values and attends to the columns before the window's end."""
+    ids = batch.ids
+    B, L = ids.shape
+    columns = torch.arange(L, device=ids.device)
+    computed = columns if window is None else columns[window]
+    keys = L if window is None else window.stop
+    before = (columns[None, :keys] // block_length) <= (computed[:, None] // block_length)  # [W, K]: its block or earlier
+    itself = columns[None, :keys] == computed[:, None]  # a padding query sees itself: no row of the mask is empty
+    real = None if attention_mask is None else attention_mask[:, :keys].bool()
+    mask = before[None, None] if real is None else (before[None, None] & real[:, None, None, :]) | itself[None, None]
+    if cache is None:
+        if window is not None:
+            raise ValueError("a window forward needs a KVCache")
+        return ForwardContext(batch, cos, sin, mask)
+    if cache.k is None:
+        cache.allocate(cfg, B, L, dtype, ids.device)
+    if window is None:
+        window = slice(0, L)
+    keys_seen = torch.full((B,), keys, device=ids.device) if real is None else real.sum(1)
+    return ForwardContext(batch.window(window), cos[..., window, :], sin[..., window, :], mask, cache, computed,
+                          key_limit=keys, keys=keys_seen, exact=True)
 
 
 def shifted_source(h: Tensor, logits_at: LogitPositions) -> tuple[Tensor, LogitPositions]:

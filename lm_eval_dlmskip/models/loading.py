@@ -11,8 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..common.families import FAMILIES
 from .config import LLaDAConfig, family_of
+from .layouts import placements, stacked_shapes
 from .llada import LLaDA
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,6 @@ DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-_KEY_PREFIXES = ("model.transformer.", "transformer.")
-# Dream's (Qwen2's) module names -> ours; the parameter name (weight, bias) is kept.
-_DREAM_TOP = {"model.embed_tokens": "wte", "model.norm": "ln_f", "lm_head": "ff_out"}
-_DREAM_BLOCK = {
-    "self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
-    "self_attn.o_proj": "attn_out", "mlp.gate_proj": "ff_proj", "mlp.up_proj": "up_proj",
-    "mlp.down_proj": "ff_out", "input_layernorm": "attn_norm", "post_attention_layernorm": "ff_norm",
-}
-_DREAM_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]
 
 
@@ -146,23 +137,11 @@ def _open(file: Path, device: str):
         raise ValueError(f"{file}: not a readable safetensors file ({err}); re-download it") from err
 
 
-def our_name(key: str, family: str) -> str:
-    """An upstream state-dict key as our attribute path (an unknown key is kept, to be reported)."""
-    if family == "llada":
-        return next((key[len(p) :] for p in _KEY_PREFIXES if key.startswith(p)), key)
-    module, _, param = key.rpartition(".")
-    if module in _DREAM_TOP:
-        return f"{_DREAM_TOP[module]}.{param}"
-    layer = _DREAM_LAYER.fullmatch(module)
-    if layer and layer.group(2) in _DREAM_BLOCK:
-        return f"blocks.{layer.group(1)}.{_DREAM_BLOCK[layer.group(2)]}.{param}"
-    return key
-
-
 def read_state_dict(
-    files: list[Path], device: torch.device, dtype: torch.dtype, family: str = "llada"
+    files: list[Path], device: torch.device, dtype: torch.dtype, cfg: LLaDAConfig
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """Tensors under our names, in ``dtype`` on ``device``; and a weight fingerprint."""
+    """Tensors under our names (layouts.py), in ``dtype`` on ``device``, experts stacked as they
+    are read (no second copy of the weights); and a fingerprint of the upstream tensors."""
     state: dict[str, torch.Tensor] = {}
     digest = hashlib.sha256()
     for file in files:
@@ -172,12 +151,16 @@ def read_state_dict(
                     tensor = f.get_tensor(key)
                 except (SafetensorError, OSError, RuntimeError) as err:
                     raise ValueError(f"{file}: tensor {key!r} cannot be read ({err}); the file is corrupt") from err
-                name = our_name(key, family)
-                if tensor.is_floating_point():
-                    sample = tensor.flatten()[:: max(1, tensor.numel() // 256)].float().cpu()
-                    digest.update(name.encode() + sample.numpy().tobytes())
-                    tensor = tensor.to(dtype)
-                state[name] = tensor
+                for name, index, part in placements(key, tensor, cfg):
+                    if part.is_floating_point():
+                        sample = part.flatten()[:: max(1, part.numel() // 256)].float().cpu()
+                        digest.update(name.encode() + str(index).encode() * (index is not None) + sample.numpy().tobytes())
+                        part = part.to(dtype)
+                    if index is None:
+                        state[name] = part
+                    else:
+                        shape = stacked_shapes(cfg)[name.split(".", 2)[2]]
+                        state.setdefault(name, torch.zeros(shape, dtype=part.dtype, device=part.device))[index] = part
     return state, digest.hexdigest()[:16]
 
 
@@ -197,7 +180,31 @@ def read_config(path: Path, family: str | None = None) -> LLaDAConfig:
             f"{path}: expected {FAMILIES[family]}, found {FAMILIES[found]} (model_type={raw.get('model_type')}): "
             f"use --model {found}_skip"
         )
-    return LLaDAConfig.from_dict(raw)
+    cfg = LLaDAConfig.from_dict(raw)
+    if cfg.mask_token_id < 0:  # LLaDA2 and LLaDA-MoE name their mask and EOS in the tokenizer only
+        tokens = tokenizer_special_ids(path)
+        if "mask_token" not in tokens:
+            raise ValueError(f"{path}: the mask token id is neither in config.json (mask_token_id) nor in the "
+                             "tokenizer (mask_token in tokenizer_config.json); add mask_token_id to config.json")
+        cfg = replace(cfg, mask_token_id=tokens["mask_token"], eos_token_id=cfg.eos_token_id or tokens.get("eos_token"))
+    return cfg
+
+
+def tokenizer_special_ids(path: Path) -> dict[str, int]:
+    """The ids of the special tokens tokenizer_config.json names (mask_token, eos_token, ...), read
+    from tokenizer.json's added tokens without loading the tokenizer."""
+    config_file, tokenizer_file = path / "tokenizer_config.json", path / "tokenizer.json"
+    if not config_file.is_file() or not tokenizer_file.is_file():
+        return {}
+    config = json.loads(config_file.read_text())
+    ids = {t["content"]: t["id"] for t in json.loads(tokenizer_file.read_text()).get("added_tokens", [])}
+    found = {}
+    for name in ("mask_token", "eos_token", "pad_token"):
+        token = config.get(name)
+        content = token.get("content") if isinstance(token, dict) else token
+        if content in ids:
+            found[name] = ids[content]
+    return found
 
 
 def load_model(
@@ -214,7 +221,7 @@ def load_model(
     files = weight_files(path)
     torch_dtype = resolve_dtype(dtype, cfg, files)
     device = torch.device(device)
-    state, fingerprint = read_state_dict(files, device, torch_dtype, cfg.family)
+    state, fingerprint = read_state_dict(files, device, torch_dtype, cfg)
     with torch.device("meta"):
         model = LLaDA(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -12,7 +12,9 @@ Per token, following Kaplan et al. 2020 (Table 1) and PaLM (Chowdhery et al. 202
 with no causal halving since LLaDA attends in both directions:
 embedding 4d; per block 2d(2d + 2 d_kv) for q,k,v,o, 4 n d for scores and values (4 K d over K
 cached keys in a window forward of cached decoding), 6 d d_ff for the MLP; LM head 2 d V per computed position; router 2(d h + (depth-2) h^2 + 2 h) per evaluated
-block (routers read every position).
+block (routers read every position). An MoE block (LLaDA2, LLaDA-MoE) counts the parameters a
+token actually uses: 2 d E for the expert router, 6 d h for each of its top_k experts and the
+shared expert; the dense first layers count their SwiGLU.
 
 Forwards are also binned by how much of the answer is still masked (10 buckets of the masked
 fraction), so one can see that later denoising steps (little left masked) run fewer blocks.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -39,18 +42,31 @@ class FlopsModel:
     vocab: int
     router_hidden: int = 0  # 0: no router
     router_depth: int = 2
+    q_dim: int | None = None  # query heads x head_dim when it is not d_model (LLaDA2's explicit head_dim)
+    mlp_per_layer: tuple[int, ...] | None = None  # each block's MLP FLOPs per token (MoE families); None: SwiGLU of mlp_hidden
 
     @classmethod
     def of(cls, cfg: Any, router_hidden: int = 0, router_depth: int = 2) -> "FlopsModel":
-        """From a model config (d_model, n_layers, n_heads/n_kv_heads/head_dim, mlp_hidden_size, vocab_size)."""
+        """From a model config (d_model, n_layers, heads and head_dim, mlp_hidden_size, vocab_size,
+        moe). A MoE block counts the parameters a token actually uses: its router (2 d E), the
+        top_k routed experts it is sent to and the shared expert (6 d h each), as PaLM counts a
+        SwiGLU; a dense block its SwiGLU."""
         kv = cfg.n_kv_heads * cfg.head_dim
-        return cls(cfg.d_model, cfg.n_layers, kv, cfg.mlp_hidden_size, cfg.vocab_size, router_hidden, router_depth)
+        mlp = None
+        if getattr(cfg, "moe", None) is not None:
+            moe, d = cfg.moe, cfg.d_model
+            routed = 2 * d * moe.n_experts + 6 * d * (moe.top_k * moe.expert_hidden + moe.shared_hidden)
+            mlp = tuple(routed if is_moe else 6 * d * cfg.mlp_hidden_size for is_moe in moe.moe_layers)
+        return cls(cfg.d_model, cfg.n_layers, kv, cfg.mlp_hidden_size, cfg.vocab_size, router_hidden, router_depth,
+                   cfg.n_heads * cfg.head_dim, mlp)
 
-    def block(self, n: Tensor, keys: Tensor | None = None) -> Tensor:
-        """One block computing n tokens that attend to ``keys`` keys (n, without a cache)."""
-        d = self.d_model
+    def layers(self, n: Tensor, keys: Tensor | None = None) -> Tensor:
+        """[B, n_layers]: each block computing n tokens that attend to ``keys`` keys (n, without a cache)."""
+        d, q = self.d_model, self.q_dim or self.d_model
         keys = n if keys is None else keys
-        return n * (2 * d * (2 * d + 2 * self.kv_dim) + 6 * d * self.mlp_hidden) + 4 * n * keys * d
+        attention = n * 2 * d * (2 * q + 2 * self.kv_dim) + 4 * n * keys * q
+        mlp = _per_layer(self.mlp_per_layer or (6 * d * self.mlp_hidden,) * self.n_layers, n.device)
+        return attention[:, None] + n[:, None] * mlp
 
     def router(self, n: Tensor) -> Tensor:
         h = self.router_hidden
@@ -60,15 +76,21 @@ class FlopsModel:
         """[B] FLOPs of upstream's uncached decoding without skipping: ``steps`` full forwards over
         each row's real tokens, the LM head over ``head_positions`` (the current block)."""
         n = seq_lens.double()
-        return steps * (4 * self.d_model * n + 2 * self.d_model * self.vocab * head_positions + self.n_layers * self.block(n))
+        return steps * (4 * self.d_model * n + 2 * self.d_model * self.vocab * head_positions + self.layers(n).sum(1))
 
     def forward(self, trace: SkipTrace) -> tuple[Tensor, Tensor]:
         """Per-row FLOPs [B] spent, and [B] for the same rows with no skipping (float64)."""
         n = trace.seq_lens.double()
         fixed = 4 * self.d_model * n + 2 * self.d_model * self.vocab * trace.head_positions.double()
-        block = self.block(n, None if trace.keys is None else trace.keys.double())
-        spent = fixed + trace.executed.sum(1).double() * block + trace.routed_layers * self.router(n)
-        return spent, fixed + self.n_layers * block
+        layers = self.layers(n, None if trace.keys is None else trace.keys.double())
+        spent = fixed + (trace.executed.double() * layers).sum(1) + trace.routed_layers * self.router(n)
+        return spent, fixed + layers.sum(1)
+
+
+@lru_cache(maxsize=16)
+def _per_layer(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """Per-layer constants on the device, copied there once."""
+    return torch.tensor(values, dtype=torch.float64).to(device)
 
 
 BUCKETS = 10  # masked-fraction bins: [0, 0.1), ..., [0.9, 1.0]
