@@ -7,7 +7,10 @@ decoded in order, each in at most ``steps`` steps; a step predicts the block's m
 and commits every one whose confidence (the softmax probability of the predicted token, in
 float32) exceeds ``threshold``, or, when fewer than the step's quota do, the quota's most
 confident ones. The quotas split ``block_length`` evenly over the steps, the remainder to the
-first ones. A row ends after a block that holds an EOS; its answer is cut after the first EOS.
+first ones. A row ends after a block that holds an EOS; its answer is cut after the first EOS. LLaDA2.1's
+token editing (``editing_threshold``) also rewrites decoded tokens of the current block whose new
+prediction is confident enough, commits ``num_to_transfer`` masks per step, and ends a block when a
+step finds nothing to commit or edit (``refine_block``).
 
 Upstream recomputes the prompt and every finished block at every step. Under the block-causal
 mask finished blocks never change, so here the first forward of a block computes the previous
@@ -46,6 +49,9 @@ class BlockDiffusionSettings:
     top_k: int | None = None
     eos_early_stop: bool = False  # end a row as soon as its answer up to an EOS is decoded (saves forwards)
     cache: str = "blocks"
+    editing_threshold: float | None = None  # LLaDA2.1's token editing (its default is 0.9); None: LLaDA2.0's decoding
+    max_post_steps: int = 16  # LLaDA2.1: steps of editing after a block has no mask left
+    num_to_transfer: int = 1  # LLaDA2.1: masked positions committed per step (more when above the threshold)
 
     cfg = 0.0  # no classifier-free guidance: one row per request
 
@@ -67,6 +73,12 @@ class BlockDiffusionSettings:
             raise ValueError(f"top_k={self.top_k} must be >= 1")
         if self.cache not in CACHES:
             raise ValueError(f"cache={self.cache!r}; use one of {', '.join(CACHES)}")
+        if self.editing_threshold is not None and not 0 < self.editing_threshold:
+            raise ValueError(f"editing_threshold={self.editing_threshold} must be > 0 (or unset: no token editing)")
+        for name in ("max_post_steps", "num_to_transfer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "num_to_transfer"):
+                raise ValueError(f"{name}={value!r} must be an integer >= {int(name == 'num_to_transfer')}")
 
     @property
     def steps_per_block(self) -> int:
@@ -138,6 +150,25 @@ def choose(confidence: Tensor, masked: Tensor, quota: int, threshold: float) -> 
     return torch.where((high.sum(1) >= quota)[:, None], high, top & masked)
 
 
+class BlockForwards:
+    """The forwards of one batch: the current block's logits, computed from the canvas as it is;
+    with the cache, the first forward of a block also recomputes the block before it (final now)."""
+
+    def __init__(self, denoise: Denoiser, x: Tensor, attention_mask: Tensor | None, block_length: int, cached: bool):
+        self.denoise, self.x, self.attention_mask, self.bl = denoise, x, attention_mask, block_length
+        self.cache = KVCache() if cached else None
+        self.stale = 0  # first column whose cached keys and values are not final
+
+    def logits(self, start: int, end: int) -> Tensor:
+        if self.cache is None:  # upstream's way: the prefix up to the block's end, recomputed
+            mask = None if self.attention_mask is None else self.attention_mask[:, :end]
+            return self.denoise(self.x[:, :end], mask, slice(start, end), block_length=self.bl)
+        logits = self.denoise(self.x, self.attention_mask, slice(start - self.stale, end - self.stale), cache=self.cache,
+                              window=slice(self.stale, end), block_length=self.bl)
+        self.stale = start
+        return logits
+
+
 @torch.no_grad()
 def block_generate(
     denoise: Denoiser,
@@ -156,39 +187,74 @@ def block_generate(
     bl = settings.block_length
     canvas = lay_out(prompts, settings.gen_length, bl, mask_id, pad_id, device)
     x, real = canvas.ids, canvas.real
-    attention_mask = None if bool(real.all()) else real
-    B = len(prompts)
-    answer = torch.tensor(canvas.answer_start, device=device)
+    forwards = BlockForwards(denoise, x, None if bool(real.all()) else real, bl, settings.cache == "blocks")
     columns = torch.arange(x.shape[1], device=device)
-    in_answer = (columns[None] >= answer[:, None]) & real.bool()  # [B, L]
-    schedule = transfer_schedule(bl, settings.steps_per_block)
-    cache = KVCache() if settings.cache == "blocks" else None
-    active = torch.ones(B, dtype=torch.bool, device=device)
-    stale = 0  # first column whose cached keys and values are not final
+    in_answer = (columns[None] >= torch.tensor(canvas.answer_start, device=device)[:, None]) & real.bool()  # [B, L]
+    active = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    decode_block = fill_block if settings.editing_threshold is None else refine_block
     for block in range(canvas.first, canvas.blocks):
         start, end = block * bl, (block + 1) * bl
-        for step, quota in enumerate(schedule):
-            masked = (x[:, start:end] == mask_id) & active[:, None]
-            if not bool(masked.any()):  # sync: once per step
-                break
-            if cache is None:
-                logits = denoise(x[:, :end], None if attention_mask is None else attention_mask[:, :end],
-                                 slice(start, end), block_length=bl)
-            else:
-                logits = denoise(x, attention_mask, slice(start - stale, end - stale), cache=cache,
-                                 window=slice(stale, end), block_length=bl)
-                stale = start
-            keys = None if settings.temperature == 0 else noise_keys(row_seeds, 0, (block << 20) + step, columns[start:end])
-            x0, p = sample(logits, settings, keys)
-            commit = choose(p, masked, quota, settings.threshold)
-            x[:, start:end] = torch.where(commit, x0, x[:, start:end])
-            if settings.eos_early_stop:  # upstream looks after a step that committed an EOS
-                ended = (commit & (x0 == eos_id)).any(1) & decided_to_eos(x, in_answer, mask_id, eos_id, end)
-                active &= ~ended
-        active &= ~((x[:, :end] == eos_id) & in_answer[:, :end]).any(1)  # a row ends after a block with an EOS
+        noise = None if settings.temperature == 0 else (row_seeds, block, columns[start:end])
+        decode_block(forwards, start, end, active, in_answer, settings, mask_id, eos_id, noise)
+        answer_so_far = in_answer[:, :end]
+        if settings.editing_threshold is None:  # LLaDA2.0: a row ends after a block with an EOS
+            active &= ~((x[:, :end] == eos_id) & answer_so_far).any(1)
+        elif settings.eos_early_stop:  # LLaDA2.1: after a block, when the answer so far is decoded and holds an EOS
+            active &= ~(((x[:, :end] == eos_id) & answer_so_far).any(1) & ~((x[:, :end] == mask_id) & answer_so_far).any(1))
         if not bool(active.any()):  # sync: once per block
             break
     return cut_answers(x, canvas.answer_start, settings.gen_length, eos_id)
+
+
+def fill_block(forwards: BlockForwards, start: int, end: int, active: Tensor, in_answer: Tensor,
+               settings: BlockDiffusionSettings, mask_id: int, eos_id: int, noise: tuple | None) -> None:
+    """LLaDA2.0: up to ``steps`` steps, each committing the quota's or the threshold's positions;
+    decoded tokens stay. ``active`` rows only; with ``eos_early_stop`` a row whose answer is
+    decided up to an EOS ends at once."""
+    x = forwards.x
+    for step, quota in enumerate(transfer_schedule(settings.block_length, settings.steps_per_block)):
+        masked = (x[:, start:end] == mask_id) & active[:, None]
+        if not bool(masked.any()):  # sync: once per step
+            break
+        x0, p = sample(forwards.logits(start, end), settings, step_noise(noise, step))
+        commit = choose(p, masked, quota, settings.threshold)
+        x[:, start:end] = torch.where(commit, x0, x[:, start:end])
+        if settings.eos_early_stop:  # upstream looks after a step that committed an EOS
+            active &= ~((commit & (x0 == eos_id)).any(1) & decided_to_eos(x, in_answer, mask_id, eos_id, end))
+
+
+def refine_block(forwards: BlockForwards, start: int, end: int, active: Tensor, in_answer: Tensor,
+                 settings: BlockDiffusionSettings, mask_id: int, eos_id: int, noise: tuple | None) -> None:
+    """LLaDA2.1: each step commits ``num_to_transfer`` masked positions (or all above the
+    threshold) and edits decoded answer tokens of the block whose new prediction is more confident
+    than ``editing_threshold``; a row's block ends at a step that found no mask and edited
+    nothing, or after ``max_post_steps`` steps without masks. ``steps`` plays no part."""
+    x = forwards.x
+    editable = in_answer[:, start:end]
+    post_steps = torch.zeros_like(active, dtype=torch.long)
+    live = active.clone()
+    step = 0
+    while True:
+        current = x[:, start:end]
+        masked = (current == mask_id) & live[:, None]
+        post_steps += live & ~masked.any(1)
+        live &= post_steps <= settings.max_post_steps
+        if not bool(live.any()):  # sync: once per step
+            return
+        x0, p = sample(forwards.logits(start, end), settings, step_noise(noise, step))
+        commit = choose(p, masked, settings.num_to_transfer, settings.threshold)
+        edits = editable & live[:, None] & (current != mask_id) & (p > settings.editing_threshold) & (x0 != current)
+        x[:, start:end] = torch.where(commit | edits, x0, current)
+        live &= masked.any(1) | edits.any(1)
+        step += 1
+
+
+def step_noise(noise: tuple | None, step: int) -> Tensor | None:
+    """The sampling noise keys of one step of a block: (row seed, block and step, position)."""
+    if noise is None:
+        return None
+    row_seeds, block, positions = noise
+    return noise_keys(row_seeds, 0, (block << 20) + step, positions)
 
 
 def decided_to_eos(x: Tensor, in_answer: Tensor, mask_id: int, eos_id: int, end: int) -> Tensor:
