@@ -235,6 +235,27 @@ def test_likelihood_flops_are_what_ran(mode, ref_dir, routers):
     assert "nfe_per_request" not in summary
 
 
+def test_padding_is_not_charged(ref_dir):
+    """Requests of different lengths in one padded batch are charged their real tokens and keys:
+    the batch reports what the requests cost alone, where nothing is padded, as counted."""
+    gen = [Instance("generate_until", {}, (p, GEN), 0, ("gen", i, 1)) for i, p in enumerate(("t5 t6 t7", "t20 t21 t22 t23 t24"))]
+    ll = [Instance("loglikelihood", {}, ("t5 t6", a), i, ("ll", 0, 1)) for i, a in enumerate((" t9", " t30 t31 t32"))]
+    args = {"cache": "dual", "skip_layers": [1, 3], "mc_num": 4, "mc_batch": 2}  # no greedy check: multiple choice
+    together, _ = llada_lm(ref_dir, batch_size=2, **args)
+    together.generate_until(gen, disable_tqdm=True)
+    together.loglikelihood(ll, disable_tqdm=True)
+    flops = together.get_model_info()["dlmskip"]["flops"]
+    # alone, a choice keeps idx 1 so that it is still taken for a multiple-choice one (no greedy check)
+    ll_alone = [Instance("loglikelihood", {}, r.args, 1, ("ll", 0, 1)) for r in ll]
+    for task, call, requests in (("gen", "generate_until", gen), ("ll", "loglikelihood", ll_alone)):
+        alone = 0
+        for request in requests:
+            lm, ran = llada_lm(ref_dir, batch_size=1, **args)
+            getattr(lm, call)([request], disable_tqdm=True)
+            alone += ran.flops + 4 * 64 * ran.tokens
+        assert flops[task]["tflops"] == pytest.approx(alone / 1e12, rel=1e-12)
+
+
 DREAM_GEN = {"until": [], "max_gen_toks": 8, "steps": 4}
 
 
