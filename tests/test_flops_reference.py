@@ -168,7 +168,8 @@ def check_against_count(summary: dict, ran: dict, d_model: int, n_layers: int, n
     assert summary["normalized_flops_papers"] == pytest.approx(sum(ran["block_rows"]) / (rows * n_layers), rel=1e-12)
 
 
-def check_llada(summary: dict, ran: Ran, d_model: int, n_layers: int) -> None:
+def check_replayed(summary: dict, ran: Ran, d_model: int, n_layers: int) -> None:
+    """llada_skip and dream_skip: the no-skip figure against the recorded forwards replayed without skipping."""
     check_against_count(summary, ran.snapshot(), d_model, n_layers, ran.replay_without_skipping())
 
 
@@ -224,7 +225,7 @@ def test_generation_flops_are_what_ran(mode, ref_dir, routers):
     lm, ran = llada_lm(ref_dir, batch_size=2, **args)
     lm.generate_until(gen_requests(), disable_tqdm=True)
     summary = lm.get_model_info()["dlmskip"]["flops"]["gen"]
-    check_llada(summary, ran, 64, 6)
+    check_replayed(summary, ran, 64, 6)
     assert summary["nfe_per_request"] == ran.calls  # both requests share every forward
 
 
@@ -235,7 +236,7 @@ def test_likelihood_flops_are_what_ran(mode, ref_dir, routers):
     lm, ran = llada_lm(ref_dir, batch_size=2, mc_num=4, mc_batch=2, **args)
     lm.loglikelihood(ll_requests(), disable_tqdm=True)
     summary = lm.get_model_info()["dlmskip"]["flops"]["ll"]
-    check_llada(summary, ran, 64, 6)
+    check_replayed(summary, ran, 64, 6)
     assert "nfe_per_request" not in summary
 
 
@@ -272,11 +273,11 @@ def test_dream_flops_are_what_ran(mode, routers):
     lm.generate_until([Instance("generate_until", {}, (p, DREAM_GEN), 0, ("gen", i, 1)) for i, p in enumerate(PROMPTS)],
                       disable_tqdm=True)
     summary = lm.get_model_info()["dlmskip"]["flops"]["gen"]
-    check_llada(summary, ran, 48, 4)
+    check_replayed(summary, ran, 48, 4)
     assert summary["nfe_per_request"] == ran.calls
     ran.reset()
     lm.loglikelihood(ll_requests(), disable_tqdm=True)
-    check_llada(lm.get_model_info()["dlmskip"]["flops"]["ll"], ran, 48, 4)
+    check_replayed(lm.get_model_info()["dlmskip"]["flops"]["ll"], ran, 48, 4)
 
 
 @pytest.fixture(scope="module")
