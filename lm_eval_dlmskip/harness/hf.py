@@ -12,7 +12,10 @@ FLOPs count what the forwards compute: a loglikelihood forward over the whole (p
 with the LM head at every position; a generation's prefill, then one token per step attending
 to the cached keys, for every row of the batch until ``generate`` returns (rows that finished
 early keep computing while their batch runs, as in HFLM; at batch_size=1 it is each request's
-own cost).
+own cost). Likewise a layer that some rows of a batch skip (random draws differ by row) runs for
+every row, the skipping rows discarding its output: FLOPs charge it to every row, while the
+papers' figure (executed layers per row) counts each row's draw. Random skipping saves compute
+only at batch_size=1 (or where rows agree).
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class HFSkipLM(HFLM):
         head = min(keep, q) if isinstance(keep, int) and keep > 0 else q
         full = torch.full((B,), q, device=self.device)
         trace = SkipTrace(self.schedule.executed, full, torch.full_like(full, head), torch.zeros_like(full),
-                          keys=torch.full_like(full, past + q))
+                          keys=torch.full_like(full, past + q), computed=self.schedule.computed)
         self.meter.record(trace, self._task_row.expand(B))
 
     # ---- requests: lm-eval's methods, once per task so forwards are charged to it ------------

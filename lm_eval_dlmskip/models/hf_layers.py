@@ -125,6 +125,7 @@ class LayerSchedule:
         self.policy = policy
         self.n_layers = n_layers
         self.executed: Tensor | None = None  # [B, n_layers] bool of the current call
+        self.computed: Tensor | None = None  # [B, n_layers] bool: layers run per row (None: as executed)
         self._decisions: list[bool | Tensor] = []
 
     def begin(self, ids: Tensor, real: Tensor) -> None:
@@ -133,9 +134,12 @@ class LayerSchedule:
         # h: static and random policies never read the hidden states, and the call has none yet
         decisions = [self.policy.rows_to_run(layer, None, batch) for layer in range(self.n_layers)]
         self.executed = SkipTrace.from_decisions(decisions, len(ids), ids.device)
+        self.computed = None
         if all(isinstance(d, bool) for d in decisions):
             self._decisions = decisions
             return
+        # a layer that any row runs is computed for every row (SkippableLayer keeps the others' input)
+        self.computed = self.executed.any(0, keepdim=True).expand_as(self.executed)
         # sync: once per call, so that a layer no row runs is not called at all
         run_all, run_any = self.executed.all(0).tolist(), self.executed.any(0).tolist()
         self._decisions = [True if a else False if not n else self.executed[:, layer]

@@ -4,7 +4,8 @@ Two normalised figures, both 1.0 with nothing skipped:
 
 * papers': executed blocks / all blocks, averaged over forwards (one skipped block of 32 is
   31/32 = 0.96875), as in both skipping papers;
-* whole-model: FLOPs actually spent / FLOPs of the same forwards with no skipping, counting the
+* whole-model: FLOPs actually spent (a block computed for a row and its output discarded
+  counts) / FLOPs of the same forwards with no skipping, counting the
   embedding, every block (projections, attention's sequence-length term, SwiGLU MLP), the LM
   head at the positions whose logits were computed, and the routers' own cost.
 
@@ -83,7 +84,8 @@ class FlopsModel:
         n = trace.seq_lens.double()
         fixed = 4 * self.d_model * n + 2 * self.d_model * self.vocab * trace.head_positions.double()
         layers = self.layers(n, None if trace.keys is None else trace.keys.double())
-        spent = fixed + (trace.executed.double() * layers).sum(1) + trace.routed_layers * self.router(n)
+        ran = trace.executed if trace.computed is None else trace.computed
+        spent = fixed + (ran.double() * layers).sum(1) + trace.routed_layers * self.router(n)
         return spent, fixed + layers.sum(1)
 
 

@@ -152,6 +152,9 @@ class SkipTrace:
     masked: Tensor  # [B] masked positions per row among those computed (how far denoising has come)
     routed_layers: int = 0  # blocks whose router was evaluated (its cost goes into FLOPs)
     keys: Tensor | None = None  # [B] real keys attended to; None: the computed tokens themselves
+    # [B, n_layers] bool: block l's products ran for row b, where that is not ``executed``: hf_skip
+    # runs a layer some rows of the batch skip for every row, keeping the output of the others
+    computed: Tensor | None = None
 
     @staticmethod
     def from_decisions(decisions: list[Decision | list[bool]], batch_size: int, device: torch.device) -> Tensor:
