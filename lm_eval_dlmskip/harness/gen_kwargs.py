@@ -46,9 +46,9 @@ DREAM = DecodingSpec(
 LLADA2 = DecodingSpec(
     "llada2_skip", BlockDiffusionSettings,
     ("gen_length", "block_length", "steps", "threshold", "minimal_topk", "temperature", "top_p", "top_k",
-     "eos_early_stop", "cache"),
+     "eos_early_stop", "cache", "editing_threshold", "max_post_steps", "num_to_transfer"),
     (), frozenset({"do_sample", "num_beams", "repetition_penalty", "min_p"}),
-    {"top_p": float, "top_k": int},
+    {"top_p": float, "top_k": int, "editing_threshold": float},
 )
 # lm-eval's names for the answer length (max_gen_toks and its aliases).
 _LENGTH_KEYS = {"max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}

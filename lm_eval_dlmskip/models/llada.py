@@ -364,11 +364,12 @@ class LLaDA(nn.Module):
 
     @torch.no_grad()
     def hidden_states(
-        self, ids: Tensor, attention_mask: Tensor | None = None, policy: SkipPolicy = NO_SKIP
+        self, ids: Tensor, attention_mask: Tensor | None = None, policy: SkipPolicy = NO_SKIP,
+        block_length: int | None = None,
     ) -> list[Tensor]:
         """Upstream ``output_hidden_states``: [embeddings, input of block 1, ..., ln_f(last output)]."""
         states: list[Tensor] = []
-        h, _ = self.trunk(ids, attention_mask, policy, hidden_states=states)
+        h, _ = self.trunk(ids, attention_mask, policy, hidden_states=states, block_length=block_length)
         states.append(self.ln_f(h))
         return states
 
