@@ -16,7 +16,7 @@ import torch
 
 from lm_eval_dlmskip.harness.answer_cache import settings_identity
 from lm_eval_dlmskip.harness.dream import DreamSkipLM
-from lm_eval_dlmskip.harness.gen_kwargs import DREAM, LLADA, resolve_generation
+from lm_eval_dlmskip.harness.gen_kwargs import resolve_generation
 from lm_eval_dlmskip.harness.llada import LLaDASkipLM
 from lm_eval_dlmskip.harness.model_args import COMMON, parse_model_args
 from lm_eval_dlmskip.models.config import LLaDAConfig

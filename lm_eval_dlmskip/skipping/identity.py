@@ -53,7 +53,7 @@ def check_identity(
                          f"{this} (dlmskip calibrate or train on the model you evaluate)")
     if (base["n_layers"], base["d_model"]) != (cfg.n_layers, cfg.d_model):
         raise ValueError(f"{subject} {made_on}; this model has n_layers={cfg.n_layers}, d_model={cfg.d_model}")
-    differences = identity_differences(base, cfg, fingerprint, tokenizer)
+    differences = _differences(base, cfg, fingerprint, tokenizer)
     if differences and not allow_mismatch:
         raise ValueError(
             f"{subject} {made_on}; {'; '.join(differences)}. "
@@ -61,7 +61,7 @@ def check_identity(
         )
 
 
-def identity_differences(base: dict, cfg: Any, fingerprint: str, tokenizer: str | None) -> list[str]:
+def _differences(base: dict, cfg: Any, fingerprint: str, tokenizer: str | None) -> list[str]:
     """How the model evaluated differs from the one an artifact recorded, one phrase each."""
     differences = []
     if base["fingerprint"] != fingerprint:
