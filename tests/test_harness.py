@@ -389,13 +389,14 @@ def test_bad_model_args_fail_before_anything_loads(tmp_path, monkeypatch, ref_di
 
 
 def test_what_needs_the_model_fails_right_after_the_load(monkeypatch, ref_dir):
-    """The block range needs n_layers: checked as soon as the checkpoint is in, before the tokenizer."""
+    """The block range needs n_layers: checked as soon as the checkpoint and its tokenizer (read in
+    milliseconds; a router or profile is checked against it too) are in, before anything else is built."""
     import lm_eval_dlmskip.harness.base as harness
 
     def never(*_, **__):
-        raise AssertionError("the tokenizer was loaded before the block range was checked")
+        raise AssertionError("the FLOPs meter was built before the block range was checked")
 
-    monkeypatch.setattr(harness, "load_tokenizer", never)
+    monkeypatch.setattr(harness, "FlopsMeter", never)
     with pytest.raises(ValueError, match=r"skip_layers: 6 is out of range; blocks are 0-based, 0\.\.5"):
         make_lm(ref_dir, skip_layers=[6])
     with pytest.raises(ValueError, match="skip_random: 9 blocks cannot be drawn from 6"):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..data import render_chat
 from ..decoding.graphs import GraphRunner
 from ..decoding.likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
-from ..models.loading import adapter_fingerprint, load_model, load_tokenizer, merge_lora
+from ..models.loading import adapter_fingerprint, load_model, load_tokenizer, merge_lora, tokenizer_fingerprint
 from ..skipping.flops import FlopsMeter, TaskTotals
 from ..skipping.identity import with_adapter
 from .answer_cache import AnswerCache, settings_identity
@@ -66,8 +66,10 @@ class DiffusionSkipLM(TemplateLM):
             self.model = merge_lora(checkpoint.model, args.peft, args.revision)
             fingerprint = with_adapter(fingerprint, adapter_fingerprint(args.peft, args.revision))
         self.cfg = checkpoint.model.cfg
-        # What needs the model (block range, fit of a router or profile) fails here, before the rest.
-        method = skip_method(args.skip, self.cfg, fingerprint, self._device, self.model.dtype, args.compile)
+        self.tokenizer = load_tokenizer(checkpoint.path if args.tokenizer is None else args.tokenizer, self.cfg.mask_token_id)
+        # What needs the model and its tokenizer (block range, fit of a router or profile) fails here, before the rest.
+        method = skip_method(args.skip, self.cfg, fingerprint, tokenizer_fingerprint(self.tokenizer), self._device,
+                             self.model.dtype, args.compile)
         if method.routers is not None:
             warn_if_unfinished(method.routers, log)
             if method.routers.adapter is not None:
@@ -75,7 +77,6 @@ class DiffusionSkipLM(TemplateLM):
         self.policy = method.policy
         if args.compile:
             self.model.compile_blocks()
-        self.tokenizer = load_tokenizer(checkpoint.path if args.tokenizer is None else args.tokenizer, self.cfg.mask_token_id)
         self.mask_id = self.cfg.mask_token_id
         self._max_length = args.max_length or self.cfg.max_sequence_length
         self.likelihood = args.likelihood

@@ -32,6 +32,10 @@ class DreamSkipLM(DiffusionSkipLM):
 
     @classmethod
     def check_family_args(cls, args: Mapping[str, Any]) -> None:
+        eps = args["sampling_eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise ValueError(f"sampling_eps={eps!r} must be a number in (0, 1): the smallest masking probability of "
+                             "Dream's likelihood")
         if args["cache"] not in (None, "none"):
             raise ValueError(
                 f"cache={args['cache']!r}: cached decoding is not available for dream_skip (Dream's logits are shifted, "

@@ -21,14 +21,14 @@ from ..skipping.router_checkpoints import resolve_router
 from .gen_kwargs import DecodingSpec, check_user_settings
 
 SKIP_METHODS = ("skip_layers", "skip_random", "skip_profile", "router")
-SWITCHES = ("check_greedy", "allow_mismatch", "compile", "cuda_graphs")
+SWITCHES = ("check_greedy", "allow_mismatch", "compile", "cuda_graphs", "trust_remote_code")
 # The model_args of every diffusion family and their defaults (decoding keys are the family's own).
 COMMON: dict[str, Any] = {
     "revision": "main", "tokenizer": None, "dtype": "auto", "device": None, "batch_size": 1, "max_batch_size": 64,
     "max_length": None, "mc_num": 128, "mc_batch": 16, "check_greedy": False, "skip_layers": None,
     "skip_random": None, "skip_profile": None, "skip_k": None, "router": None, "router_tau": None,
     "allow_mismatch": False, "seed": 1234, "mc_seed": 1234, "compile": False, "cuda_graphs": True, "peft": None,
-    "trust_remote_code": None,
+    "trust_remote_code": False,  # accepted from lm-eval's --trust_remote_code; no hub code ever runs
 }
 
 
@@ -138,7 +138,13 @@ def check_known(given: Mapping[str, Any], known: Mapping[str, Any], model: str) 
 
 
 def check_sources(args: Mapping[str, Any]) -> None:
-    """Local paths exist (a hub id is only looked up when loading)."""
+    """Local paths exist (a hub id is only looked up when loading); the revision is a name."""
+    revision = args.get("revision", "main")
+    if isinstance(revision, bool) or not isinstance(revision, (str, int)) or not str(revision).strip():
+        raise ValueError(
+            f"revision={revision!r}: give a branch, tag or commit hash of the hub repository (default main); a "
+            "commit prefix that lm-eval reads as a number other than an integer cannot be recovered, give the full hash"
+        )
     local_directory(str(args["pretrained"]), "pretrained")
     if args.get("tokenizer") is not None:
         local_directory(str(args["tokenizer"]), "tokenizer")

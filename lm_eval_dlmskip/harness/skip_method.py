@@ -29,16 +29,18 @@ class SkipMethod:
 
 
 def skip_method(
-    skip: SkipArgs, cfg: Any, fingerprint: str, device: torch.device, dtype: torch.dtype, compile: bool = False
+    skip: SkipArgs, cfg: Any, fingerprint: str, tokenizer: str, device: torch.device, dtype: torch.dtype,
+    compile: bool = False,
 ) -> SkipMethod:
-    """The policy ``skip`` names for a model of config ``cfg`` and weights ``fingerprint``."""
+    """The policy ``skip`` names for a model of config ``cfg``, weights ``fingerprint`` and
+    tokenizer fingerprint ``tokenizer`` (a router or profile made on another is refused)."""
     if skip.router is not None:
-        routed = load_routers(skip.router, cfg, fingerprint, skip.router_tau, skip.allow_mismatch, device, dtype=dtype)
+        routed = load_routers(skip.router, cfg, fingerprint, skip.router_tau, skip.allow_mismatch, device, dtype, tokenizer)
         policy = RoutedSkip(routed.routers, routed.routers.cfg.tau)
         flops = FlopsModel.of(cfg, routed.routers.cfg.hidden, routed.routers.cfg.depth)
         return SkipMethod(policy.compiled() if compile else policy, describe_router(routed), flops, routed)
     if skip.skip_profile is not None:
-        layers, profile = load_profile(skip.skip_profile, cfg, fingerprint, skip.allow_mismatch, skip.skip_k)
+        layers, profile = load_profile(skip.skip_profile, cfg, fingerprint, skip.allow_mismatch, skip.skip_k, tokenizer)
         policy = StaticSkip(layers) if layers else NO_SKIP
         description = {**describe_policy(policy), "skip_profile": skip.skip_profile, "threshold": profile["threshold"]}
         return SkipMethod(policy, description, FlopsModel.of(cfg))

@@ -32,7 +32,7 @@ from ..data import add_source_arguments
 from ..models.hf_layers import hf_model_type, hidden_states, load_hf, weights_fingerprint
 from ..models.hf_layers import model_identity as hf_identity
 from ..models.llada import LLaDA
-from ..models.loading import Checkpoint, load_model, load_tokenizer, resolve_checkpoint
+from ..models.loading import Checkpoint, load_model, load_tokenizer, resolve_checkpoint, tokenizer_fingerprint
 from ..skipping.identity import model_identity
 from ..skipping.profiles import FORMAT_VERSION, KIND, NUMBERING
 
@@ -216,7 +216,8 @@ def measure_llada(
     )
     every = torch.cat(list(by_fraction.values()))  # [examples x states, n_layers]
     data = {"source": source, "n_prompts": len(examples), "mask_fractions": fractions, "answer_length": args.answer_length}
-    return every, by_fraction, model_identity(model.cfg, args.model, checkpoint.fingerprint), data
+    identity = model_identity(model.cfg, args.model, checkpoint.fingerprint, tokenizer_fingerprint(tokenizer))
+    return every, by_fraction, identity, data
 
 
 def hf_checkpoint(model: str, revision: str) -> Path | None:

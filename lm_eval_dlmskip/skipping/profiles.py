@@ -46,8 +46,12 @@ def profile_blocks(profile: dict, path: str | Path, k: int | None) -> list[int]:
     return sorted(order)
 
 
-def load_profile(path: str | Path, cfg: Any, fingerprint: str, allow_mismatch: bool, k: int | None) -> tuple[list[int], dict]:
-    """The blocks a skip profile selects (its first ``k`` choices when given), checked against the model."""
+def load_profile(
+    path: str | Path, cfg: Any, fingerprint: str, allow_mismatch: bool, k: int | None, tokenizer: str | None = None
+) -> tuple[list[int], dict]:
+    """The blocks a skip profile selects (its first ``k`` choices when given), checked against the
+    model (``cfg``, weights ``fingerprint``, ``tokenizer`` fingerprint: see identity.py)."""
     profile = read_profile(path)
-    check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on")
+    check_identity(profile["base_model"], cfg, fingerprint, allow_mismatch, f"skip_profile={str(path)!r} was measured on",
+                   tokenizer)
     return profile_blocks(profile, path, k), profile

@@ -103,8 +103,10 @@ def load_routers(
     allow_mismatch: bool = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    tokenizer: str | None = None,
 ) -> RouterCheckpoint:
-    """Read a router checkpoint and check it was trained for this model. The routers run in the
+    """Read a router checkpoint and check it was trained for this model (weights ``fingerprint``,
+    config ``cfg``, tokenizer fingerprint ``tokenizer``: see identity.py). The routers run in the
     model's dtype (as they were trained under bf16 autocast): a float32 router on bf16 hidden
     states would cost as much as a small block on a GPU."""
     path = resolve_router(str(router))
@@ -118,7 +120,7 @@ def load_routers(
             f"{meta_file}: not a router checkpoint of format {FORMAT_VERSION} "
             f"(kind={meta.get('kind')!r}, format={meta.get('format')!r})"
         )
-    check_identity(meta["base_model"], cfg, fingerprint, allow_mismatch, f"router={str(router)!r} was trained for")
+    check_identity(meta["base_model"], cfg, fingerprint, allow_mismatch, f"router={str(router)!r} was trained for", tokenizer)
     rcfg = RouterConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, **{**meta["router"], **({"tau": tau} if tau is not None else {})})
     routers = Routers(rcfg)
     try:

@@ -158,12 +158,15 @@ class GumbelRouting:
         self.generator = generator
         self.skip_gates: list[Tensor] = []  # [B] per block
 
+    def noise(self, shape: torch.Size, device: torch.device) -> Tensor:
+        """Gumbel(0, 1) samples -log(-log u) from uniforms u of the generator."""
+        uniform = torch.rand(shape, device=device, generator=self.generator)
+        exponential = -torch.log(uniform.clamp(min=1e-20))
+        return -torch.log(exponential.clamp(min=1e-20))
+
     def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision:
         logits = self.routers(layer, h).float()
-        uniform = torch.rand(logits.shape, device=logits.device, generator=self.generator)
-        exponential = -torch.log(uniform.clamp(min=1e-20))
-        gumbel = -torch.log(exponential.clamp(min=1e-20))
-        soft = F.softmax((logits + gumbel) / self.temperature, dim=-1)
+        soft = F.softmax((logits + self.noise(logits.shape, logits.device)) / self.temperature, dim=-1)
         hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
         votes = hard + (soft - soft.detach())  # exactly one-hot forward, softmax gradient
         share, has_masked = skip_share(votes[..., SKIP], batch.masked.float())

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..common.files import write_atomically
 from ..data import Pair, encode_pairs, jsonl_texts, split_validation, task_texts, tokenizer_chat_template
-from ..models.loading import load_model, load_tokenizer
+from ..models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from ..skipping.identity import model_identity
 from ..skipping.router_checkpoints import save_routers
 from ..skipping.routers import RouterConfig, Routers
@@ -217,7 +217,7 @@ def train(cfg: TrainConfig) -> dict:
     accumulation = per_step // (micro * world)
     objective = accelerator.prepare(objective)  # DDP syncs only parameters that require grad
 
-    identity = model_identity(mcfg, cfg.model, checkpoint.fingerprint)
+    identity = model_identity(mcfg, cfg.model, checkpoint.fingerprint, tokenizer_fingerprint(tokenizer))
     settings = {
         "lambda": cfg.lam,
         "alpha_target": cfg.alpha_target,
