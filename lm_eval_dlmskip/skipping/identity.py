@@ -5,6 +5,7 @@ but another rope_theta or mask id, or read through another tokenizer, is another
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from typing import Any
 
@@ -69,7 +70,7 @@ def _differences(base: dict, cfg: Any, fingerprint: str, tokenizer: str | None) 
         merged = f" (base {checkpoint}{''.join(f' + peft adapter {a}' for a in adapters)})" if adapters else ""
         differences.append(f"the weights evaluated{merged} have fingerprint {fingerprint}")
     recorded = base.get("config") or {}
-    current = asdict(cfg) if recorded else {}
+    current = json.loads(json.dumps(asdict(cfg))) if recorded else {}  # as recorded: tuples become lists
     fields = [f"{k} ({recorded[k]!r} there, {current[k]!r} here)" for k in recorded if k in current and recorded[k] != current[k]]
     if fields:
         differences.append(f"the config of the model evaluated differs in {', '.join(fields)}")
