@@ -507,3 +507,29 @@ def test_lora_adapter_is_merged(tmp_path, ref_dir, ref_tensors):
         got = lm.model(ref_tensors["forward.input_ids"])[0]
     assert (got - expected).abs().max() < 1e-4  # merged weights round differently from W x + B A x
     assert (got - ref_tensors["forward.logits"]).abs().max() > 1e-2
+
+
+def test_speed_travels_with_the_flops_per_task(ref_dir, ref, monkeypatch):
+    """Per task: the wall seconds of its batches (split by requests), generated tokens and rates;
+    with the device, batch size, dtype, fast-path switches and each task's decoding settings. The
+    clock is stubbed so the figures are exact: every batch takes 2 s."""
+    import lm_eval_dlmskip.harness.base as base
+
+    ticks = iter(range(0, 1000, 2))
+    monkeypatch.setattr(base, "clock", lambda: next(ticks))
+    lm = make_lm(ref_dir, batch_size=2)
+    lm.loglikelihood(ll_requests(ref, task="mc"))  # 4 requests: 2 batches
+    lm.generate_until(gen_requests(ref, {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 4}, task="gen")
+                      + gen_requests(ref, {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 4}, task="gen2")[:1])
+    info = lm.get_model_info()["dlmskip"]
+    mc, gen, gen2 = info["flops"]["mc"], info["flops"]["gen"], info["flops"]["gen2"]
+    assert mc["wall_seconds"] == 4 and mc["requests_per_s"] == 1 and "tokens_per_s" not in mc
+    # six generation requests in 3 batches of 2: 6 s, the one gen2 request's share is half a batch
+    assert gen["wall_seconds"] + gen2["wall_seconds"] == 6 and gen2["wall_seconds"] == 1
+    assert gen["generated_tokens"] == 5 * 8 and gen["tokens_per_s"] == 40 / 5
+    assert gen["forwards_per_s"] == gen["forwards"] / 5
+    speed = info["speed"]
+    assert speed["device"] == "cpu" and speed["batch_size"] == "2" and speed["dtype"] == "float32"
+    assert speed["compile"] is False and speed["cuda_graphs"] is False  # the CPU default: eager
+    assert speed["decoding"]["gen"]["block_length"] == 4 and speed["decoding"]["gen"]["gen_length"] == 8
+    assert info["compile"] is False

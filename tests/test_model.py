@@ -277,3 +277,33 @@ def test_compiled_blocks_give_the_same_logits(ref_dir, ref_tensors):
         eager = model(ids, policy=StaticSkip({2}))[0]
         compiled = model.compile_blocks()(ids, policy=StaticSkip({2}))[0]
     assert torch.allclose(compiled, eager, atol=1e-4)
+
+
+def test_a_failed_compilation_falls_back_to_the_eager_function_once(monkeypatch, caplog):
+    """compile is the default on a GPU: a compiler error logs one warning and the eager function
+    runs from then on (same results); an error of the computation itself is not swallowed."""
+    import torch._dynamo.exc
+
+    from lm_eval_dlmskip.models import llada
+
+    calls = []
+
+    def failing_compile(fn):
+        def compiled(*args):
+            calls.append(1)
+            raise torch._dynamo.exc.InternalTorchDynamoError("no compiler here")
+        return compiled
+
+    monkeypatch.setattr(llada.torch, "compile", failing_compile)
+    double = llada.Compiled(lambda x: 2 * x)
+    with caplog.at_level("WARNING", logger=llada.__name__):
+        assert torch.equal(double(torch.ones(2)), torch.full((2,), 2.0))
+        assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
+    assert len(calls) == 1 and sum("running it eagerly" in r.getMessage() for r in caplog.records) == 1
+
+    def computation_error(x):
+        raise ValueError("a bug in the computation")
+
+    monkeypatch.setattr(llada.torch, "compile", lambda fn: fn)
+    with pytest.raises(ValueError, match="a bug in the computation"):
+        llada.Compiled(computation_error)(torch.ones(1))

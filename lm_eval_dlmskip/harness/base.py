@@ -9,6 +9,7 @@ and sampling setting come back through ``get_model_info()``, which lm-eval merge
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 from typing import Any, Mapping
 
@@ -33,6 +34,7 @@ from .skip_method import skip_method, warn_if_unfinished
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm_eval passes as device when --device is not given
+clock = time.perf_counter  # the wall clock of the speed figures
 
 
 class DiffusionSkipLM(TemplateLM):
@@ -58,6 +60,8 @@ class DiffusionSkipLM(TemplateLM):
             log.info("trust_remote_code is not needed: %s runs its own model code and executes none from the hub",
                      self.decoding.model)
         self._setup_distributed(args.device)
+        # The fast path by default on a GPU: compiled blocks (and CUDA graphs below); compile=False turns it off.
+        self.compiled = args.compile if args.compile is not None else self._device.type == "cuda"
         checkpoint = load_model(args.pretrained, revision=args.revision, dtype=args.dtype, device=self._device,
                                 family=self.family)
         self.checkpoint = checkpoint
@@ -69,19 +73,20 @@ class DiffusionSkipLM(TemplateLM):
         self.tokenizer = load_tokenizer(checkpoint.path if args.tokenizer is None else args.tokenizer, self.cfg.mask_token_id)
         # What needs the model and its tokenizer (block range, fit of a router or profile) fails here, before the rest.
         method = skip_method(args.skip, self.cfg, fingerprint, tokenizer_fingerprint(self.tokenizer), self._device,
-                             self.model.dtype, args.compile)
+                             self.model.dtype, self.compiled)
         if method.routers is not None:
             warn_if_unfinished(method.routers, log)
             if method.routers.adapter is not None:
                 self.model = merge_lora(self.model, str(method.routers.adapter))
         self.policy = method.policy
-        if args.compile:
+        if self.compiled:
             self.model.compile_blocks()
         self.mask_id = self.cfg.mask_token_id
         self._max_length = args.max_length or self.cfg.max_sequence_length
         self.likelihood = args.likelihood
         self.gen_args = args.decoding  # what the user typed for decoding (None: the task or the default decides)
         self._announced: set[str] = set()  # tasks whose decoding settings were logged
+        self._decoding_by_task: dict[str, dict] = {}  # each task's decoding settings, for the speed figures
         self.settings = {
             "pretrained": args.pretrained,
             "revision": args.revision,
@@ -93,7 +98,7 @@ class DiffusionSkipLM(TemplateLM):
             "generation": dict(self.gen_args),
             "seed": args.seed,
             "mc_seed": args.mc_seed,
-            "compile": args.compile,
+            "compile": self.compiled,
             "cuda_graphs": args.cuda_graphs,
             "max_length": self._max_length,
         }
@@ -223,8 +228,17 @@ class DiffusionSkipLM(TemplateLM):
             "model_dtype": str(self.model.dtype),
             "model_revision": self.settings["revision"],
             "model_sha": self.checkpoint.hub_commit,
-            "dlmskip": {**self.settings, "family": self.cfg.family, "n_layers": self.cfg.n_layers, "flops": flops},
+            "dlmskip": {**self.settings, "family": self.cfg.family, "n_layers": self.cfg.n_layers, "flops": flops,
+                        "speed": self.speed_settings()},
         }
+
+    def speed_settings(self) -> dict:
+        """What the per-task speed figures (wall_seconds, tokens_per_s, ... in ``flops``) were measured
+        with: the device, batch size, dtype, fast-path switches and each task's decoding settings."""
+        device = torch.cuda.get_device_name(self._device) if self._device.type == "cuda" else self._device.type
+        return {"device": device, "processes": self.world_size, "batch_size": self.args.batch_size,
+                "dtype": str(self.model.dtype).removeprefix("torch."), "compile": self.compiled,
+                "cuda_graphs": self.generation_forward is not self.model, "decoding": self._decoding_by_task}
 
     # ---- batching helpers ------------------------------------------------------------------
     def _batch_size(self, rows_per_request: int, seq_len: int) -> int:
@@ -332,6 +346,7 @@ class DiffusionSkipLM(TemplateLM):
         results = []
         bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc=f"{self.decoding.model} loglikelihood")
         for chunk in collator.get_batched(n=batch_size):
+            tic = clock()
             prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _, _, _ in chunk))
             task_rows = torch.tensor([task_index[task] for _, task, _, _ in chunk], device=self._device)
             lengths = torch.tensor([len(a) for a in answers], device=self._device)
@@ -346,6 +361,7 @@ class DiffusionSkipLM(TemplateLM):
             for ((strings, _, _), _, _, _), score, is_greedy in zip(chunk, scores, greedy_flags):
                 results.append((score, bool(is_greedy)))
                 self.cache_hook.add_partial("loglikelihood", strings, (score, bool(is_greedy)))
+            self.meter.timed([task for _, task, _, _ in chunk], clock() - tic)  # scores are on the host
             bar.update(len(chunk))
         bar.close()
         return collator.get_original(results)
@@ -417,10 +433,11 @@ class DiffusionSkipLM(TemplateLM):
         """A request's decoding settings, stop strings, and each setting's value and source."""
         return resolve_generation(gen_kwargs, self.gen_args, self.decoding)
 
-    def _announce(self, tasks, origin: dict[str, str]) -> None:
+    def _announce(self, tasks, settings: Any, origin: dict[str, str]) -> None:
         """Log the decoding settings of each task once; a warning when model_args replaced a task's value."""
         for task in sorted(set(tasks) - self._announced):
             self._announced.add(task)
+            self._decoding_by_task[task] = asdict(settings)
             level = logging.WARNING if any("over the task's" in v for v in origin.values()) else logging.INFO
             described = ", ".join(f"{k}={v}" for k, v in origin.items())
             log.log(level, "%s [%s] decodes with %s", self.decoding.model, task, described)
@@ -437,9 +454,10 @@ class DiffusionSkipLM(TemplateLM):
         results = []
         bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc=f"{self.decoding.model} generate_until")
         for chunk in collator.get_batched(n=self._generation_batch_size(items)):
+            tic = clock()
             contexts, all_kwargs, chunk_tasks, chunk_answers = zip(*chunk)
             settings, until, origin = self.generation_settings(dict(all_kwargs[0]))
-            self._announce(chunk_tasks, origin)
+            self._announce(chunk_tasks, settings, origin)
             ids, attention_mask = encode_prompts([self.tok_encode(c) for c in contexts], self.max_length - settings.gen_length,
                                                  self.max_length, self.tokenizer.pad_token_id, self._device)
             task_rows = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
@@ -453,6 +471,7 @@ class DiffusionSkipLM(TemplateLM):
                 text = self.decode_answer(answer, until)
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, kwargs), text)
+            self.meter.timed(list(chunk_tasks), clock() - tic, settings.gen_length)  # answers are on the host
             bar.update(len(chunk))
         bar.close()
         self._finish_call("generate_until", requests)

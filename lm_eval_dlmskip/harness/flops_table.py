@@ -12,15 +12,19 @@ from ..skipping.flops import FlopsMeter
 
 
 def format_flops_table(summaries: dict[str, dict], n_layers: int, model: str = "llada_skip") -> str:
-    """Per-task FLOPs of ``--model`` ``model`` as a Markdown table like lm-eval's results table;
-    decoding columns only when some task decoded."""
+    """Per-task FLOPs and speed of ``--model`` ``model`` as a Markdown table like lm-eval's results
+    table; decoding columns only when some task decoded, speed columns when it was timed."""
     decoded = any("nfe_per_request" in s for s in summaries.values())
+    timed = any("wall_seconds" in s for s in summaries.values())
     header = ["Tasks", "Normalized FLOPs (papers)", "Normalized FLOPs (whole model)", f"Mean blocks run (of {n_layers})",
-              "Forwards", *(["NFE/request", "FLOPs vs plain decoding"] if decoded else [])]
+              "Forwards", *(["NFE/request", "FLOPs vs plain decoding"] if decoded else []),
+              *(["Wall s", "Tokens/s", "Requests/s"] if timed else [])]
     rows = [[task, f"{s['normalized_flops_papers']:.4f}", f"{s['normalized_flops_whole_model']:.4f}",
              f"{s['mean_executed_blocks']:.2f}", str(s["forwards"]),
              *([f"{s['nfe_per_request']:.2f}", f"{s['normalized_flops_vs_plain_decoding']:.4f}"]
-               if "nfe_per_request" in s else ["", ""])][: len(header)]
+               if "nfe_per_request" in s else ["", ""])[: 2 * decoded],
+             *([f"{s['wall_seconds']:.1f}", f"{s['tokens_per_s']:.1f}" if "tokens_per_s" in s else "",
+                f"{s['requests_per_s']:.2f}"] if "wall_seconds" in s else ["", "", ""])[: 3 * timed]]
             for task, s in sorted(summaries.items())]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["|" + "|".join(c.center(w) for c, w in zip(r, widths)) + "|" for r in [header, *rows]]

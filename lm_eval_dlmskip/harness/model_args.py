@@ -27,7 +27,7 @@ COMMON: dict[str, Any] = {
     "revision": "main", "tokenizer": None, "dtype": "auto", "device": None, "batch_size": 1, "max_batch_size": 64,
     "max_length": None, "mc_num": 128, "mc_batch": 16, "check_greedy": False, "skip_layers": None,
     "skip_random": None, "skip_profile": None, "skip_k": None, "router": None, "router_tau": None,
-    "allow_mismatch": False, "seed": 1234, "mc_seed": 1234, "compile": False, "cuda_graphs": True, "peft": None,
+    "allow_mismatch": False, "seed": 1234, "mc_seed": 1234, "compile": None, "cuda_graphs": True, "peft": None,
     "trust_remote_code": False,  # accepted from lm-eval's --trust_remote_code; no hub code ever runs
 }
 
@@ -93,7 +93,7 @@ class ModelArgs:
     seed: int  # random skipping and sampled decoding
     mc_seed: int  # the Monte-Carlo masks alone
     check_greedy: bool
-    compile: bool
+    compile: bool | None  # None: on a GPU, off on a CPU
     cuda_graphs: bool
     trust_remote_code: bool
     likelihood: LikelihoodSettings
@@ -120,7 +120,7 @@ def parse_model_args(given: Mapping[str, Any], family: type[Family]) -> ModelArg
         tokenizer=None if args["tokenizer"] is None else str(args["tokenizer"]), dtype=args["dtype"],
         device=args["device"], batch_size=str(args["batch_size"]), max_batch_size=args["max_batch_size"] or 64,
         max_length=args["max_length"], peft=args["peft"], seed=int(args["seed"]), mc_seed=int(args["mc_seed"]),
-        check_greedy=bool(args["check_greedy"]), compile=bool(args["compile"]), cuda_graphs=bool(args["cuda_graphs"]),
+        check_greedy=bool(args["check_greedy"]), compile=None if args["compile"] is None else bool(args["compile"]), cuda_graphs=bool(args["cuda_graphs"]),
         trust_remote_code=bool(args["trust_remote_code"]), likelihood=likelihood, decoding=decoding,
         skip=SkipArgs.parse(args),
     )
@@ -172,7 +172,7 @@ def check_runtime(args: Mapping[str, Any]) -> None:
             raise ValueError(f"{key}={value!r} must be an integer")
     for key in SWITCHES:
         value = args.get(key, False)
-        if not (isinstance(value, bool) or value in (0, 1)):
+        if not (isinstance(value, bool) or value in (0, 1) or key == "compile" and value is None):
             raise ValueError(f"{key}={value!r} must be True or False")
 
 

@@ -19,7 +19,9 @@ block (eagerly, or replayed from CUDA graphs in decoding/graphs.py) are executio
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +44,8 @@ from .execution import (
     run_blocks,
 )
 from .moe import MoE
+
+log = logging.getLogger(__name__)
 
 
 def rotary_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -130,6 +134,34 @@ class BlockKernels:
 
 
 EAGER = BlockKernels()
+
+
+class Compiled:
+    """``torch.compile(fn)`` that logs how long each new shape took to compile and, when compiling
+    fails, says so once and runs ``fn`` eagerly from then on (the same function, so the same
+    results). Only compiler errors fall back; an error of the computation itself is raised."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.compiled = fn, torch.compile(fn)
+        self.shapes: set[tuple] = set()
+
+    def __call__(self, x: Tensor, *args):
+        if self.compiled is None:
+            return self.fn(x, *args)
+        key = (tuple(x.shape), x.dtype)
+        if key in self.shapes:
+            return self.compiled(x, *args)
+        tic = time.perf_counter()
+        try:
+            out = self.compiled(x, *args)
+        except torch._dynamo.exc.TorchDynamoException as err:  # the compiler failed, not the computation
+            log.warning("torch.compile of %s failed (%s); running it eagerly from now on (compile=False skips the "
+                        "attempt)", self.fn.__name__, str(err).splitlines()[0])
+            self.compiled = None
+            return self.fn(x, *args)
+        self.shapes.add(key)
+        log.info("compiled %s for %s in %.1f s", self.fn.__name__, list(x.shape), time.perf_counter() - tic)
+        return out
 _FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("ff_proj", "up_proj")}
 
 
@@ -260,8 +292,9 @@ class LLaDA(nn.Module):
         return self
 
     def compile_blocks(self) -> "LLaDA":
-        """torch.compile the two halves of the block once, shared by every block (opt-in)."""
-        kernels = BlockKernels(torch.compile(attention_residual), torch.compile(mlp_residual))
+        """torch.compile the two halves of the block once, shared by every block (the default on a
+        GPU); a compilation that fails falls back to the eager halves with one warning."""
+        kernels = BlockKernels(Compiled(attention_residual), Compiled(mlp_residual))
         for block in self.blocks:
             block.kernels = kernels
         return self

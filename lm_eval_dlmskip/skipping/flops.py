@@ -116,6 +116,9 @@ class TaskTotals:
     tokens: float = 0.0  # tokens computed, summed over forwards
     decoded: int = 0  # generation rows (requests; twice with CFG) whose NFE is counted
     flops_plain: float = 0.0  # the same requests by uncached decoding without skipping
+    seconds: float = 0.0  # wall time of the batches, shared out by rows (speed travels with the FLOPs)
+    requests: int = 0  # requests answered (generation and likelihood)
+    generated: int = 0  # answer tokens decoded (gen_length per generation request)
 
     def add(self, other: "TaskTotals") -> None:
         self.forwards += other.forwards
@@ -128,6 +131,9 @@ class TaskTotals:
         self.tokens += other.tokens
         self.decoded += other.decoded
         self.flops_plain += other.flops_plain
+        self.seconds += other.seconds
+        self.requests += other.requests
+        self.generated += other.generated
 
     def summary(self, n_layers: int) -> dict:
         rows = max(self.forwards, 1)
@@ -155,6 +161,13 @@ class TaskTotals:
                 "normalized_flops_vs_plain_decoding": self.flops / self.flops_plain,
             }),
             "by_masked_fraction": buckets,
+            **({} if not self.seconds else {
+                "wall_seconds": self.seconds,
+                "requests_per_s": self.requests / self.seconds,
+                "forwards_per_s": self.forwards / self.seconds,
+                **({"generated_tokens": self.generated, "tokens_per_s": self.generated / self.seconds}
+                   if self.generated else {}),
+            }),
         }
 
 
@@ -174,6 +187,7 @@ class FlopsMeter:
     def _open(self, tasks: tuple[str, ...]) -> None:
         n, L = len(tasks), self.flops.n_layers
         self.tasks = tasks
+        self._timed: dict[str, list[float]] = {}  # task -> [seconds, requests, generated], host side
         self._rows = torch.zeros(n, dtype=torch.float64, device=self.device)
         self._blocks = torch.zeros(n, L, dtype=torch.float64, device=self.device)
         self._spent = torch.zeros(n, dtype=torch.float64, device=self.device)
@@ -212,6 +226,15 @@ class FlopsMeter:
         self._decoded.index_add_(0, row_task, torch.ones_like(plain_flops))
         self._plain.index_add_(0, row_task, plain_flops)
 
+    def timed(self, tasks: list[str], seconds: float, generated_per_request: int = 0) -> None:
+        """Add a batch's wall time (measured after its results reached the host), shared out over
+        its requests, one task name per request."""
+        for task in tasks:
+            totals = self._timed.setdefault(task, [0.0, 0, 0])
+            totals[0] += seconds / len(tasks)
+            totals[1] += 1
+            totals[2] += generated_per_request
+
     def flush(self) -> dict[str, TaskTotals]:
         """Move the device sums into ``totals`` (one sync); returns this call's totals."""
         if not self.tasks:
@@ -224,8 +247,10 @@ class FlopsMeter:
         added = {}
         for i, task in enumerate(self.tasks):
             if rows[i]:
+                seconds, requests, generated = self._timed.get(task, (0.0, 0, 0))
                 part = TaskTotals(int(rows[i]), sum(blocks[i]), blocks[i], spent[i], full[i], bucket_rows[i],
-                                  bucket_blocks[i], tokens[i], int(decoded[i]), plain[i])
+                                  bucket_blocks[i], tokens[i], int(decoded[i]), plain[i], seconds, int(requests),
+                                  int(generated))
                 self.totals.setdefault(task, TaskTotals()).add(part)
                 added[task] = part
         self._open(())
