@@ -368,6 +368,12 @@ def _bad_paths(tmp: Path) -> dict[str, str]:
         ({"cfg": "lots"}, "cfg='lots' must be of type float"),
         ({"temperature": -1.0}, "temperature"),
         ({"gen_length": 0}, "gen_length=0 must be a positive integer"),
+        # lengths model_args fix completely (no task's settings replace them): issue 17
+        ({"gen_length": 8, "block_length": 3}, r"gen_length=8 is not a multiple of block_length=3; choose block_length "
+                                               r"dividing gen_length \(gen_length=8, block_length=3 given in model_args"),
+        ({"gen_length": 8, "block_length": 16}, "gen_length=8 is not a multiple of block_length=16"),
+        ({"gen_length": 8, "block_length": 4, "steps": 3}, "steps=3 cannot be split evenly over 2 blocks"),
+        ({"mc_num": -1.0}, "mc_num=-1 must be a positive integer"),  # lm-eval's command line reads -1 as -1.0
         ({"remasking": "sideways"}, "remasking='sideways'"),
         ({"seed": "x"}, "seed='x' must be an integer"),
         ({"compile": "yes"}, "compile='yes' must be True or False"),

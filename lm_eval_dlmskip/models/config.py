@@ -155,14 +155,23 @@ class LLaDAConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def family_of(raw: dict[str, Any]) -> str:
-    """The model family a config.json describes: ``model_type`` "Dream" is Dream; "llada", or no
-    model_type with LLaDA's field names, is LLaDA."""
+def diffusion_family(raw: dict[str, Any]) -> str | None:
+    """The diffusion family a config.json describes, None for any other model: ``model_type``
+    "Dream" is Dream; "llada", or no model_type with LLaDA's field names, is LLaDA."""
     model_type = raw.get("model_type")
     if model_type == "Dream":
         return "dream"
     if model_type == "llada" or model_type is None and "d_model" in raw:
         return "llada"
+    return None
+
+
+def family_of(raw: dict[str, Any]) -> str:
+    """The model family a config.json describes (``diffusion_family``); any other is an error."""
+    family = diffusion_family(raw)
+    if family is not None:
+        return family
+    model_type = raw.get("model_type")
     raise ValueError(
         f"config.json: model_type={model_type!r} is not a model lm_eval_dlmskip knows; it runs LLaDA "
         "(model_type 'llada') and Dream (model_type 'Dream') checkpoints"
