@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     analyze.add_arguments(add_parser("analyze", "plot hidden-state similarity and norms across blocks and steps"))
     sweep.add_arguments(add_parser("sweep", "run base, static, random and routed configurations through lm-eval"))
     compare.add_arguments(add_parser("compare", "leaderboard (and plots) of llada_skip runs"))
+    add_check_arguments(add_parser("check", "judge --model_args (and the tasks' generation settings) as lm_eval "
+                                            "would, without loading the model"))
 
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -41,7 +43,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """``lm_eval``'s own spelling and parsing of --model_args, --tasks and --include_path."""
+    from lm_eval._cli.utils import MergeDictAction, SplitArgs
+
+    parser.add_argument("--model", required=True, choices=["llada_skip", "dream_skip", "hf_skip"])
+    parser.add_argument("--model_args", nargs="+", action=MergeDictAction, required=True,
+                        help="as for lm_eval: 'pretrained=PATH,gen_length=256' or a JSON object")
+    parser.add_argument("--tasks", nargs="+", action=SplitArgs,
+                        help="also judge these tasks' generation settings (reads lm-eval's task index)")
+    parser.add_argument("--include_path", help="folder of task configs, as for lm_eval")
+
+
 def _run(args: argparse.Namespace, command_argv: list[str]) -> int:
+    if args.command == "check":
+        from .harness.check import check_model
+
+        print("\n".join(check_model(args.model, args.model_args, args.tasks, args.include_path)))
+        return 0
     if args.command == "demo":
         from .demo import run_demo
 

@@ -84,6 +84,50 @@ def test_lm_eval_cli_runs_llada_skip_and_writes_flops(tmp_path, ref_dir, ref_tas
     assert info["flops"]["ref_gen"]["forwards"] == 4 * 8  # four prompts x eight denoising steps
 
 
+@pytest.mark.slow
+def test_a_generation_task_that_cannot_run_fails_before_the_first_request(tmp_path, ref_dir, ref_tasks):
+    """Issue 17: a likelihood task and a generation task whose lengths do not fit block_length=3
+    (8 tokens): lm_eval stops before its first request of any task, with our message alone
+    (exit status 2, no traceback), and writes no results."""
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "llada_skip", "--model_args", f"pretrained={ref_dir},block_length=3",
+         "--tasks", "ref_mc,ref_gen", "--include_path", str(ref_tasks), "--device", "cpu", "--output_path", str(out)],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == (
+        "llada_skip: error: the generation settings of 1 task(s) cannot be honoured (judged before any request ran): "
+        "task ref_gen: gen_length=8 is not a multiple of block_length=3; choose block_length dividing gen_length "
+        "[settings and their sources: gen_length=8 (task), steps=8 (task), block_length=3 (model_args, over the task's 4)]"
+    )
+    assert "Initializing llada_skip model" in done.stderr  # the model was built: this is the per-task check
+    assert "Running loglikelihood requests" not in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_lengths_fixed_in_model_args_fail_before_lm_eval_reads_its_tasks(ref_dir, ref_tasks):
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "llada_skip", "--model_args",
+         f"pretrained={ref_dir},gen_length=8,block_length=3,steps=8", "--tasks", "ref_mc,ref_gen",
+         "--include_path", str(ref_tasks)],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        "llada_skip: error: gen_length=8 is not a multiple of block_length=3; choose block_length dividing gen_length "
+        "(gen_length=8, steps=8, block_length=3 given in model_args, which no task's settings replace)"
+    )
+    assert "Selected Tasks" not in done.stderr and "Traceback" not in done.stderr  # before lm-eval's task index
+
+
+def test_dlmskip_check_reads_no_task_index_without_tasks(ref_dir):
+    code = ("import sys; from lm_eval_dlmskip.cli import main; "
+            f"code = main(['check', '--model', 'llada_skip', '--model_args', 'pretrained={ref_dir}']); "
+            "print(code, 'lm_eval.tasks' in sys.modules)")
+    assert run([sys.executable, "-c", code]).stdout.splitlines()[-1] == "0 False"
+
+
 def launch_two(args: list[str], logs: Path, timeout: int = 180) -> None:
     """``python -m lm_eval ARGS`` in two processes as torchrun starts them (accelerate on CPU, gloo);
     a pair that outlives ``timeout`` (a rank left waiting in a collective) is killed and fails the test."""

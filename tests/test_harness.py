@@ -368,6 +368,12 @@ def _bad_paths(tmp: Path) -> dict[str, str]:
         ({"cfg": "lots"}, "cfg='lots' must be of type float"),
         ({"temperature": -1.0}, "temperature"),
         ({"gen_length": 0}, "gen_length=0 must be a positive integer"),
+        # lengths model_args fix completely (no task's settings replace them): issue 17
+        ({"gen_length": 8, "block_length": 3}, r"gen_length=8 is not a multiple of block_length=3; choose block_length "
+                                               r"dividing gen_length \(gen_length=8, block_length=3 given in model_args"),
+        ({"gen_length": 8, "block_length": 16}, "gen_length=8 is not a multiple of block_length=16"),
+        ({"gen_length": 8, "block_length": 4, "steps": 3}, "steps=3 cannot be split evenly over 2 blocks"),
+        ({"mc_num": -1.0}, "mc_num=-1 must be a positive integer"),  # lm-eval's command line reads -1 as -1.0
         ({"remasking": "sideways"}, "remasking='sideways'"),
         ({"seed": "x"}, "seed='x' must be an integer"),
         ({"compile": "yes"}, "compile='yes' must be True or False"),
@@ -522,12 +528,12 @@ def test_speed_travels_with_the_flops_per_task(ref_dir, ref, monkeypatch):
     lm.generate_until(gen_requests(ref, {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 4}, task="gen")
                       + gen_requests(ref, {"until": [], "max_gen_toks": 8, "steps": 8, "block_length": 4}, task="gen2")[:1])
     info = lm.get_model_info()["dlmskip"]
-    mc, gen, gen2 = info["flops"]["mc"], info["flops"]["gen"], info["flops"]["gen2"]
+    mc, gen, gen2 = (info["speed"]["tasks"][task] for task in ("mc", "gen", "gen2"))
     assert mc["wall_seconds"] == 4 and mc["requests_per_s"] == 1 and "tokens_per_s" not in mc
     # six generation requests in 3 batches of 2: 6 s, the one gen2 request's share is half a batch
     assert gen["wall_seconds"] + gen2["wall_seconds"] == 6 and gen2["wall_seconds"] == 1
     assert gen["generated_tokens"] == 5 * 8 and gen["tokens_per_s"] == 40 / 5
-    assert gen["forwards_per_s"] == gen["forwards"] / 5
+    assert gen["forwards_per_s"] == info["flops"]["gen"]["forwards"] / 5
     speed = info["speed"]
     assert speed["device"] == "cpu" and speed["batch_size"] == "2" and speed["dtype"] == "float32"
     assert speed["compile"] is False and speed["cuda_graphs"] is False  # the CPU default: eager

@@ -255,10 +255,34 @@ def test_bad_skip_args_fail_before_the_weights_load(qwen, tmp_path):
         ({"skip_k": 1}, "skip_k is given without skip_profile"),
         ({"skip_layer": [1]}, "unknown model_args key 'skip_layer'. Did you mean 'skip_layers'"),
         ({"skip_profile": str(tmp_path / "none.json")}, "no such file; make one with dlmskip calibrate"),
+        ({"skip_random": -1.0}, "skip_random=-1: give the number"),  # lm-eval's command line reads -1 as -1.0
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             make(config_only, **args)
+
+
+@pytest.mark.parametrize("fixture, family, model", [("llada-tiny-reference", "LLaDA", "llada"),
+                                                    ("dream-reference", "Dream", "Dream")])
+def test_a_diffusion_checkpoint_given_to_hf_skip_names_its_model(monkeypatch, fixture, family, model):
+    """transformers knows neither model type ("does not recognize this architecture"): say which
+    --model runs it, before HFLM loads anything."""
+    from lm_eval.models.huggingface import HFLM
+
+    monkeypatch.setattr(HFLM, "__init__", lambda *a, **k: pytest.fail("HFLM started loading"))
+    path = Path(__file__).parent / "fixtures" / fixture
+    with pytest.raises(ValueError, match=rf"^hf_skip: {path} is a {family} checkpoint \(model_type='{model}'\), a "
+                                         rf"diffusion LM: use --model {family.lower()}_skip$"):
+        make(path)
+
+
+@pytest.mark.parametrize("model", ["llada", "dream"])
+def test_an_hf_checkpoint_given_to_a_diffusion_model_names_hf_skip(qwen, model):
+    from lm_eval_dlmskip.harness.check import model_class
+
+    with pytest.raises(ValueError, match=r"expected (LLaDA|Dream), found an autoregressive HF model \(Qwen2ForCausalLM, "
+                                         r"model_type='qwen2'\): use --model hf_skip"):
+        model_class(f"{model}_skip")(pretrained=str(qwen["full"]), device="cpu")
 
 
 def test_layers_that_cannot_be_found_are_named():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 
 import pytest
 import torch
@@ -667,6 +668,34 @@ def test_train_says_where_the_router_went_and_how_lm_eval_uses_it(ref_dir, tmp_p
     router = (tmp_path / "r").resolve()
     assert f"router checkpoint: {router}" in out
     assert f"lm_eval --model llada_skip --model_args 'pretrained={ref_dir.resolve()},router={router}'" in out
+
+
+def test_the_printed_lm_eval_command_evaluates_on_what_the_routers_were_trained_on(tmp_path, monkeypatch):
+    """The task, its folder (absolute), the few-shot count and the chat template of training, as
+    lm_eval's own command line reads them (lm_eval turns multi-turn few-shot on with the template,
+    so a run trained without it says false); routers trained on --data leave TASKS to the user."""
+    import shlex
+
+    from lm_eval._cli import HarnessCLI
+
+    from lm_eval_dlmskip.train.cli import evaluation_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    cfg = TrainConfig(model="ckpt", output="routers/r1", task="gsm8k_llada", include_path="tasks", num_fewshot=5,
+                      apply_chat_template=True)
+    command = evaluation_command(cfg, "llada")
+    assert command == (f"lm_eval --model llada_skip --model_args 'pretrained={tmp_path}/ckpt,router={tmp_path}/routers/r1' "
+                       f"--tasks gsm8k_llada --include_path {tmp_path}/tasks --num_fewshot 5 --apply_chat_template "
+                       "--fewshot_as_multiturn false")
+    monkeypatch.setattr(sys, "argv", shlex.split(command))
+    args = HarnessCLI().parse_args()
+    assert args.model_args == {"pretrained": f"{tmp_path}/ckpt", "router": f"{tmp_path}/routers/r1"}
+    assert (args.tasks, args.include_path, args.num_fewshot) == (["gsm8k_llada"], f"{tmp_path}/tasks", 5)
+    assert (args.apply_chat_template, args.fewshot_as_multiturn) == (True, False)
+    data = TrainConfig(model="GSAI-ML/LLaDA-8B-Base", output="r2", data="pairs.jsonl")
+    assert evaluation_command(data, "dream") == (f"lm_eval --model dream_skip --model_args "
+                                                 f"'pretrained=GSAI-ML/LLaDA-8B-Base,router={tmp_path}/r2' --tasks TASKS")
 
 
 def test_ctrl_c_during_train_names_the_checkpoint_and_the_resume_command(ref_dir, tmp_path, monkeypatch, capsys):

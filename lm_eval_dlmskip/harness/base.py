@@ -17,8 +17,8 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import CacheHook, TemplateLM
 from lm_eval.models.utils import Collator, postprocess_generated_text
-from tqdm import tqdm
 
+from ..common.errors import argument_errors
 from ..data import render_chat
 from ..decoding.graphs import GraphRunner
 from ..decoding.likelihood import LikelihoodSettings, greedy_matches, mc_loglikelihood, request_generator
@@ -27,9 +27,9 @@ from ..skipping.flops import FlopsMeter, TaskTotals
 from ..skipping.identity import with_adapter
 from .answer_cache import AnswerCache, settings_identity
 from .flops_table import TableAtExit, format_flops_table, log_task_flops
-from .gen_kwargs import DecodingSpec, resolve_generation
+from .gen_kwargs import DecodingSpec, generation_tasks, kwargs_key, resolve_generation, resolve_tasks
 from .model_args import ModelArgs, parse_model_args
-from .requests import encode_prompts, greedy_wanted, sampling_seeds
+from .requests import encode_prompts, greedy_wanted, progress, sampling_seeds
 from .skip_method import skip_method, warn_if_unfinished
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
@@ -40,11 +40,9 @@ clock = time.perf_counter  # the wall clock of the speed figures
 class DiffusionSkipLM(TemplateLM):
     """A diffusion LM in lm-eval: Monte-Carlo likelihood, diffusion decoding, every skip method.
 
-    Block indices in ``skip_layers`` are 0-based (the papers number blocks 1..32: their k=3 set
-    {5,7,9} is ``skip_layers=[4,6,8]``). ``model_args`` are parsed once into ``self.args``
-    (model_args.py); the keys a family takes are the common ones, its decoding keys and
-    ``extra_args``.
-    """
+    Block indices in ``skip_layers`` are 0-based (the papers' k=3 set {5,7,9} is ``[4,6,8]``).
+    ``model_args`` are parsed once into ``self.args`` (model_args.py); the keys a family takes are
+    the common ones, its decoding keys and ``extra_args``."""
 
     backend = "causal"  # context and continuation are encoded together, then split
     family: str  # the checkpoints this model takes (loading.py refuses the others)
@@ -54,8 +52,17 @@ class DiffusionSkipLM(TemplateLM):
 
     def __init__(self, pretrained: str | None = None, **model_args: Any) -> None:
         super().__init__()
-        self.args: ModelArgs = parse_model_args({"pretrained": pretrained, **model_args}, type(self))
-        args = self.args
+        self.args: ModelArgs = self.check_arguments({"pretrained": pretrained, **model_args})
+        with argument_errors(self.decoding.model):  # a checkpoint, router or profile that does not fit
+            self._load(self.args)
+
+    @classmethod
+    def check_arguments(cls, model_args: Mapping[str, Any]) -> ModelArgs:
+        """Every check of the model_args that needs no model (``dlmskip check`` and the ``lm_eval``
+        command line run it before lm-eval indexes its tasks): an ``ArgumentError`` names the problem."""
+        return parse_model_args(model_args, cls)
+
+    def _load(self, args: ModelArgs) -> None:
         if args.trust_remote_code:
             log.info("trust_remote_code is not needed: %s runs its own model code and executes none from the hub",
                      self.decoding.model)
@@ -141,8 +148,6 @@ class DiffusionSkipLM(TemplateLM):
 
     # ---- lm-eval conventions -------------------------------------------------------------
     @classmethod
-
-    @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
         """Parse as the ``lm_eval`` command line does, so ``skip_layers=[4,6,8]`` stays one list
         (lm-eval's own string parser for Python callers would split it at every comma)."""
@@ -221,19 +226,20 @@ class DiffusionSkipLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         self._count_served()
-        flops = self.meter.summary()
-        self._flops_table.show(format_flops_table(flops, self.cfg.n_layers, self.decoding.model))
+        flops, speed = self.meter.summary(), self.meter.speed()
+        table = {task: {**summary, **speed.get(task, {})} for task, summary in flops.items()}
+        self._flops_table.show(format_flops_table(table, self.cfg.n_layers, self.decoding.model))
         return {
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
             "model_dtype": str(self.model.dtype),
             "model_revision": self.settings["revision"],
             "model_sha": self.checkpoint.hub_commit,
             "dlmskip": {**self.settings, "family": self.cfg.family, "n_layers": self.cfg.n_layers, "flops": flops,
-                        "speed": self.speed_settings()},
+                        "speed": {**self.speed_settings(), "tasks": speed}},
         }
 
     def speed_settings(self) -> dict:
-        """What the per-task speed figures (wall_seconds, tokens_per_s, ... in ``flops``) were measured
+        """What the per-task speed figures (``speed.tasks``: wall_seconds, tokens_per_s, ...) were measured
         with: the device, batch size, dtype, fast-path switches and each task's decoding settings."""
         device = torch.cuda.get_device_name(self._device) if self._device.type == "cuda" else self._device.type
         return {"device": device, "processes": self.world_size, "batch_size": self.args.batch_size,
@@ -344,27 +350,30 @@ class DiffusionSkipLM(TemplateLM):
         rows = self.likelihood.group_size * (2 if self.likelihood.cfg else 1)
         batch_size = self._batch_size(rows, min(longest, self.max_length))
         results = []
-        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc=f"{self.decoding.model} loglikelihood")
-        for chunk in collator.get_batched(n=batch_size):
-            tic = clock()
-            prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _, _, _ in chunk))
-            task_rows = torch.tensor([task_index[task] for _, task, _, _ in chunk], device=self._device)
-            lengths = torch.tensor([len(a) for a in answers], device=self._device)
-            denoise = self._denoiser(task_rows, lengths, self._answer_rows(answer_index, [o for *_, o in chunk]),
-                                     self.likelihood_forward)
-            generators = [request_generator(self.args.mc_seed, p, a) for p, a in zip(prompts, answers)]
-            scores = mc_loglikelihood(
-                denoise, list(prompts), list(answers), self.likelihood, self.mask_id, self.tokenizer.pad_token_id,
-                generators, self._device, on_rows=denoise.select,
-            )
-            greedy_flags = self._greedy(denoise, chunk, prompts, answers)
-            for ((strings, _, _), _, _, _), score, is_greedy in zip(chunk, scores, greedy_flags):
-                results.append((score, bool(is_greedy)))
-                self.cache_hook.add_partial("loglikelihood", strings, (score, bool(is_greedy)))
-            self.meter.timed([task for _, task, _, _ in chunk], clock() - tic)  # scores are on the host
-            bar.update(len(chunk))
-        bar.close()
+        with progress(len(items), f"{self.decoding.model} loglikelihood", disable_tqdm or self.rank != 0) as bar:
+            for chunk in collator.get_batched(n=batch_size):
+                self._score_batch(chunk, task_index, answer_index, results)
+                bar.update(len(chunk))
         return collator.get_original(results)
+
+    def _score_batch(self, chunk, task_index: dict[str, int], answer_index: dict[int, int] | None, results: list) -> None:
+        """Score one batch of loglikelihood items into ``results`` (and lm-eval's cache hook)."""
+        tic = clock()
+        prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _, _, _ in chunk))
+        task_rows = torch.tensor([task_index[task] for _, task, _, _ in chunk], device=self._device)
+        lengths = torch.tensor([len(a) for a in answers], device=self._device)
+        denoise = self._denoiser(task_rows, lengths, self._answer_rows(answer_index, [o for *_, o in chunk]),
+                                 self.likelihood_forward)
+        generators = [request_generator(self.args.mc_seed, p, a) for p, a in zip(prompts, answers)]
+        scores = mc_loglikelihood(
+            denoise, list(prompts), list(answers), self.likelihood, self.mask_id, self.tokenizer.pad_token_id,
+            generators, self._device, on_rows=denoise.select,
+        )
+        greedy_flags = self._greedy(denoise, chunk, prompts, answers)
+        for ((strings, _, _), _, _, _), score, is_greedy in zip(chunk, scores, greedy_flags):
+            results.append((score, bool(is_greedy)))
+            self.cache_hook.add_partial("loglikelihood", strings, (score, bool(is_greedy)))
+        self.meter.timed([task for _, task, _, _ in chunk], clock() - tic)  # the scores are on the host
 
     def _greedy(self, denoise, chunk, prompts, answers) -> list[bool]:
         """is_greedy for the rows of ``chunk`` that want it (upstream's suffix_greedy_prediction)."""
@@ -430,52 +439,77 @@ class DiffusionSkipLM(TemplateLM):
 
     # ---- generate_until ----------------------------------------------------------------------
     def generation_settings(self, gen_kwargs: dict) -> tuple[Any, list[str], dict[str, str]]:
-        """A request's decoding settings, stop strings, and each setting's value and source."""
+        """A request's decoding settings, stop strings, and each setting's value and source (what
+        requests run with also fits ``max_length``: ``_settings_of``)."""
         return resolve_generation(gen_kwargs, self.gen_args, self.decoding)
 
-    def _announce(self, tasks, settings: Any, origin: dict[str, str]) -> None:
-        """Log the decoding settings of each task once; a warning when model_args replaced a task's value."""
-        for task in sorted(set(tasks) - self._announced):
-            self._announced.add(task)
-            self._decoding_by_task[task] = asdict(settings)
-            level = logging.WARNING if any("over the task's" in v for v in origin.values()) else logging.INFO
-            described = ", ".join(f"{k}={v}" for k, v in origin.items())
-            log.log(level, "%s [%s] decodes with %s", self.decoding.model, task, described)
+    def dlmskip_check_tasks(self, task_dict: Mapping[Any, Any]) -> None:
+        """Judge (and log) every task's generation settings before any request: the start-up hook calls
+        this from lm-eval's ``evaluate`` before it builds requests (every rank; --use_cache's CachingLM
+        passes it through), so a wrong length fails before the first loglikelihood request."""
+        self._settings_of(generation_tasks(task_dict))
+
+    def _settings_of(self, pairs: list[tuple[str, Mapping[str, Any]]]) -> dict[str, tuple[Any, list[str], dict[str, str]]]:
+        """The settings of each distinct generation_kwargs among (task, generation_kwargs) pairs,
+        keyed by ``kwargs_key``: all judged before any is used; each task's logged once."""
+        with argument_errors(self.decoding.model):
+            resolved = resolve_tasks(pairs, self.gen_args, self.decoding, self.max_length)
+        for task, gen_kwargs in pairs:
+            settings, _, origin = resolved[kwargs_key(gen_kwargs)]
+            self._announce(task, settings, origin)
+        return resolved
+
+    def _announce(self, task: str, settings: Any, origin: dict[str, str]) -> None:
+        """Log a task's decoding settings once (and keep them for the speed figures); a warning when
+        model_args replaced a task's value."""
+        if task in self._announced:
+            return
+        self._announced.add(task)
+        self._decoding_by_task[task] = asdict(settings)
+        level = logging.WARNING if any("over the task's" in v for v in origin.values()) else logging.INFO
+        described = ", ".join(f"{k}={v}" for k, v in origin.items())
+        log.log(level, "%s [%s] decodes with %s", self.decoding.model, task, described)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         if not requests:
             return []
+        # all judged before the first is decoded, also for a library calling this without lm-eval's evaluate
+        resolved = self._settings_of([(str(req.task_name), req.args[1]) for req in requests])
         task_index = self.meter.start([str(req.task_name) for req in requests])
         answer_index = self.answer_cache.start(list(range(len(requests)))) if self.answer_cache is not None else None
         items = [(req.args[0], req.args[1], str(req.task_name), i) for i, req in enumerate(requests)]
         collator = Collator(
             items, sort_fn=lambda item: (-len(self.tok_encode(item[0])), item[0]), group_by="gen_kwargs", group_fn=lambda item: item[1]
         )
-        results = []
-        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc=f"{self.decoding.model} generate_until")
-        for chunk in collator.get_batched(n=self._generation_batch_size(items)):
-            tic = clock()
-            contexts, all_kwargs, chunk_tasks, chunk_answers = zip(*chunk)
-            settings, until, origin = self.generation_settings(dict(all_kwargs[0]))
-            self._announce(chunk_tasks, settings, origin)
-            ids, attention_mask = encode_prompts([self.tok_encode(c) for c in contexts], self.max_length - settings.gen_length,
-                                                 self.max_length, self.tokenizer.pad_token_id, self._device)
-            task_rows = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
-            row_seeds = sampling_seeds(self.args.seed, ids, attention_mask)
-            answer_len = torch.full_like(task_rows, settings.gen_length)
-            answer_rows = self._answer_rows(answer_index, chunk_answers)
-            denoise = self._denoiser(task_rows, answer_len, answer_rows, self.generation_forward)
-            self._count_decoding(task_rows, answer_rows, ids, attention_mask, settings)
-            answers = self.decode(denoise, ids, attention_mask, settings, row_seeds)
-            for context, kwargs, answer in zip(contexts, all_kwargs, answers.tolist()):
-                text = self.decode_answer(answer, until)
-                results.append(text)
-                self.cache_hook.add_partial("generate_until", (context, kwargs), text)
-            self.meter.timed(list(chunk_tasks), clock() - tic, settings.gen_length)  # answers are on the host
-            bar.update(len(chunk))
-        bar.close()
+        results: list[str] = []
+        batch_size = self._generation_batch_size(items, resolved)
+        with progress(len(items), f"{self.decoding.model} generate_until", disable_tqdm or self.rank != 0) as bar:
+            for chunk in collator.get_batched(n=batch_size):
+                settings, until, _ = resolved[kwargs_key(chunk[0][1])]
+                results += self._generate_batch(chunk, settings, until, task_index, answer_index)
+                bar.update(len(chunk))
         self._finish_call("generate_until", requests)
         return collator.get_original(results)
+
+    def _generate_batch(self, chunk, settings, until: list[str], task_index: dict[str, int], answer_index) -> list[str]:
+        """Decode one batch of requests that share their generation_kwargs; their answers' text."""
+        tic = clock()
+        contexts, all_kwargs, chunk_tasks, chunk_answers = zip(*chunk)
+        ids, attention_mask = encode_prompts([self.tok_encode(c) for c in contexts], self.max_length - settings.gen_length,
+                                             self.max_length, self.tokenizer.pad_token_id, self._device)
+        task_rows = torch.tensor([task_index[t] for t in chunk_tasks], device=self._device)
+        row_seeds = sampling_seeds(self.args.seed, ids, attention_mask)
+        answer_len = torch.full_like(task_rows, settings.gen_length)
+        answer_rows = self._answer_rows(answer_index, chunk_answers)
+        denoise = self._denoiser(task_rows, answer_len, answer_rows, self.generation_forward)
+        self._count_decoding(task_rows, answer_rows, ids, attention_mask, settings)
+        answers = self.decode(denoise, ids, attention_mask, settings, row_seeds)
+        texts = []
+        for context, kwargs, answer in zip(contexts, all_kwargs, answers.tolist()):
+            texts.append(self.decode_answer(answer, until))
+            self.cache_hook.add_partial("generate_until", (context, kwargs), texts[-1])
+        self.meter.timed(list(chunk_tasks), clock() - tic, settings.gen_length)  # the answers are on the host
+        return texts
 
     def _count_decoding(self, task_rows, answer_rows, ids, attention_mask, settings: Any) -> None:
         """Count the batch's rows for NFE per request, and what upstream's uncached decoding without
@@ -494,9 +528,10 @@ class DiffusionSkipLM(TemplateLM):
         text = postprocess_generated_text(self.tokenizer.decode(answer, skip_special_tokens=False), until, None)
         return self.tokenizer.decode(self.tok_encode(text), skip_special_tokens=True)
 
-    def _generation_batch_size(self, items) -> int:
+    def _generation_batch_size(self, items, resolved: dict[str, tuple]) -> int:
         if not self.args.batch_size.startswith("auto"):
             return self._batch_size(1, 1)
         longest = max(len(self.tok_encode(c)) for c, *_ in items)
-        settings, _, _ = self.generation_settings(dict(items[0][1]))
+        settings = resolved[kwargs_key(items[0][1])][0]
         return self._batch_size(2 if settings.cfg else 1, min(longest + settings.gen_length, self.max_length))
+

@@ -4,12 +4,17 @@ A value the user gave in ``model_args`` wins (typed for this run); the task's ``
 fill what ``model_args`` leave out; then ``gen_length`` defaults to the task's ``max_gen_toks``,
 ``steps`` and ``block_length`` to ``gen_length``, the rest to the settings class's defaults. A
 model family names its settings class and keys in a ``DecodingSpec`` (LLaDA's, Dream's).
+
+Settings are judged as early as what decides them is known: what ``model_args`` alone decide when
+the model is built (``check_user_settings``), every task's before lm-eval runs any request
+(``resolve_tasks``, called through the start-up hook), so a wrong length never costs a run.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
@@ -55,10 +60,11 @@ _LENGTH_KEYS = {"max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_
 
 
 def resolve_generation(
-    gen_kwargs: dict, user: dict[str, Any], spec: DecodingSpec = LLADA
+    gen_kwargs: dict, user: dict[str, Any], spec: DecodingSpec = LLADA, max_length: int | None = None
 ) -> tuple[Any, list[str], dict[str, str]]:
     """A request's decoding settings, its stop strings, and each setting as "value (source)";
-    ``user`` holds the model_args values (None: not given)."""
+    ``user`` holds the model_args values (None: not given); ``max_length`` (the model's, when known)
+    must leave room for a prompt beside the answer."""
     unknown = set(gen_kwargs) - set(spec.keys) - spec.ignored - _LENGTH_KEYS - {"until"}
     if unknown:
         raise ValueError(
@@ -80,10 +86,58 @@ def resolve_generation(
     origin = {k: f"{getattr(settings, k)} ({source})" for k, (_, source) in chosen.items()}
     try:
         settings.check()
+        if max_length is not None and settings.gen_length >= max_length:
+            raise ValueError(f"gen_length={settings.gen_length} leaves no room for a prompt within max_length={max_length}; "
+                             "choose a shorter gen_length or raise max_length (up to the model's max_sequence_length)")
     except ValueError as err:
         sources = ", ".join(f"{k}={v}" for k, v in origin.items())
         raise ValueError(f"{err} [settings and their sources: {sources}]") from None
     return settings, until, origin
+
+
+def kwargs_key(gen_kwargs: Mapping[str, Any]) -> str:
+    """One string per distinct generation_kwargs (requests of a task carry equal copies)."""
+    return json.dumps(gen_kwargs, sort_keys=True, default=str)
+
+
+def resolve_tasks(
+    pairs: Iterable[tuple[str, Mapping[str, Any]]], user: dict[str, Any], spec: DecodingSpec = LLADA,
+    max_length: int | None = None,
+) -> dict[str, tuple[Any, list[str], dict[str, str]]]:
+    """The settings of every (task, generation_kwargs) at once, keyed by ``kwargs_key``, so that a
+    task whose settings cannot be honoured fails before any request of any task runs; one error
+    names every such task."""
+    resolved: dict[str, tuple[Any, list[str], dict[str, str]]] = {}
+    failed: dict[str, str] = {}  # kwargs_key -> why
+    refused: dict[str, str] = {}  # task -> why
+    for task, gen_kwargs in pairs:
+        key = kwargs_key(gen_kwargs)
+        if key not in resolved and key not in failed:
+            try:
+                resolved[key] = resolve_generation(dict(gen_kwargs), user, spec, max_length)
+            except ValueError as err:
+                failed[key] = str(err)
+        if key in failed:
+            refused.setdefault(task, failed[key])
+    if refused:
+        listed = "; ".join(f"task {task}: {why}" for task, why in refused.items())
+        raise ValueError(f"the generation settings of {len(refused)} task(s) cannot be honoured (judged before any "
+                         f"request ran): {listed}")
+    return resolved
+
+
+def generation_tasks(task_dict: Mapping[Any, Any]) -> list[tuple[str, dict]]:
+    """(name, generation_kwargs) of every generation task of what lm-eval's ``evaluate`` receives:
+    ``TaskManager.load``'s {"tasks": {name: Task}, ...} or the older nested {name: Task | dict}.
+    A task's requests carry copies of its ``config.generation_kwargs`` (after ``--gen_kwargs``)."""
+    tasks = task_dict["tasks"] if isinstance(task_dict.get("tasks"), Mapping) else task_dict
+    found = []
+    for name, task in tasks.items():
+        if isinstance(task, Mapping):
+            found += generation_tasks(task)
+        elif getattr(task, "OUTPUT_TYPE", None) == "generate_until":
+            found.append((str(name), dict(getattr(task.config, "generation_kwargs", None) or {})))
+    return found
 
 
 def choose_settings(user: dict[str, Any], task: dict[str, Any]) -> dict[str, tuple[Any, str]]:
@@ -114,9 +168,14 @@ def check_length_change(user: dict[str, Any], task: dict[str, Any], spec: Decodi
         )
 
 
+def setting_type(key: str, spec: DecodingSpec = LLADA) -> type:
+    """The type of a decoding setting's field (int, float, str)."""
+    return spec.types.get(key, type(getattr(spec.settings, key)))
+
+
 def typed(key: str, value: Any, spec: DecodingSpec = LLADA) -> Any:
     """A decoding setting converted to the type of its settings field."""
-    kind = spec.types.get(key, type(getattr(spec.settings, key)))
+    kind = setting_type(key, spec)
     try:
         return kind(value)
     except (TypeError, ValueError):
@@ -124,8 +183,12 @@ def typed(key: str, value: Any, spec: DecodingSpec = LLADA) -> Any:
 
 
 def check_user_settings(user: dict[str, Any], spec: DecodingSpec = LLADA) -> None:
-    """Refuse decoding model_args that no task could make valid, before anything is loaded (how
-    the lengths fit together is checked per task, against the task's own)."""
+    """Refuse decoding model_args that no task could make valid, before anything is loaded.
+
+    With ``gen_length`` given, the lengths are judged as a task would see them: a length left out
+    is taken as ``gen_length``, the value a task can always give (one block; as many steps as
+    tokens), so only what the user fixed fails (``gen_length=8,block_length=3``). Without
+    ``gen_length`` every task's own length can still make them fit: judged per task."""
     lengths = ("gen_length", *spec.from_length)
     for key in lengths:
         value = user.get(key)
@@ -133,3 +196,11 @@ def check_user_settings(user: dict[str, Any], spec: DecodingSpec = LLADA) -> Non
             raise ValueError(f"{key}={value!r} must be a positive integer")
     given = {k: typed(k, v, spec) for k, v in user.items() if v is not None and k not in lengths}
     replace(spec.settings(), **given).check()
+    if user.get("gen_length") is None:
+        return
+    fixed = {k: user[k] for k in lengths if user.get(k) is not None}
+    try:
+        replace(spec.settings(), **given, **{k: fixed.get(k, user["gen_length"]) for k in lengths}).check()
+    except ValueError as err:
+        named = ", ".join(f"{k}={v}" for k, v in fixed.items())
+        raise ValueError(f"{err} ({named} given in model_args, which no task's settings replace)") from None

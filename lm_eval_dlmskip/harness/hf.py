@@ -22,20 +22,23 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import CacheHook
 from lm_eval.models.huggingface import HFLM
 
+from ..common.errors import ArgumentError, argument_errors
+from ..common.families import FAMILIES
+from ..models.config import diffusion_family
 from ..models.hf_layers import HFShape, LayerSchedule, find_layers, flops_model, install_skipping, weights_fingerprint
 from ..skipping.flops import FlopsMeter, TaskTotals
-from ..skipping.policies import NO_SKIP, SkipTrace, StaticSkip
+from ..skipping.policies import NO_SKIP, SkipPolicy, SkipTrace, StaticSkip
 from ..skipping.profiles import load_profile
 from .answer_cache import claim
 from .flops_table import TableAtExit, format_flops_table, log_task_flops
-from .model_args import SkipArgs
+from .model_args import SkipArgs, cli_integer
 from .skip_method import build_policy, describe_policy
 
 log = logging.getLogger("lm_eval.hf_skip")  # under lm-eval's logger, so its CLI shows our lines
@@ -65,18 +68,18 @@ class HFSkipLM(HFLM):
         allow_mismatch: bool = False,
         **hf_args: Any,
     ) -> None:
-        skip_args = parse_skip_args(skip_layers, skip_random, skip_profile, skip_k, seed, allow_mismatch, hf_args)
-        shape = HFShape.of(_config(pretrained, hf_args))  # before loading: ranges and profile shapes
-        if skip_profile is not None:  # the file, its family, shape and skip_k; the weights once loaded
-            load_profile(skip_profile, shape, "", True, skip_k)
-        policy = build_policy(shape.n_layers, skip_args)
+        skip_keys = {"skip_layers": skip_layers, "skip_random": skip_random, "skip_profile": skip_profile,
+                     "skip_k": skip_k, "seed": seed, "allow_mismatch": allow_mismatch}
+        skip_args, shape, policy = self.check_arguments({"pretrained": pretrained, **skip_keys, **hf_args})
         super().__init__(pretrained=pretrained, **hf_args)
         if self.backend != "causal":
-            raise ValueError(f"hf_skip: {pretrained!r} is a {self.backend} model; hf_skip skips layers of causal LMs")
+            raise ArgumentError("hf_skip", f"{pretrained!r} is a {self.backend} model; hf_skip skips layers of causal LMs")
         self.fingerprint = weights_fingerprint(self.model)
         skip = describe_policy(policy)
         if skip_profile is not None:
-            layers, profile = load_profile(skip_profile, shape, self.fingerprint, bool(allow_mismatch), skip_k)
+            with argument_errors("hf_skip"):  # a profile made on other weights
+                layers, profile = load_profile(skip_profile, shape, self.fingerprint, skip_args.allow_mismatch,
+                                               skip_args.skip_k)
             policy = StaticSkip(layers) if layers else NO_SKIP
             skip = {**describe_policy(policy), "skip_profile": str(skip_profile), "threshold": profile["threshold"]}
         layers = find_layers(self.model)
@@ -88,13 +91,30 @@ class HFSkipLM(HFLM):
         install_skipping(self.model, self.schedule)
         self.model.register_forward_pre_hook(self._charge_forward, with_kwargs=True)
         self.skip_settings = {"pretrained": str(pretrained), "model_type": shape.model_type,
-                              "fingerprint": self.fingerprint, "skip": skip, "seed": int(seed)}
+                              "fingerprint": self.fingerprint, "skip": skip, "seed": skip_args.seed}
         self._answers_key = {k: str(v) for k, v in hf_args.items() if k not in SPEED_ARGS}
         self._cached = None  # lm-eval's answer cache (--use_cache), noting the answers it serves
         self._task_row: torch.Tensor | None = None  # the meter index of the task being run; None: not charged
         self._unmerged: list[dict[str, TaskTotals]] = []  # this rank's FLOPs since the last merge
         self._table = TableAtExit()
         log.info("hf_skip: %s skipping %s (0-based layers, of %d)", pretrained, skip, shape.n_layers)
+
+    @classmethod
+    def check_arguments(cls, model_args: Mapping[str, Any]) -> tuple[SkipArgs, HFShape, SkipPolicy]:
+        """Every check before the weights load (``dlmskip check`` and the ``lm_eval`` command line run
+        it before lm-eval indexes its tasks): the skip model_args by llada_skip's rules, a LLaDA or
+        Dream checkpoint refused with the model to use, the layer range, a skip profile's shape."""
+        hf_args = dict(model_args)
+        pretrained = hf_args.pop("pretrained", None)
+        skip = {key: hf_args.pop(key, None) for key in SKIP_ARGS}
+        with argument_errors("hf_skip"):
+            if pretrained is None:
+                raise ValueError("hf_skip: model_args need pretrained=<hub id or checkpoint directory>")
+            skip_args = parse_skip_args(skip, hf_args)
+            shape = HFShape.of(_config(pretrained, hf_args))  # ranges and profile shapes, before the weights
+            if skip_args.skip_profile is not None:  # the file, its family, shape and skip_k; the weights once loaded
+                load_profile(skip_args.skip_profile, shape, "", True, skip_args.skip_k)
+            return skip_args, shape, build_policy(shape.n_layers, skip_args)
 
     # ---- model calls: decide once per call, charge every forward ------------------------------
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
@@ -198,25 +218,32 @@ class HFSkipLM(HFLM):
 
 
 def _config(pretrained, hf_args: dict):
-    """The model's config, read before its weights (HFLM's own arguments say where it is)."""
+    """The model's config, read before its weights (HFLM's own arguments say where it is); a LLaDA
+    or Dream checkpoint is refused with the model that runs it (transformers knows neither)."""
     if not isinstance(pretrained, str):  # a model object passed from Python
         return pretrained.config
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
-    return AutoConfig.from_pretrained(
-        pretrained, revision=str(hf_args.get("revision") or "main"), subfolder=hf_args.get("subfolder", ""),
-        trust_remote_code=bool(hf_args.get("trust_remote_code")),
-    )
+    where = {"revision": str(hf_args.get("revision") or "main"), "subfolder": hf_args.get("subfolder", "")}
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(pretrained, **where)
+    except OSError:  # not found: AutoConfig below says so in its own words
+        raw = {}
+    family = diffusion_family(raw)
+    if family is not None:
+        raise ValueError(f"hf_skip: {pretrained} is a {FAMILIES[family]} checkpoint (model_type={raw.get('model_type')!r}), "
+                         f"a diffusion LM: use --model {family}_skip")
+    return AutoConfig.from_pretrained(pretrained, trust_remote_code=bool(hf_args.get("trust_remote_code")), **where)
 
 
-def parse_skip_args(skip_layers, skip_random, skip_profile, skip_k, seed, allow_mismatch, hf_args: dict) -> SkipArgs:
-    """The skip model_args, judged by llada_skip's rules (two methods, skip_k alone, a list that is
-    not one, a profile that is none), after refusing a misspelt skip key (the other keys go to
-    HFLM and from_pretrained)."""
+def parse_skip_args(skip: Mapping[str, Any], hf_args: Mapping[str, Any]) -> SkipArgs:
+    """The skip model_args (``SKIP_ARGS``, None: not given), judged by llada_skip's rules (two
+    methods, skip_k alone, a list that is not one, a profile that is none), after refusing a
+    misspelt skip key among the other keys (which go to HFLM and from_pretrained)."""
     for key in hf_args:
         close = difflib.get_close_matches(key, SKIP_ARGS, n=1, cutoff=0.75)
         if close or key.startswith("skip"):
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"hf_skip: unknown model_args key {key!r}.{hint} Its skip keys: {', '.join(SKIP_ARGS)}")
-    return SkipArgs.parse({"skip_layers": skip_layers, "skip_random": skip_random, "skip_profile": skip_profile,
-                           "skip_k": skip_k, "seed": seed, "allow_mismatch": allow_mismatch})
+    given = {key: cli_integer(value) for key, value in skip.items() if value is not None}
+    return SkipArgs.parse({"seed": 1234, "allow_mismatch": False, **given})

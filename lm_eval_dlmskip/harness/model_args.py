@@ -13,12 +13,13 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
+from ..common.errors import argument_errors
 from ..decoding.likelihood import LikelihoodSettings
 from ..models.loading import check_dtype, local_adapter, local_directory
 from ..skipping.policies import check_layers
 from ..skipping.profiles import profile_blocks, read_profile
 from ..skipping.router_checkpoints import resolve_router
-from .gen_kwargs import DecodingSpec, check_user_settings
+from .gen_kwargs import DecodingSpec, check_user_settings, setting_type
 
 SKIP_METHODS = ("skip_layers", "skip_random", "skip_profile", "router")
 SWITCHES = ("check_greedy", "allow_mismatch", "compile", "cuda_graphs", "trust_remote_code")
@@ -30,6 +31,8 @@ COMMON: dict[str, Any] = {
     "allow_mismatch": False, "seed": 1234, "mc_seed": 1234, "compile": None, "cuda_graphs": True, "peft": None,
     "trust_remote_code": False,  # accepted from lm-eval's --trust_remote_code; no hub code ever runs
 }
+# The integer model_args of every family besides its decoding lengths (lm-eval's CLI reads -1 as -1.0).
+INTEGERS = ("batch_size", "max_batch_size", "max_length", "mc_num", "mc_batch", "skip_random", "skip_k", "seed", "mc_seed")
 
 
 class Family(Protocol):
@@ -103,11 +106,18 @@ class ModelArgs:
 
 def parse_model_args(given: Mapping[str, Any], family: type[Family]) -> ModelArgs:
     """``given`` (lm-eval's keyword arguments) as ``ModelArgs``: an unknown key is named with the
-    closest known one, and every value that needs no model is judged."""
+    closest known one, and every value that needs no model is judged; what is refused is an
+    ``ArgumentError`` of the family's model."""
+    with argument_errors(family.decoding.model):
+        return _parse(given, family)
+
+
+def _parse(given: Mapping[str, Any], family: type[Family]) -> ModelArgs:
     spec = family.decoding
     defaults = {"pretrained": None, **COMMON, **{key: None for key in spec.keys}, **family.extra_args}
     check_known(given, defaults, spec.model)
-    args = {**defaults, **given}
+    integers = [*INTEGERS, *(k for k in spec.keys if setting_type(k, spec) is int)]
+    args = {**defaults, **{k: cli_integer(v) if k in integers else v for k, v in given.items()}}
     family.check_family_args(args)
     decoding = {key: args[key] for key in spec.keys}
     check_user_settings(decoding, spec)
@@ -222,6 +232,15 @@ def parse_layers(value: Any, name: str) -> list[Any]:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{name}={value!r}: write a list as {name}=[4,6,8] (0-based block indices)")
     return list(value)
+
+
+def cli_integer(value: Any) -> Any:
+    """A negative whole number as the integer the user typed: lm-eval's command line reads
+    ``mc_num=-1`` as -1.0 (only unsigned digits become ints there), which would then be echoed
+    and judged as a float. Every other value is returned as it came."""
+    if isinstance(value, float) and value < 0 and value.is_integer():
+        return int(value)
+    return value
 
 
 def _int_at_least(value: Any, minimum: int) -> bool:

@@ -1,12 +1,18 @@
 """Helpers of the request handling that need no model: prompts as a left-padded batch, the
-sampling noise keys of a row, and which loglikelihood requests need ``is_greedy``."""
+sampling noise keys of a row, which loglikelihood requests need ``is_greedy``, and progress bars
+that log lines do not break."""
 
 from __future__ import annotations
 
 import logging
+import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from lm_eval.api.instance import Instance
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..skipping.policies import row_keys
 
@@ -56,3 +62,19 @@ def greedy_wanted(requests: list[Instance], every: bool) -> list[bool]:
     return [(req.task_name, req.doc_id) not in multiple_choice for req in requests]
 
 
+@contextmanager
+def progress(total: int, desc: str, disable: bool) -> Iterator[tqdm]:
+    """A progress bar during which our log lines are written above the bar (tqdm.write), never
+    onto its line: the console handlers of the loggers ours reaches (lm-eval's) are swapped for
+    tqdm's while the bar runs."""
+    loggers, current = [], log
+    while current is not None:
+        if any(_on_console(h) for h in current.handlers):
+            loggers.append(current)
+        current = current.parent if current.propagate else None
+    with logging_redirect_tqdm(loggers=loggers), tqdm(total=total, desc=desc, disable=disable) as bar:
+        yield bar
+
+
+def _on_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)

@@ -83,7 +83,7 @@ class LLaDAConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "LLaDAConfig":
         """Map an upstream ``config.json`` (LLaDA's or Dream's) and name every field this
         implementation cannot honour."""
-        layout = layout_of(raw)
+        layout = layout_of(raw) or family_of(raw)  # family_of names a model of none of ours
         if layout != "llada":
             return {"dream": cls.from_dream_dict, "llada2": cls.from_llada2_dict, "lladamoe": cls.from_lladamoe_dict}[layout](raw)
         for name, allowed in _REQUIRED_VALUES.items():
@@ -264,10 +264,11 @@ class LLaDAConfig:
 LAYOUT_FAMILY = {"llada": "llada", "lladamoe": "llada", "dream": "dream", "llada2": "llada2"}
 
 
-def layout_of(raw: dict[str, Any]) -> str:
-    """The checkpoint layout a config.json describes (its key names and architecture): ``model_type``
-    "Dream" is Dream; "llada2_moe"/"llada21_moe" LLaDA2; "lladamoe", or "llada" with MoE fields
-    (the hub's LLaDA-MoE), LLaDA-MoE; "llada", or none with LLaDA's field names, LLaDA."""
+def layout_of(raw: dict[str, Any]) -> str | None:
+    """The checkpoint layout a config.json describes (its key names and architecture), None for a
+    model of none of ours: ``model_type`` "Dream" is Dream; "llada2_moe"/"llada21_moe" LLaDA2;
+    "lladamoe", or "llada" with MoE fields (the hub's LLaDA-MoE), LLaDA-MoE; "llada", or none with
+    LLaDA's field names, LLaDA."""
     model_type = raw.get("model_type")
     if model_type == "Dream":
         return "dream"
@@ -277,15 +278,26 @@ def layout_of(raw: dict[str, Any]) -> str:
         return "lladamoe"
     if model_type == "llada" or model_type is None and "d_model" in raw:
         return "llada"
+    return None
+
+
+def diffusion_family(raw: dict[str, Any]) -> str | None:
+    """The diffusion family a config.json describes (how it decodes: llada, dream, llada2), None
+    for any other model."""
+    layout = layout_of(raw)
+    return None if layout is None else LAYOUT_FAMILY[layout]
+
+
+def family_of(raw: dict[str, Any]) -> str:
+    """The model family a config.json describes (``diffusion_family``); any other is an error."""
+    family = diffusion_family(raw)
+    if family is not None:
+        return family
+    model_type = raw.get("model_type")
     raise ValueError(
         f"config.json: model_type={model_type!r} is not a model lm_eval_dlmskip knows; it runs LLaDA ('llada'), "
         "LLaDA-MoE ('lladamoe'), Dream ('Dream') and LLaDA2 ('llada2_moe', 'llada21_moe') checkpoints"
     )
-
-
-def family_of(raw: dict[str, Any]) -> str:
-    """The model family a config.json describes (how it decodes: llada, dream, llada2)."""
-    return LAYOUT_FAMILY[layout_of(raw)]
 
 
 def _require(raw: dict[str, Any], names: tuple[str, ...], kind: str) -> None:

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..common.families import FAMILIES
-from .config import LLaDAConfig, family_of
+from .config import LLaDAConfig, diffusion_family, family_of
 from .layouts import placements, stacked_shapes
 from .llada import LLaDA
 
@@ -174,6 +174,12 @@ def read_config(path: Path, family: str | None = None) -> LLaDAConfig:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}: not valid JSON ({err})") from err
+    causal = [a for a in raw.get("architectures") or [] if str(a).endswith("ForCausalLM")]
+    if family is not None and diffusion_family(raw) is None and causal:
+        raise ValueError(
+            f"{path}: expected {FAMILIES[family]}, found an autoregressive HF model ({causal[0]}, model_type="
+            f"{raw.get('model_type')!r}): use --model hf_skip, which skips the layers of HF causal LMs"
+        )
     found = family_of(raw)
     if family is not None and found != family:
         raise ValueError(

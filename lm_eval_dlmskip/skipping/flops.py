@@ -161,13 +161,18 @@ class TaskTotals:
                 "normalized_flops_vs_plain_decoding": self.flops / self.flops_plain,
             }),
             "by_masked_fraction": buckets,
-            **({} if not self.seconds else {
-                "wall_seconds": self.seconds,
-                "requests_per_s": self.requests / self.seconds,
-                "forwards_per_s": self.forwards / self.seconds,
-                **({"generated_tokens": self.generated, "tokens_per_s": self.generated / self.seconds}
-                   if self.generated else {}),
-            }),
+        }
+
+    def speed(self) -> dict:
+        """Wall seconds of the task's batches and the rates they give (empty when nothing was timed,
+        e.g. every answer came from --use_cache)."""
+        if not self.seconds:
+            return {}
+        return {
+            "wall_seconds": self.seconds,
+            "requests_per_s": self.requests / self.seconds,
+            "forwards_per_s": self.forwards / self.seconds,
+            **({"generated_tokens": self.generated, "tokens_per_s": self.generated / self.seconds} if self.generated else {}),
         }
 
 
@@ -270,6 +275,9 @@ class FlopsMeter:
 
     def summary(self) -> dict[str, dict]:
         return {task: t.summary(self.flops.n_layers) for task, t in sorted(self.totals.items())}
+
+    def speed(self) -> dict[str, dict]:
+        return {task: t.speed() for task, t in sorted(self.totals.items()) if t.seconds}
 
     def router_warnings(self, tasks: Iterable[str], model: str = "llada_skip") -> list[str]:
         """One line per task whose routers cost more than their skipping saved (whole-model

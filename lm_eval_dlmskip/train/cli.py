@@ -33,11 +33,26 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     print(json.dumps(metrics))
     if not first_process:
         return 0
-    model = Path(cfg.model).resolve() if Path(cfg.model).expanduser().is_dir() else cfg.model
     family = json.loads((out / "router.json").read_text())["base_model"]["family"]
-    print(f"router checkpoint: {out}\nevaluate with it: lm_eval --model {family}_skip "
-          f"--model_args 'pretrained={model},router={out}' --tasks TASKS")
+    print(f"router checkpoint: {out}\nevaluate with it: {evaluation_command(cfg, family)}")
     return 0
+
+
+def evaluation_command(cfg: TrainConfig, family: str) -> str:
+    """The ``lm_eval`` command that evaluates the routers on what they were trained on: the task
+    and its folder (absolute paths, so it runs from any folder), few-shot count and chat template
+    as in training. Routers trained on ``--data`` leave the tasks to the user (TASKS)."""
+    model = Path(cfg.model).expanduser()
+    model_args = f"pretrained={model.resolve() if model.is_dir() else cfg.model},router={Path(cfg.output).resolve()}"
+    quoted = "'" + model_args.replace("'", "'\"'\"'") + "'"  # always quoted, as the README writes model_args
+    words = [quoted, "--tasks", shlex.quote(cfg.task or "TASKS")]
+    if cfg.include_path is not None:
+        words += ["--include_path", shlex.quote(str(Path(cfg.include_path).expanduser().resolve()))]
+    if cfg.num_fewshot is not None:
+        words += ["--num_fewshot", str(cfg.num_fewshot)]
+    if cfg.apply_chat_template:  # lm_eval turns multi-turn few-shot on with the template; training may not
+        words += ["--apply_chat_template", "--fewshot_as_multiturn", str(cfg.fewshot_as_multiturn).lower()]
+    return f"lm_eval --model {family}_skip --model_args " + " ".join(words)
 
 
 def interrupted_message(cfg: TrainConfig, argv: list[str]) -> str:
