@@ -9,12 +9,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lm_eval_dlmskip.models.execution import KVCache
 from lm_eval_dlmskip.models.loading import load_llada
 
 REFERENCE = Path(__file__).parent / "fixtures" / "llada-tiny-reference"
 MASK_ID, EOS_ID = 250, 251
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def nan_kv_cache(monkeypatch):
+    """Every cache fill starts from keys and values that are all NaN, so a read of a slot that this
+    fill never wrote (the K/V of a block a row skipped, padding, an earlier fill's block) makes the
+    answer NaN instead of passing on what an earlier fill or the allocator left there. ``allocate``
+    runs on the eager cache and on the GraphRunner's lent storage alike (its fill calls it too)."""
+    allocate = KVCache.allocate
+
+    def poisoned(self, *args, **kwargs) -> None:
+        allocate(self, *args, **kwargs)
+        self.k.fill_(float("nan"))
+        self.v.fill_(float("nan"))
+
+    monkeypatch.setattr(KVCache, "allocate", poisoned)
 
 
 @pytest.fixture(scope="session")

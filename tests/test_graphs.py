@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from lm_eval_dlmskip.decoding.generate import GenerationSettings
 from lm_eval_dlmskip.decoding.graphs import GraphRunner
 from lm_eval_dlmskip.skipping.policies import NO_SKIP, RandomSkip, StaticSkip
 from lm_eval_dlmskip.skipping.routers import RoutedSkip, RouterConfig, Routers
 
 from .conftest import MASK_ID
+from .rows import assert_same_forwards, decode, tiny_routers
 
 
 def _routers(seed: int) -> Routers:
@@ -81,3 +83,43 @@ def test_runner_reads_each_batch_padding_on_replay(ref_model):
             real = mask.bool()
             assert torch.allclose(got[real], expected[real], atol=1e-5), policy
             assert torch.equal(trace.executed, expected_trace.executed)
+
+
+def test_one_runner_decodes_batches_of_one_shape_and_other_padding_as_the_model(ref_model):
+    """What the GPU path does differently from the eager model, as far as a CPU can run it.
+
+    Exercised here: every forward copies its inputs into the static buffers of its shape and the
+    "graphs" (their functions, called directly) read only those buffers, so one runner decoding
+    batches of one shape with other padding (and other tokens, hence other per-row decisions)
+    must read each call's key mask, rotary tables, row keys and cache slots; the cache storage
+    is lent by the runner and shared by the fill and window graphs of a shape (they must hold
+    the same tensors, which conftest's NaN fill poisons before every fill); rows that disagree
+    go through the eager subset path into the static hidden states; router decisions come back
+    through the runner's host buffer.
+
+    Not exercised on a CPU (tests/test_gpu_paths.py runs them on a GPU): real capture, where a
+    graph replays the kernels and addresses recorded once, so anything a captured function reads
+    outside the static buffers, or decides in Python, is frozen at capture (here it is re-run on
+    every call); the asynchronous copy of decisions to pinned host memory and the stream
+    synchronisation before reading it (synchronous here); the graphs' shared memory pool and
+    warm-up on a side stream; the fallback to eager work after a failed capture; compiled blocks
+    inside captured graphs; and numerics that differ by batch shape on GPU kernels."""
+    runner = GraphRunner(ref_model)
+    first = [[17, 203, 88, 5, 142], [64, 9, 231, 120, 77, 33, 190, 2], [111, 45, 222, 6, 198, 73, 150, 31, 99, 240],
+             [3, 180, 57, 214, 92, 128, 11, 247, 66, 135, 40, 201]]
+    second = [p[::-1] for p in reversed(first)]  # the same shape, each row padded otherwise
+    policies = [RandomSkip(2, 6, seed=4), RoutedSkip(tiny_routers(2), 0.5)]
+    for cache, decide_every in (("dual", "step"), ("prefix", "block")):
+        settings = GenerationSettings(16, 16, 8, cache=cache, threshold=0.3, decide_every=decide_every)
+        for policy in policies:
+            for prompts in (first, second, first):
+                expected, eager = decode(ref_model, policy, prompts, settings)
+                got, replayed = decode(runner, policy, prompts, settings)
+                assert torch.equal(got, expected), (cache, policy, prompts is first)
+                assert_same_forwards(replayed, eager, atol=0.0)
+    shapes = {key[:2] + key[3:] for key in runner.cache}
+    assert (4, 28, 28, "fill") in shapes and (4, 8, 28, "window") in shapes
+    [(k, v)] = [kv for shape, kv in runner.kv.items() if shape[3] == 28]
+    for key, graphs in runner.cache.items():
+        if key[3] == 28:
+            assert graphs.ctx.cache.k is k and graphs.ctx.cache.v is v, key
