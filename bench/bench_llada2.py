@@ -68,7 +68,7 @@ def prompts(batch: int, length: int, vocab: int, ragged: bool = False) -> list[l
 
 def checks(model, device) -> dict:
     out = {}
-    x = torch.randn(64, 2048, device=device, dtype=torch.bfloat16)
+    x = torch.randn(64, model.cfg.d_model, device=device, dtype=torch.bfloat16)
     moe = model.blocks[1].moe
     chosen, weights = moe_module.route(x, moe.gate, moe.expert_bias, moe.moe)
     grouped = moe_module.experts(x, chosen, weights, moe.gate_up, moe.down)
@@ -93,14 +93,17 @@ def speed(model, device, batch: int, per_step: int, policy, gen: int = 256, prom
     settings = BlockDiffusionSettings(gen_length=gen, block_length=32, steps=32 // per_step, threshold=1.0)
     p = prompts(batch, prompt, 0)
     block_generate(denoiser(model, policy), p, replace(settings, gen_length=64), MASK, EOS, EOS, device)  # warm up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     tic = time.perf_counter()
     block_generate(denoiser(model, policy), p, settings, MASK, EOS, EOS, device)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - tic
     return {"batch": batch, "tokens_per_step": per_step, "seconds": seconds, "tokens_per_s": batch * gen / seconds,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
 def profile(model, device, batch: int) -> dict:
@@ -121,11 +124,13 @@ def profile(model, device, batch: int) -> dict:
     events = prof.key_averages()
     total = sum(e.device_time_total for e in events if e.device_time_total) / 5
     grouped = sum(e.device_time_total for e in events if "grouped" in e.key.lower() or "group_gemm" in e.key.lower()) / 5
-    x = torch.randn(batch * 32, 2048, device=device, dtype=torch.bfloat16)
+    cfg = model.cfg
+    x = torch.randn(batch * 32, cfg.d_model, device=device, dtype=torch.bfloat16)
     moe = model.blocks[1].moe
     chosen, _ = moe_module.route(x, moe.gate, moe.expert_bias, moe.moe)
     used = chosen.unique().numel()
-    bytes_used = 19 * used * 3 * 2048 * 512 * 2  # experts a block's tokens use, about this many per layer
+    moe_layers = sum(cfg.moe.moe_layers)
+    bytes_used = moe_layers * used * 3 * cfg.d_model * cfg.moe.expert_hidden * 2  # experts a block's tokens use
     top = sorted(((e.device_time_total / 5, e.key) for e in events if e.device_time_total), reverse=True)[:8]
     return {"batch": batch, "forward_us": total, "expert_gemm_us": grouped, "expert_share": grouped / total if total else None,
             "experts_used_per_layer": used, "expert_bandwidth_tb_s": bytes_used / (grouped * 1e-6) / 1e12 if grouped else None,
@@ -135,16 +140,23 @@ def profile(model, device, batch: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="llada2.json")
+    parser.add_argument("--tiny", action="store_true", help="a small model on the CPU: a smoke test of this script")
     args = parser.parse_args()
-    device = torch.device("cuda")
-    cfg = LLaDAConfig.from_dict(MINI)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    tiny = {"hidden_size": 64, "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 64, "num_experts": 16,
+            "moe_intermediate_size": 16, "n_group": 4, "topk_group": 2}
+    shape = {**MINI, **tiny} if args.tiny else MINI
+    cfg = LLaDAConfig.from_dict(shape)
     model = random_model(cfg, device)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    result = {"device": "cpu" if args.tiny else torch.cuda.get_device_name(), "torch": torch.__version__,
               "params_b": sum(p.numel() for p in model.parameters()) / 1e9}
     print(json.dumps(result), flush=True)
     result["checks"] = checks(model, device)
     print(json.dumps(result["checks"]), flush=True)
     result["speed"] = []
+    if args.tiny:
+        print(json.dumps(speed(model, device, 2, 4, NO_SKIP, gen=64, prompt=40)))
+        return 0
     for batch in (1, 8):
         for per_step in (1, 4):
             for name, policy in (("none", NO_SKIP), ("static4", StaticSkip({3, 7, 11, 15}))):
