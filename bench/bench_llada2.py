@@ -61,14 +61,14 @@ def denoiser(model, policy):
     return denoise
 
 
-def prompts(batch: int, length: int, vocab: int, ragged: bool = False) -> list[list[int]]:
+def prompts(batch: int, length: int, vocab: int = 150000, ragged: bool = False) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 150000, (length - (7 * i if ragged else 0),), generator=g).tolist() for i in range(batch)]
+    return [torch.randint(0, vocab, (length - (7 * i if ragged else 0),), generator=g).tolist() for i in range(batch)]
 
 
-def checks(model, device) -> dict:
+def checks(model, device, vocab: int = 150000) -> dict:
     out = {}
-    x = torch.randn(64, model.cfg.d_model, device=device, dtype=torch.bfloat16)
+    x = torch.randn(64, model.cfg.d_model, device=device, dtype=model.dtype)
     moe = model.blocks[1].moe
     chosen, weights = moe_module.route(x, moe.gate, moe.expert_bias, moe.moe)
     grouped = moe_module.experts(x, chosen, weights, moe.gate_up, moe.down)
@@ -80,7 +80,7 @@ def checks(model, device) -> dict:
     settings = BlockDiffusionSettings(gen_length=64, block_length=32, steps=32, threshold=0.9)
     for policy_name, policy in (("none", NO_SKIP), ("static4", StaticSkip({3, 7, 11, 15}))):
         for batch, ragged in ((1, False), (8, True)):
-            p = prompts(batch, 100, 0, ragged)
+            p = prompts(batch, 100, vocab, ragged)
             cached = block_generate(denoiser(model, policy), p, settings, MASK, EOS, EOS, device)
             plain = block_generate(denoiser(model, policy), p, replace(settings, cache="none"), MASK, EOS, EOS, device)
             alone = torch.cat([block_generate(denoiser(model, policy), [q], settings, MASK, EOS, EOS, device) for q in p])
@@ -91,7 +91,7 @@ def checks(model, device) -> dict:
 
 def speed(model, device, batch: int, per_step: int, policy, gen: int = 256, prompt: int = 512) -> dict:
     settings = BlockDiffusionSettings(gen_length=gen, block_length=32, steps=32 // per_step, threshold=1.0)
-    p = prompts(batch, prompt, 0)
+    p = prompts(batch, prompt)
     block_generate(denoiser(model, policy), p, replace(settings, gen_length=64), MASK, EOS, EOS, device)  # warm up
     cuda = device.type == "cuda"
     if cuda:
@@ -107,40 +107,63 @@ def speed(model, device, batch: int, per_step: int, policy, gen: int = 256, prom
 
 
 def profile(model, device, batch: int) -> dict:
-    """One cached window forward (a block of 32 per row over a 544-token prefix): expert GEMM time share."""
+    """One cached window forward (a block of 32 per row over a 544-token prefix): the share of the
+    GPU time in the grouped expert GEMMs, and the bandwidth they reach over the bytes of the
+    experts the forward's tokens were actually routed to."""
     from lm_eval_dlmskip.models.execution import KVCache
 
     ids = torch.randint(0, 150000, (batch, 576), device=device)
     cache = KVCache()
+    used: list[int] = []
+    route = moe_module.route
+
+    def counting(x, gate, bias, moe):  # the experts each layer's tokens use, counted in the profiled forwards
+        chosen, weights = route(x, gate, bias, moe)
+        used.append(chosen.unique().numel())
+        return chosen, weights
+
     with torch.no_grad():
         model(ids, block_length=32, cache=cache, window=slice(0, 544))
         for _ in range(3):
             model(ids, block_length=32, cache=cache, window=slice(544, 576), logits_at=slice(0, 32))
         torch.cuda.synchronize()
+        moe_module.route = counting
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 model(ids, block_length=32, cache=cache, window=slice(544, 576), logits_at=slice(0, 32))
             torch.cuda.synchronize()
-    events = prof.key_averages()
-    total = sum(e.device_time_total for e in events if e.device_time_total) / 5
-    grouped = sum(e.device_time_total for e in events if "grouped" in e.key.lower() or "group_gemm" in e.key.lower()) / 5
+        moe_module.route = route
+    events = [e for e in prof.key_averages() if e.device_time_total]
+    total = sum(e.device_time_total for e in events) / 5
+    grouped = sum(e.device_time_total for e in events if "GroupProblemShape" in e.key or "grouped" in e.key.lower()) / 5
     cfg = model.cfg
-    x = torch.randn(batch * 32, cfg.d_model, device=device, dtype=torch.bfloat16)
-    moe = model.blocks[1].moe
-    chosen, _ = moe_module.route(x, moe.gate, moe.expert_bias, moe.moe)
-    used = chosen.unique().numel()
-    moe_layers = sum(cfg.moe.moe_layers)
-    bytes_used = moe_layers * used * 3 * cfg.d_model * cfg.moe.expert_hidden * 2  # experts a block's tokens use
-    top = sorted(((e.device_time_total / 5, e.key) for e in events if e.device_time_total), reverse=True)[:8]
-    return {"batch": batch, "forward_us": total, "expert_gemm_us": grouped, "expert_share": grouped / total if total else None,
-            "experts_used_per_layer": used, "expert_bandwidth_tb_s": bytes_used / (grouped * 1e-6) / 1e12 if grouped else None,
-            "top_kernels_us": top}
+    bytes_used = sum(used) / 5 * 3 * cfg.d_model * cfg.moe.expert_hidden * 2  # per forward: gate, up, down of each
+    top = sorted(((e.device_time_total / 5, e.key[:80]) for e in events), reverse=True)[:10]
+    return {"batch": batch, "forward_us": total, "expert_gemm_us": grouped, "expert_share": grouped / total,
+            "experts_used_per_moe_layer": sum(used) / len(used), "expert_gb": bytes_used / 1e9,
+            "expert_bandwidth_tb_s": bytes_used / (grouped * 1e-6) / 1e12, "top_kernels_us": top}
+
+
+def exactness_fp32(device) -> dict:
+    """Cache vs recompute and batch vs alone in float32 on a 4-layer model of LLaDA2-mini's widths
+    with peaked predictions (random bf16 weights near-tie over 157k tokens: rounding then picks)."""
+    shape = {**MINI, "num_hidden_layers": 4, "vocab_size": 4096, "mask_token_id": 4000, "eos_token_id": 4001}
+    model = random_model(LLaDAConfig.from_dict(shape), device).float()
+    with torch.no_grad():
+        model.ff_out.weight.mul_(40.0)  # peaked logits
+    global MASK, EOS
+    MASK, EOS = 4000, 4001
+    try:
+        return checks(model, device, vocab=3000)
+    finally:
+        MASK, EOS = 156895, 156892
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="llada2.json")
     parser.add_argument("--tiny", action="store_true", help="a small model on the CPU: a smoke test of this script")
+    parser.add_argument("--sections", default="checks,speed,profile,exact")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     tiny = {"hidden_size": 64, "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 64, "num_experts": 16,
@@ -151,20 +174,29 @@ def main() -> int:
     result = {"device": "cpu" if args.tiny else torch.cuda.get_device_name(), "torch": torch.__version__,
               "params_b": sum(p.numel() for p in model.parameters()) / 1e9}
     print(json.dumps(result), flush=True)
-    result["checks"] = checks(model, device)
-    print(json.dumps(result["checks"]), flush=True)
-    result["speed"] = []
+    sections = args.sections.split(",")
+    if "checks" in sections:
+        result["checks"] = checks(model, device)
+        print(json.dumps(result["checks"]), flush=True)
     if args.tiny:
         print(json.dumps(speed(model, device, 2, 4, NO_SKIP, gen=64, prompt=40)))
         return 0
-    for batch in (1, 8):
-        for per_step in (1, 4):
-            for name, policy in (("none", NO_SKIP), ("static4", StaticSkip({3, 7, 11, 15}))):
-                row = {"policy": name, **speed(model, device, batch, per_step, policy)}
-                result["speed"].append(row)
-                print(json.dumps(row), flush=True)
-    result["profile"] = [profile(model, device, b) for b in (1, 8)]
-    print(json.dumps(result["profile"]), flush=True)
+    if "speed" in sections:
+        result["speed"] = []
+        for batch in (1, 8):
+            for per_step in (1, 4):
+                for name, policy in (("none", NO_SKIP), ("static4", StaticSkip({3, 7, 11, 15}))):
+                    row = {"policy": name, **speed(model, device, batch, per_step, policy)}
+                    result["speed"].append(row)
+                    print(json.dumps(row), flush=True)
+    if "profile" in sections:
+        result["profile"] = [profile(model, device, b) for b in (1, 8)]
+        print(json.dumps(result["profile"]), flush=True)
+    if "exact" in sections:
+        del model
+        torch.cuda.empty_cache()
+        result["exact_fp32"] = exactness_fp32(device)
+        print(json.dumps(result["exact_fp32"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0
