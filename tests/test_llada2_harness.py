@@ -185,9 +185,11 @@ def test_is_greedy_holds_when_every_block_is_its_greedy_decoding(model):
         greedy += greedy_fill(model, prompt + greedy, len(piece), 4)
     at_once = greedy_fill(model, prompt, 7, 4)
     assert at_once != greedy and max(greedy + at_once) < 248  # words of the tokenizer
-    answers = [greedy, at_once, greedy[:-1] + [(greedy[-1] + 1) % 240], [(greedy[0] + 1) % 240] + greedy[1:]]
+    middle = greedy[:2] + [(greedy[2] + 1) % 240] + greedy[3:5]  # the middle block not greedy, the last block
+    middle += greedy_fill(model, prompt + middle, 2, 4)  # greedy after it
+    answers = [greedy, at_once, greedy[:-1] + [(greedy[-1] + 1) % 240], [(greedy[0] + 1) % 240] + greedy[1:], middle]
     expected = [blockwise_greedy(model, prompt, a, 4) for a in answers]
-    assert expected == [True, False, False, False]
+    assert expected == [True, False, False, False, False]
     lm = llada2_lm(block_length=4, mc_num=4, mc_batch=4, batch_size=2)
     assert [g for _, g in lm.loglikelihood(ll_requests([(prompt, a) for a in answers]), disable_tqdm=True)] == expected
 
@@ -235,12 +237,14 @@ class ExpertsRan(Ran):
 
 GEN = {"until": [], "max_gen_toks": 8, "steps": 4, "block_length": 4, "threshold": 0.5}
 PROMPTS = ("t5 t6 t7", "t20 t21 t22")  # equal lengths: no padding, which the products would compute
-LLADA2_FLOPS = {  # request type, model_args
+MOE_FLOPS = {  # request type, model_args (LLaDA-MoE through llada_skip where named)
     "generate, exact cache, static [0, 2]": ("gen", {"cache": "blocks", "skip_layers": [0, 2]}),
     "generate, exact cache, random 2": ("gen", {"cache": "blocks", "skip_random": 2}),
     "generate, exact cache, routed": ("gen", {"cache": "blocks", "router": "router"}),
     "generate, uncached, static [3]": ("gen", {"cache": "none", "skip_layers": [3]}),
     "loglikelihood, static [1]": ("ll", {"skip_layers": [1], "block_length": 4}),
+    "LLaDA-MoE: generate, dual cache, its dense layer skipped": ("gen", {"cache": "dual", "skip_layers": [1]}),
+    "LLaDA-MoE: loglikelihood, random 1": ("ll", {"skip_random": 1}),
 }
 
 
@@ -250,16 +254,20 @@ def router(tmp_path_factory) -> Path:
     return save_router(tmp_path_factory.mktemp("router") / "llada2", LLADA2, init_bias=6.0)
 
 
-@pytest.mark.parametrize("mode", list(LLADA2_FLOPS))
+@pytest.mark.parametrize("mode", list(MOE_FLOPS))
 def test_flops_count_the_experts_each_token_used(mode, router, monkeypatch):
     """The FLOPs in the results against FlopCounterMode over the forwards that ran (the dense first
     layer's SwiGLU, the shared expert and the expert router are matrix products it counts; the
     routed experts run as grouped products it has no entry for, counted from the weight shapes
     2 x rows x in x out) and the same forwards replayed without skipping. Each token's rows through
     the grouped products are the experts its router chose: 6 d h FLOPs per (token, expert)."""
-    kind, args = LLADA2_FLOPS[mode]
+    kind, args = MOE_FLOPS[mode]
     args = {k: (str(router) if v == "router" else v) for k, v in args.items()}
-    lm = llada2_lm(batch_size=2 if kind == "gen" else 1, mc_num=4, mc_batch=2, **args)
+    args.update(batch_size=2 if kind == "gen" else 1, mc_num=4, mc_batch=2)
+    if mode.startswith("LLaDA-MoE"):  # softmax routing, its second layer dense, a shared expert twice as wide
+        lm = LLaDASkipLM.create_from_arg_obj({"pretrained": str(LLADA_MOE), "device": "cpu", "dtype": "float32", **args})
+    else:
+        lm = llada2_lm(**args)
     ran = ExpertsRan(lm.model, lm.model.wte, lm.model.blocks)
     monkeypatch.setattr(moe, "route", ran.route(moe.route))
     if kind == "gen":
@@ -274,6 +282,27 @@ def test_flops_count_the_experts_each_token_used(mode, router, monkeypatch):
     check_replayed(summary, ran, d, 4)
     if kind == "gen":
         assert summary["nfe_per_request"] == ran.calls  # both requests share every forward
+
+
+def test_the_plain_decoding_baseline_by_hand():
+    """'vs plain decoding' divides by LLaDA2's own uncached decoding without skipping: from the
+    prompt's last block on, every block takes all its steps, each a forward over the prefix up to
+    the block's end, the head over the block. Prompts of 3 tokens, 8 answer tokens in blocks of 4,
+    4 steps: blocks 0, 1, 2, forwards over 4, 8 and 12 tokens. Per token: embedding 4 d; per block
+    2 d (2 q + 2 kv) and 4 n q (attention over n keys); the dense layer 6 d 64, an MoE layer 2 d 16
+    (router) + 6 d 8 (4 experts + the shared one); head 2 d V per position."""
+    d, q, kv, V = 64, 64, 32, 256
+    mlp = 6 * d * 64 + 3 * (2 * d * 16 + 6 * d * 8 * 5)
+
+    def forward(n: int) -> int:
+        return 4 * d * n + 4 * (n * 2 * d * (2 * q + 2 * kv) + 4 * n * n * q) + n * mlp + 2 * d * V * 4
+
+    plain = 4 * (forward(4) + forward(8) + forward(12))
+    lm = llada2_lm(batch_size=2, skip_layers=[2])
+    lm.generate_until([Instance("generate_until", {}, (p, GEN), 0, ("t", i, 1)) for i, p in enumerate(PROMPTS)],
+                      disable_tqdm=True)
+    summary = lm.get_model_info()["dlmskip"]["flops"]["t"]
+    assert summary["normalized_flops_vs_plain_decoding"] == pytest.approx(summary["tflops"] * 1e12 / (2 * plain), rel=1e-12)
 
 
 def test_flops_model_counts_a_moe_block_by_its_active_parameters():

@@ -137,6 +137,12 @@ def test_train_then_evaluate_routed_and_the_router_identity(tmp_path):
     with pytest.raises(ValueError, match="made for LLaDA2, while this model is LLaDA"):
         LLaDASkipLM(pretrained=str(LLADA_MOE), device="cpu", router=str(router), allow_mismatch=True)
 
+    # without --block-length, training attends in decoding's default blocks of 32
+    assert main(["train", "--model", str(LLADA2), "--data", str(data), "--output", str(tmp_path / "default"),
+                 "--router-hidden", "8", "--batch-size", "4", "--effective-batch-size", "4", "--warmup-steps", "1",
+                 "--dtype", "float32", "--device", "cpu", "--max-steps", "1"]) == 0
+    assert json.loads((tmp_path / "default" / "router.json").read_text())["training"]["block_length"] == 32
+
 
 def test_a_block_length_is_refused_for_models_that_attend_to_every_position(tmp_path):
     data = tmp_path / "pairs.jsonl"
