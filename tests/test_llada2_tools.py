@@ -7,6 +7,7 @@ the hidden states of each prompt alone; analyze tracing LLaDA2's own block diffu
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import shutil
@@ -172,7 +173,7 @@ PROMPTS = [[5, 6, 7], [40, 41], [100, 7, 9, 12, 13], [9, 3, 7, 1, 2, 4]]
 def similarity_alone(model, ids: list[int], where: slice, block_length: int) -> torch.Tensor:
     """[n_layers] mean over the columns ``where`` of cos(H_l, H_l+1), the row alone, block-causal."""
     states = model.hidden_states(torch.tensor([ids]), block_length=block_length)
-    return torch.stack([F.cosine_similarity(a[0, where], b[0, where], dim=-1).mean() for a, b in zip(states, states[1:])])
+    return torch.stack([F.cosine_similarity(a[0, where], b[0, where], dim=-1).mean() for a, b in itertools.pairwise(states)])
 
 
 @pytest.mark.parametrize("block_length", [4, None])
