@@ -66,8 +66,15 @@ def _cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
 
+def _grouped_mm(a, b, *args, out_shape=None, **kwargs) -> int:
+    # The MoE experts' grouped products (rows of a [N, K] sorted by expert, b [E, K, M]), for which the
+    # counter has no entry: each row meets one expert's K x M matrix.
+    return 2 * a[0] * b[1] * b[2]
+
+
 def counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa})
+    return FlopCounterMode(display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+                                                          aten._grouped_mm: _grouped_mm})
 
 
 class Ran:
@@ -173,12 +180,13 @@ def check_replayed(summary: dict, ran: Ran, d_model: int, n_layers: int) -> None
     check_against_count(summary, ran.snapshot(), d_model, n_layers, ran.replay_without_skipping())
 
 
-def save_router(path: Path, checkpoint_dir, depth: int = 2) -> Path:
-    """Routers whose decisions differ by row and block (random last layers, no execute bias)."""
+def save_router(path: Path, checkpoint_dir, depth: int = 2, init_bias: float = 0.0) -> Path:
+    """Routers whose decisions differ by row and block (random last layers, an execute bias of
+    ``init_bias``: none on the tiny LLaDA and Dream)."""
     checkpoint = load_model(str(checkpoint_dir), dtype="float32")
     cfg = checkpoint.model.cfg
     torch.manual_seed(4)
-    routers = Routers(RouterConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, hidden=16, depth=depth, init_bias=0.0))
+    routers = Routers(RouterConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, hidden=16, depth=depth, init_bias=init_bias))
     for r in routers.routers:
         torch.nn.init.normal_(r.net[-1].weight, std=3.0)
     save_routers(path, routers, model_identity(cfg, str(checkpoint_dir), checkpoint.fingerprint),

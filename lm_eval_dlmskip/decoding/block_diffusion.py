@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..common.families import FAMILIES
 from ..models.execution import KVCache
 from .generate import Denoiser, transfer_schedule
 from .noise import noise_keys, uniform_noise
@@ -83,6 +84,23 @@ class BlockDiffusionSettings:
     @property
     def steps_per_block(self) -> int:
         return min(self.steps, self.gen_length // self.minimal_topk)
+
+
+def attention_block_length(family: str, block_length: int | None, option: str = "--block-length") -> int | None:
+    """The block length a family's forwards attend block-causally in: LLaDA2's ``block_length``,
+    else its decoding default (32), so that training and calibration see the attention decoding
+    uses; None for a family that attends to every position, which refuses a given one (``option``
+    names it in the message: it would change nothing)."""
+    if family != "llada2":
+        if block_length is not None:
+            raise ValueError(f"{option}={block_length}: {FAMILIES[family]} attends to every position; a block length "
+                             "of attention applies to LLaDA2 (block-causal) alone, leave it out")
+        return None
+    if block_length is None:
+        return BlockDiffusionSettings.block_length
+    if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
+        raise ValueError(f"{option}={block_length!r} must be a positive integer")
+    return block_length
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 from lm_eval.api.model import CacheHook
 
-from ..decoding.block_diffusion import BlockDiffusionSettings, block_generate
+from ..decoding.block_diffusion import BlockDiffusionSettings, attention_block_length, block_generate
 from ..decoding.likelihood import LikelihoodSettings
 from .base import DiffusionSkipLM, log
 from .gen_kwargs import LLADA2
@@ -39,7 +39,7 @@ class LLaDA2SkipLM(DiffusionSkipLM):
     @property
     def block_length(self) -> int:
         """The block length attention is block-causal in: model_args' ``block_length``, else LLaDA2's 32."""
-        return self.gen_args.get("block_length") or BlockDiffusionSettings.block_length
+        return attention_block_length(self.family, self.gen_args.get("block_length"), "block_length")
 
     @property
     def likelihood_forward(self):
@@ -94,10 +94,18 @@ class LLaDA2SkipLM(DiffusionSkipLM):
         return [(score, bool(is_greedy)) for score, is_greedy in results]
 
     def _aligned_context(self, ctx: list[int], cont: list[int]) -> list[int]:
+        """``ctx`` cut from the left by whole blocks until context + continuation fit ``max_length``;
+        refused when even that cannot fit (the answer would move inside its blocks)."""
         excess = len(ctx) + len(cont) - self.max_length
         if excess <= 0:
             return ctx
         drop = -(-excess // self.block_length) * self.block_length
+        if drop > len(ctx):
+            raise ValueError(
+                f"loglikelihood: a continuation of {len(cont)} tokens after a context of {len(ctx)} does not fit "
+                f"max_length={self.max_length} with the context cut by whole blocks of block_length="
+                f"{self.block_length} (the answer must keep its place in its blocks); raise max_length"
+            )
         log.warning("context of %d tokens left-truncated by %d (whole blocks) to fit max_length=%d", len(ctx), drop,
                     self.max_length)
         return ctx[drop:]

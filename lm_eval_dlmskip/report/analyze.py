@@ -1,7 +1,9 @@
 """``dlmskip analyze``: the static paper's representation pictures for a LLaDA model.
 
-Decodes the calibration prompts with diffusion generation and, at every denoising step, records
-the hidden states entering each block (upstream ``output_hidden_states``). From them:
+Decodes the calibration prompts with the family's own diffusion decoding (LLaDA's semi-autoregressive
+``generate``, Dream's ``diffusion_generate``, LLaDA2's block diffusion with its block-causal
+attention) and, at every denoising step, records the hidden states entering each block (upstream
+``output_hidden_states``) over the columns that forward computes. From them:
 
 * ``similarity_profile.png`` — cosine similarity between each block's input and output, measured
   exactly as ``dlmskip calibrate`` measures it (same prompts, mask fractions, positions, seed), with
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..common.files import check_output_dir, write_json
+from ..decoding.block_diffusion import BlockDiffusionSettings, attention_block_length, block_generate
 from ..decoding.dream import DreamGenerationSettings, dream_generate
 from ..decoding.generate import GenerationSettings, generate
 from ..models.hf_layers import hidden_states
@@ -50,10 +53,11 @@ from .calibrate import (
 
 
 @torch.no_grad()
-def record_trajectory(model: LLaDA, prompts: list[list[int]], settings: Any, pad_id: int) -> dict:
+def record_trajectory(model: LLaDA, prompts: list[list[int]], settings: Any, pad_id: int, eos_id: int) -> dict:
     """Decode the prompts (one left-padded batch) with the family's own decoding (LLaDA's semi-
-    autoregressive ``generate``, Dream's ``diffusion_generate``) and measure the hidden states at
-    every step."""
+    autoregressive ``generate``, Dream's ``diffusion_generate``, LLaDA2's ``block_generate``
+    without cache, so that every step computes the prefix up to its block) and measure the hidden
+    states at every step."""
     device = model.device
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
@@ -62,9 +66,9 @@ def record_trajectory(model: LLaDA, prompts: list[list[int]], settings: Any, pad
     window = min(len(p) for p in prompts) + settings.gen_length  # right-aligned columns every row has
     steps: list[dict[str, Tensor]] = []
 
-    def denoise(x: Tensor, mask: Tensor | None, logits_at):
+    def denoise(x: Tensor, mask: Tensor | None, logits_at, block_length: int | None = None):
         states: list[Tensor] = []
-        h, _ = model.trunk(x, mask, hidden_states=states)
+        h, _ = model.trunk(x, mask, hidden_states=states, block_length=block_length)
         states.append(model.ln_f(h))
         positions = torch.ones(x.shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
         tail = [s[:, -window:].float() for s in states]
@@ -77,8 +81,11 @@ def record_trajectory(model: LLaDA, prompts: list[list[int]], settings: Any, pad
         })
         return model.head(h, logits_at)
 
-    decode = dream_generate if model.cfg.family == "dream" else generate
-    decode(denoise, ids, attention, settings, model.cfg.mask_token_id)
+    if model.cfg.family == "llada2":
+        block_generate(denoise, prompts, settings, model.cfg.mask_token_id, eos_id, pad_id, device)
+    else:
+        decode = dream_generate if model.cfg.family == "dream" else generate
+        decode(denoise, ids, attention, settings, model.cfg.mask_token_id)
     return {
         "similarity": torch.stack([s["similarity"] for s in steps]),  # [steps, B, n_layers]
         "tokenwise_first": steps[0]["tokenwise"],  # [layers + 1, window - 1]
@@ -95,12 +102,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_selection_arguments(parser)
     a("--decode-limit", type=int, default=16, help="how many of the prompts (the first) to decode for the per-step pictures")
     a("--gen-length", type=int, default=32, help="answer tokens to decode")
-    a("--steps", type=int, help="denoising steps (default: gen-length)")
-    a("--block-length", type=int, help="semi-autoregressive block length (default: gen-length)")
+    a("--steps", type=int, help="denoising steps (default: gen-length; LLaDA2: per block, default the block length)")
 
 
 def decoding_settings(args: argparse.Namespace, family: str) -> Any:
-    """The decoding analyze traces: the family's own, greedy, with --gen-length and --steps."""
+    """The decoding analyze traces: the family's own, greedy, with --gen-length and --steps (LLaDA2:
+    block diffusion in blocks of --block-length with its default threshold, uncached)."""
+    if family == "llada2":
+        block_length = attention_block_length(family, args.block_length)
+        settings = BlockDiffusionSettings(args.gen_length, block_length, args.steps or block_length, cache="none")
+        settings.check()
+        return settings
     steps = args.steps or args.gen_length
     if family == "dream":
         if args.block_length is not None:
@@ -116,11 +128,14 @@ def run_analyze(args: argparse.Namespace) -> int:
     hf_path = hf_checkpoint(args.model, args.revision)
     if hf_path is not None:
         return analyze_hf(args, hf_path)
-    settings = decoding_settings(args, read_config(resolve_checkpoint(args.model, args.revision)).family)
+    family = read_config(resolve_checkpoint(args.model, args.revision)).family
+    settings = decoding_settings(args, family)
     checkpoint, tokenizer, examples, source = load_model_and_examples(args)
-    calibration = build_profile(args, *measure_llada(args, checkpoint, tokenizer, examples, source))
+    block_length = settings.block_length if family == "llada2" else None  # of block-causal attention
+    calibration = build_profile(args, *measure_llada(args, checkpoint, tokenizer, examples, source, block_length))
     decoded = examples[: args.decode_limit]
-    trace = record_trajectory(checkpoint.model, [e.prompt for e in decoded], settings, tokenizer.pad_token_id)
+    trace = record_trajectory(checkpoint.model, [e.prompt for e in decoded], settings, tokenizer.pad_token_id,
+                              tokenizer.eos_token_id)
     out = Path(args.out)
     from .plots import plot_analysis
 

@@ -13,7 +13,9 @@ output is 1-based layer numbers, and the block to skip is ``l`` in our 0-based n
 
 The diffusion model is measured at one or several denoising states: the prompt followed by an
 answer region of ``answer_length`` tokens of which a fraction is masked (1.0: fully masked, as
-at the first step; 0.5: half decoded, using the data's reference answer).
+at the first step; 0.5: half decoded, using the data's reference answer). LLaDA2 is measured with
+the block-causal attention it decodes with (``--block-length``, default 32), each row's blocks
+counted from its first token as when it runs alone.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor
 
 from ..common.files import check_output_file, write_json
 from ..data import add_source_arguments
+from ..decoding.block_diffusion import attention_block_length
 from ..models.hf_layers import hf_model_type, hidden_states, load_hf, weights_fingerprint
 from ..models.hf_layers import model_identity as hf_identity
 from ..models.llada import LLaDA
@@ -72,10 +75,13 @@ class Example:
 
 
 def build_states(
-    examples: list[Example], fraction: float, answer_length: int, mask_id: int, pad_id: int, eos_id: int, seed: int
+    examples: list[Example], fraction: float, answer_length: int, mask_id: int, pad_id: int, eos_id: int, seed: int,
+    right_padded: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Left-padded ids [B, L] = prompt + answer region with ``fraction`` of it masked; attention
-    mask, prompt positions and answer positions ([B, L] bool)."""
+    mask, prompt positions and answer positions ([B, L] bool). ``right_padded``: each row starts at
+    column 0 instead (block-causal attention counts blocks from column 0, so a row keeps the
+    blocks it has alone)."""
     generator = torch.Generator().manual_seed(seed)
     P = max(len(e.prompt) for e in examples)
     L = P + answer_length
@@ -88,21 +94,23 @@ def build_states(
             raise ValueError("partly masked states (mask fraction < 1) need reference answers; use task or JSONL data")
         answer = (e.answer + [eos_id] * answer_length)[:answer_length]  # EOS-padded, as LLaDA's SFT data
         masked = torch.rand(answer_length, generator=generator).argsort().argsort() < round(fraction * answer_length)
-        start = P - len(e.prompt)
-        ids[i, start:P] = torch.tensor(e.prompt)
-        ids[i, P:] = torch.where(masked, mask_id, torch.tensor(answer))
-        attention[i, start:] = 1
-        prompt_pos[i, start:P] = True
-        answer_pos[i, P:] = True
+        start = 0 if right_padded else P - len(e.prompt)
+        end = start + len(e.prompt)  # the answer region's first column
+        ids[i, start:end] = torch.tensor(e.prompt)
+        ids[i, end : end + answer_length] = torch.where(masked, mask_id, torch.tensor(answer))
+        attention[i, start : end + answer_length] = 1
+        prompt_pos[i, start:end] = True
+        answer_pos[i, end : end + answer_length] = True
     return ids, attention, prompt_pos, answer_pos
 
 
 @torch.no_grad()
 def similarity_profile(
     model: LLaDA, examples: list[Example], fractions: list[float], answer_length: int, pad_id: int, eos_id: int,
-    positions: str = "prompt", batch_size: int = 8, seed: int = 0,
+    positions: str = "prompt", batch_size: int = 8, seed: int = 0, block_length: int | None = None,
 ) -> dict[float, Tensor]:
-    """Per mask fraction, S [n_examples, n_layers] for every example."""
+    """Per mask fraction, S [n_examples, n_layers] for every example; with ``block_length`` the
+    model attends block-causally (LLaDA2), rows right-padded so their blocks are their own."""
     device = model.device
     out: dict[float, Tensor] = {}
     for fraction in fractions:
@@ -110,11 +118,12 @@ def similarity_profile(
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
             ids, attention, prompt_pos, answer_pos = build_states(
-                batch, fraction, answer_length, model.cfg.mask_token_id, pad_id, eos_id, seed + start
+                batch, fraction, answer_length, model.cfg.mask_token_id, pad_id, eos_id, seed + start,
+                right_padded=block_length is not None,
             )
             where = {"prompt": prompt_pos, "answer": answer_pos, "all": attention.bool()}[positions]
             mask = None if bool(attention.all()) else attention.to(device)
-            states = model.hidden_states(ids.to(device), mask)
+            states = model.hidden_states(ids.to(device), mask, block_length=block_length)
             rows.append(consecutive_similarity(states, where.to(device)).cpu())
         out[fraction] = torch.cat(rows)
     return out
@@ -167,9 +176,13 @@ def calibrate(args: argparse.Namespace) -> dict:
     check_profile_output(args.output, args.overwrite)
     hf_path = hf_checkpoint(args.model, args.revision)
     if hf_path:
+        if args.block_length is not None:
+            raise ValueError(f"--block-length {args.block_length}: an autoregressive model has no blocks; leave it out")
         measured = measure_hf(args, *load_hf_and_examples(args, hf_path))
     else:
-        measured = measure_llada(args, *load_model_and_examples(args))
+        checkpoint, tokenizer, examples, source = load_model_and_examples(args)
+        block_length = attention_block_length(checkpoint.model.cfg.family, args.block_length)
+        measured = measure_llada(args, checkpoint, tokenizer, examples, source, block_length)
     profile = build_profile(args, *measured)
     write_json(Path(args.output), profile)
     return profile
@@ -204,18 +217,21 @@ def build_profile(args: argparse.Namespace, every: Tensor, by_fraction: dict[flo
 
 
 def measure_llada(
-    args: argparse.Namespace, checkpoint: Checkpoint, tokenizer, examples: list[Example], source: str
+    args: argparse.Namespace, checkpoint: Checkpoint, tokenizer, examples: list[Example], source: str,
+    block_length: int | None = None,
 ) -> tuple[Tensor, dict[float, Tensor], dict, dict]:
-    """S [examples x states, n_layers] of a diffusion model, S per mask fraction, the model's identity
-    and what was measured."""
+    """S [examples x states, n_layers] of a diffusion model (block-causal with ``block_length``),
+    S per mask fraction, the model's identity and what was measured."""
     model = checkpoint.model
     fractions = [float(f) for f in str(args.mask_fractions).split(",")]
     by_fraction = similarity_profile(
         model, examples, fractions, args.answer_length, tokenizer.pad_token_id, tokenizer.eos_token_id,
-        args.positions, args.batch_size, args.seed,
+        args.positions, args.batch_size, args.seed, block_length,
     )
     every = torch.cat(list(by_fraction.values()))  # [examples x states, n_layers]
     data = {"source": source, "n_prompts": len(examples), "mask_fractions": fractions, "answer_length": args.answer_length}
+    if block_length is not None:
+        data["block_length"] = block_length  # of block-causal attention (LLaDA2)
     identity = model_identity(model.cfg, args.model, checkpoint.fingerprint, tokenizer_fingerprint(tokenizer))
     return every, by_fraction, identity, data
 
@@ -289,6 +305,9 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     a("--mask-fractions", default="1.0", help="denoising states to measure, e.g. 1.0,0.5 (share of the answer masked)")
     a("--answer-length", type=int, default=32, help="answer region after the prompt, in tokens")
     a("--positions", default="prompt", choices=["prompt", "answer", "all"], help="where similarity is averaged (Alg. 1: prompt)")
+    a("--block-length", type=int, help="LLaDA2: the block length of its block-causal attention (default 32, as it "
+                                       "decodes); analyze of LLaDA: the semi-autoregressive block of the decoding traced "
+                                       "(default --gen-length)")
     a("--batch-size", type=int, default=8)
     a("--seed", type=int, default=0)
 

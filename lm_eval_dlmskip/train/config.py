@@ -42,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.02
     grad_clip: float = 1.0
     max_length: int = 1024
+    block_length: int | None = None  # LLaDA2: the block length attention is block-causal in (None: 32, as decoding)
     min_mask_ratio: float = 1e-3  # LLaDA's eps: p_mask = (1 - eps) t + eps
     seed: int = 0
     val_fraction: float = 0.05
@@ -65,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"--lambda {self.lam} must be >= 0")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size} must be >= 1 (or left out: the largest that fits)")
+        if self.block_length is not None and self.block_length < 1:
+            raise ValueError(f"--block-length {self.block_length} must be >= 1")
         if self.batch_size is not None and self.effective_batch_size % self.batch_size:
             raise ValueError(f"--effective-batch-size {self.effective_batch_size} is not a multiple of --batch-size {self.batch_size}")
 
@@ -103,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--weight-decay", type=float, default=0.02)
     a("--grad-clip", type=float, default=1.0)
     a("--max-length", type=int, default=1024)
+    a("--block-length", type=int, help="LLaDA2: the block length its attention is block-causal in while training and "
+                                       "validating (default 32, decoding's; evaluate with the same block_length)")
     a("--seed", type=int, default=0)
     a("--val-fraction", type=float, default=0.05)
     a("--eval-every", type=int, default=100)

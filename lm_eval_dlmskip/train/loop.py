@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..common.files import write_atomically
 from ..data import Pair, encode_pairs, jsonl_texts, split_validation, task_texts, tokenizer_chat_template
+from ..decoding.block_diffusion import attention_block_length
 from ..models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from ..skipping.identity import model_identity
 from ..skipping.router_checkpoints import save_routers
@@ -108,7 +109,8 @@ def choose_micro_batch(fits: Callable[[int], None], per_process: int, cuda: bool
 def worst_case_probe(objective: RouterObjective, longest: Pair, pad_id: int, accelerator) -> Callable[[int], None]:
     """``fits(size)`` for choose_micro_batch: forward and backward of ``size`` copies of the longest
     example with all of its target masked (the most LM-head rows), gradients dropped after."""
-    worst = RouterObjective(objective.backbone, objective.routers, replace(objective.cfg, min_mask_ratio=1.0), objective.mask_id)
+    worst = RouterObjective(objective.backbone, objective.routers, replace(objective.cfg, min_mask_ratio=1.0),
+                            objective.mask_id, objective.block_length)
 
     def fits(size: int) -> None:
         batch = collate([longest] * size, pad_id).to(accelerator.device)
@@ -179,6 +181,7 @@ def train(cfg: TrainConfig) -> dict:
     checkpoint = load_model(cfg.model, cfg.revision, dtype=cfg.dtype if cuda else "float32", device=device)
     backbone = checkpoint.model.requires_grad_(False)
     mcfg = backbone.cfg
+    block_length = attention_block_length(mcfg.family, cfg.block_length)  # LLaDA2: block-causal, as decoding
     tokenizer = load_tokenizer(checkpoint.path, mcfg.mask_token_id)
     pad_id = tokenizer.pad_token_id
     pairs, source = load_pairs(cfg, tokenizer)
@@ -197,7 +200,7 @@ def train(cfg: TrainConfig) -> dict:
 
         targets = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"]
         backbone = get_peft_model(backbone, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=[f"blocks.{i}.{t}" for i in range(mcfg.n_layers) for t in targets]))
-    objective = RouterObjective(backbone, routers, cfg, mcfg.mask_token_id)
+    objective = RouterObjective(backbone, routers, cfg, mcfg.mask_token_id, block_length)
     params = [p for _, p in trainable(objective)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start, micro, metrics = 0, cfg.batch_size, {}
@@ -241,6 +244,7 @@ def train(cfg: TrainConfig) -> dict:
             "warmup_steps": warmup,
             "seed": cfg.seed,
             "max_length": cfg.max_length,
+            "block_length": block_length,  # of block-causal attention (LLaDA2); None: every position attends to all
             "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha} if cfg.lora else None,
         },
     }
@@ -277,7 +281,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def validated() -> dict:
         unwrapped = accelerator.unwrap_model(objective)
-        return validate(unwrapped.backbone, unwrapped.routers, val_pairs, micro, cfg.seed, mcfg.mask_token_id, pad_id)
+        return validate(unwrapped.backbone, unwrapped.routers, val_pairs, micro, cfg.seed, mcfg.mask_token_id, pad_id,
+                        block_length)
 
     if start == 0 and val_pairs:
         record({"step": 0, **validated()})

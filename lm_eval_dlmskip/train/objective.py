@@ -42,14 +42,18 @@ def collate(pairs: list[Pair], pad_id: int) -> Batch:
 
 
 class RouterObjective(nn.Module):
-    """Frozen backbone + routers; forward gives the paper's loss for one micro-batch."""
+    """Frozen backbone + routers; forward gives the paper's loss for one micro-batch. With
+    ``block_length`` (LLaDA2) the backbone attends block-causally, as its decoding does: the
+    routers learn on the hidden states they will see in evaluation."""
 
-    def __init__(self, backbone: nn.Module, routers: Routers, cfg: TrainConfig, mask_id: int) -> None:
+    def __init__(self, backbone: nn.Module, routers: Routers, cfg: TrainConfig, mask_id: int,
+                 block_length: int | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.routers = routers
         self.cfg = cfg
         self.mask_id = mask_id
+        self.block_length = block_length
 
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, device = self.cfg, batch.ids.device
@@ -60,7 +64,8 @@ class RouterObjective(nn.Module):
         noisy = torch.where(masked, self.mask_id, batch.ids)
         positions = masked.flatten().nonzero().squeeze(1)  # sync: the count sizes the LM head
         routing = GumbelRouting(self.routers, cfg.gumbel_temperature, generator)
-        logits, _ = self.backbone(noisy, batch.attention_mask, policy=routing, logits_at=positions)
+        logits, _ = self.backbone(noisy, batch.attention_mask, policy=routing, logits_at=positions,
+                                  block_length=self.block_length)
         ce = F.cross_entropy(logits.float(), batch.ids.flatten()[positions], reduction="none")
         ce_row = torch.zeros(b, device=device).index_add_(0, positions // batch.ids.shape[1], ce) / batch.target_len
         alpha = routing.alpha()
@@ -86,11 +91,13 @@ def validation_batches(pairs: list[Pair], batch_size: int, seed: int, pad_id: in
 
 
 @torch.no_grad()
-def validate(backbone: LLaDA, routers: Routers, pairs: list[Pair], batch_size: int, seed: int, mask_id: int, pad_id: int) -> dict:
+def validate(backbone: LLaDA, routers: Routers, pairs: list[Pair], batch_size: int, seed: int, mask_id: int, pad_id: int,
+             block_length: int | None = None) -> dict:
     """Masked CE and execution ratio as evaluation will measure them: the routers cast to the
     model's dtype (as the harness loads a checkpoint), the model in that dtype without autocast,
-    and RoutedSkip's decisions (argmax votes, hard tau). Training's bf16 autocast over float32
-    routers flips near-tied votes, so its own ratio is not what lm-eval sees."""
+    RoutedSkip's decisions (argmax votes, hard tau), and block-causal attention with
+    ``block_length`` (LLaDA2). Training's bf16 autocast over float32 routers flips near-tied
+    votes, so its own ratio is not what lm-eval sees."""
     if not pairs:
         return {}
     device, dtype = backbone.device, backbone.dtype
@@ -100,7 +107,8 @@ def validate(backbone: LLaDA, routers: Routers, pairs: list[Pair], batch_size: i
     for batch, masked in validation_batches(pairs, batch_size, seed, pad_id):
         noisy, positions = torch.where(masked, mask_id, batch.ids), masked.flatten().nonzero().squeeze(1)
         mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-        logits, trace = backbone(noisy.to(device), mask, policy=policy, logits_at=positions.to(device))
+        logits, trace = backbone(noisy.to(device), mask, policy=policy, logits_at=positions.to(device),
+                                 block_length=block_length)
         sums[0] += F.cross_entropy(logits.float(), batch.ids.flatten()[positions].to(device), reduction="sum")
         sums[1] += trace.executed.double().mean(1).sum()
         tokens += len(positions)
