@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from typing import Any, Mapping
 
 import torch
@@ -29,11 +31,20 @@ from .answer_cache import AnswerCache, settings_identity
 from .flops_table import TableAtExit, format_flops_table, log_task_flops
 from .gen_kwargs import DecodingSpec, generation_tasks, kwargs_key, resolve_generation, resolve_tasks
 from .model_args import ModelArgs, parse_model_args
-from .requests import encode_prompts, greedy_wanted, progress, sampling_seeds
+from .requests import (
+    choose_device,
+    encode_prompts,
+    fit_context,
+    greedy_wanted,
+    largest_batch,
+    progress,
+    rolling_windows,
+    sampling_seeds,
+    sum_pieces,
+)
 from .skip_method import skip_method, warn_if_unfinished
 
 log = logging.getLogger("lm_eval.llada_skip")  # under lm-eval's logger, so its CLI shows our lines
-LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm_eval passes as device when --device is not given
 clock = time.perf_counter  # the wall clock of the speed figures
 
 
@@ -94,21 +105,8 @@ class DiffusionSkipLM(TemplateLM):
         self.gen_args = args.decoding  # what the user typed for decoding (None: the task or the default decides)
         self._announced: set[str] = set()  # tasks whose decoding settings were logged
         self._decoding_by_task: dict[str, dict] = {}  # each task's decoding settings, for the speed figures
-        self.settings = {
-            "pretrained": args.pretrained,
-            "revision": args.revision,
-            "peft": args.peft,
-            "fingerprint": fingerprint,  # with peft's adapter; a router's own adapter belongs to the router
-            "skip": method.description,
-            "likelihood": asdict(self.likelihood),
-            "check_greedy": args.check_greedy,
-            "generation": dict(self.gen_args),
-            "seed": args.seed,
-            "mc_seed": args.mc_seed,
-            "compile": self.compiled,
-            "cuda_graphs": args.cuda_graphs,
-            "max_length": self._max_length,
-        }
+        # what the results record: with peft's adapter in the fingerprint (a router's own adapter belongs to it)
+        self.settings = args.described(fingerprint, method.description, self.compiled, self._max_length)
         self.meter = FlopsMeter(method.flops, self._device)
         self.answer_cache: AnswerCache | None = None  # with --use_cache
         self._unmerged: list[dict[str, TaskTotals]] = []  # this rank's FLOPs since the last merge
@@ -166,13 +164,7 @@ class DiffusionSkipLM(TemplateLM):
             self._rank = accelerator.process_index
             self._world_size = accelerator.num_processes
             return
-        wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if wanted.startswith("cuda") and not torch.cuda.is_available():
-            # lm-eval passes cuda:0 when --device is not given: that value is no request for a GPU.
-            level = logging.INFO if device == LM_EVAL_DEFAULT_DEVICE else logging.WARNING
-            log.log(level, "device=%s but CUDA is not available; running on cpu", wanted)
-            wanted = "cpu"
-        self._device = torch.device(wanted)
+        self._device = choose_device(device)
 
     @property
     def eot_token_id(self) -> int:
@@ -251,18 +243,8 @@ class DiffusionSkipLM(TemplateLM):
         """``batch_size`` as an int; ``auto`` probes the largest request batch that fits in memory."""
         if not self.args.batch_size.startswith("auto"):
             return int(self.args.batch_size)  # checked >= 1 before loading
-        from accelerate.utils import find_executable_batch_size
-
-        @find_executable_batch_size(starting_batch_size=self.args.max_batch_size)
-        def probe(batch_size: int) -> int:
-            ids = torch.full((batch_size * rows_per_request, seq_len), self.mask_id, device=self._device)
-            with torch.no_grad():
-                self.model(ids, policy=self.policy)
-            return batch_size
-
-        size = probe()  # per rank, no collective: a rank served wholly by --use_cache never probes
-        log.info("batch_size=auto: %d requests per batch", size)
-        return size
+        forward = partial(self.model, policy=self.policy)  # per rank, no collective: a rank served by --use_cache never probes
+        return largest_batch(forward, self.mask_id, rows_per_request, seq_len, self.args.max_batch_size, self._device)
 
     def _denoiser(self, task: torch.Tensor, answer_len: torch.Tensor, answer: torch.Tensor | None, forward=None):
         """A ``denoise(ids, attention_mask, logits_at, cache, window)`` that charges every forward to its rows'
@@ -359,7 +341,7 @@ class DiffusionSkipLM(TemplateLM):
     def _score_batch(self, chunk, task_index: dict[str, int], answer_index: dict[int, int] | None, results: list) -> None:
         """Score one batch of loglikelihood items into ``results`` (and lm-eval's cache hook)."""
         tic = clock()
-        prompts, answers = zip(*(self._fit(ctx, cont) for (_, ctx, cont), _, _, _ in chunk))
+        prompts, answers = zip(*(fit_context(ctx, cont, self.max_length) for (_, ctx, cont), _, _, _ in chunk))
         task_rows = torch.tensor([task_index[task] for _, task, _, _ in chunk], device=self._device)
         lengths = torch.tensor([len(a) for a in answers], device=self._device)
         denoise = self._denoiser(task_rows, lengths, self._answer_rows(answer_index, [o for *_, o in chunk]),
@@ -390,19 +372,6 @@ class DiffusionSkipLM(TemplateLM):
             result[i] = bool(match)
         return result
 
-    def _fit(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
-        """Left-truncate the context so context + continuation fit ``max_length`` (with a warning)."""
-        if len(cont) >= self.max_length:
-            raise ValueError(
-                f"loglikelihood: a continuation of {len(cont)} tokens does not fit max_length={self.max_length}; "
-                "raise max_length (up to the model's max_sequence_length)"
-            )
-        excess = len(ctx) + len(cont) - self.max_length
-        if excess > 0:
-            log.warning("context of %d tokens left-truncated by %d to fit max_length=%d", len(ctx), excess, self.max_length)
-            ctx = ctx[excess:]
-        return ctx, cont
-
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents for perplexity tasks.
 
@@ -412,30 +381,24 @@ class DiffusionSkipLM(TemplateLM):
         window, which keeps a full-size input, on the tokens before it that fit), and the window
         scores are summed. Each term is an ELBO, so the total is a lower bound on log p(document).
         """
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-        windows, owners, tasks = [], [], []
-        for i, req in enumerate(requests):
-            (text,) = req.args
-            for ctx, cont in map(
-                make_disjoint_window,
-                get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self.max_length - 1, 1),
-            ):
-                windows.append(((text, ""), ctx, cont))
-                owners.append(i)
-                tasks.append(req.task_name)
-        scores = [0.0] * len(requests)
-        cache_hook, self.cache_hook = self.cache_hook, CacheHook(None)  # windows are not lm-eval requests
-        try:
+        windows, owners, tasks = rolling_windows(requests, self.tok_encode, self.prefix_token_id, self.max_length)
+        with self.pieces_only():  # windows are not lm-eval requests
             window_scores = self._loglikelihood_tokens(windows, tasks=tasks, owners=owners, disable_tqdm=disable_tqdm) if windows else []
-        finally:
-            self.cache_hook = cache_hook
-        for owner, (score, _) in zip(owners, window_scores):
-            scores[owner] += score
+        scores = [score for score, _ in sum_pieces(owners, window_scores, len(requests))]
         for req, score in zip(requests, scores):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, score)
         self._finish_call("loglikelihood_rolling", requests)
         return scores
+
+    @contextmanager
+    def pieces_only(self):
+        """Score pieces of requests (rolling windows, LLaDA2's answer blocks) without writing them
+        into lm-eval's answer cache, which keys whole requests."""
+        cache_hook, self.cache_hook = self.cache_hook, CacheHook(None)
+        try:
+            yield
+        finally:
+            self.cache_hook = cache_hook
 
     # ---- generate_until ----------------------------------------------------------------------
     def generation_settings(self, gen_kwargs: dict) -> tuple[Any, list[str], dict[str, str]]:

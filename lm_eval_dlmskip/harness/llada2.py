@@ -16,12 +16,12 @@ from functools import partial
 from typing import Any, Mapping
 
 import torch
-from lm_eval.api.model import CacheHook
 
 from ..decoding.block_diffusion import BlockDiffusionSettings, attention_block_length, block_generate
 from ..decoding.likelihood import LikelihoodSettings
 from .base import DiffusionSkipLM, log
 from .gen_kwargs import LLADA2
+from .requests import sum_pieces
 
 
 class LLaDA2SkipLM(DiffusionSkipLM):
@@ -80,18 +80,12 @@ class LLaDA2SkipLM(DiffusionSkipLM):
                 piece_of.append(i)
                 for column, value in zip(piece_args, (tasks[i], greedy[i], owners[i])):
                     column.append(value)
-        cache_hook, self.cache_hook = self.cache_hook, CacheHook(None)  # pieces are not lm-eval requests
-        try:
+        with self.pieces_only():
             scored = super()._loglikelihood_tokens(pieces, *piece_args, disable_tqdm=disable_tqdm) if pieces else []
-        finally:
-            self.cache_hook = cache_hook
-        results = [[0.0, True] for _ in requests]
-        for i, (score, is_greedy) in zip(piece_of, scored):
-            results[i][0] += score
-            results[i][1] &= is_greedy
-        for (strings, _, _), (score, is_greedy) in zip(requests, results):
-            self.cache_hook.add_partial("loglikelihood", strings, (score, bool(is_greedy)))
-        return [(score, bool(is_greedy)) for score, is_greedy in results]
+        results = sum_pieces(piece_of, scored, len(requests))
+        for (strings, _, _), result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", strings, result)
+        return results
 
     def _aligned_context(self, ctx: list[int], cont: list[int]) -> list[int]:
         """``ctx`` cut from the left by whole blocks until context + continuation fit ``max_length``;

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Protocol
 
 import torch
@@ -102,6 +102,16 @@ class ModelArgs:
     likelihood: LikelihoodSettings
     decoding: dict[str, Any]  # the decoding model_args as given (None: not given), keyed as the family's spec
     skip: SkipArgs
+
+    def described(self, fingerprint: str, skip: dict, compiled: bool, max_length: int) -> dict:
+        """The settings the results record (``config.dlmskip``), with what loading decided: the
+        weights' fingerprint, the skip method as run, compile on or off, the max_length used."""
+        return {
+            "pretrained": self.pretrained, "revision": self.revision, "peft": self.peft, "fingerprint": fingerprint,
+            "skip": skip, "likelihood": asdict(self.likelihood), "check_greedy": self.check_greedy,
+            "generation": dict(self.decoding), "seed": self.seed, "mc_seed": self.mc_seed, "compile": compiled,
+            "cuda_graphs": self.cuda_graphs, "max_length": max_length,
+        }
 
 
 def parse_model_args(given: Mapping[str, Any], family: type[Family]) -> ModelArgs:

@@ -78,3 +78,73 @@ def progress(total: int, desc: str, disable: bool) -> Iterator[tqdm]:
 
 def _on_console(handler: logging.Handler) -> bool:
     return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+
+
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm_eval passes as device when --device is not given
+
+
+def choose_device(device: str | None) -> torch.device:
+    """The device asked for, else CUDA when there is one; CUDA asked for without one falls back to
+    the CPU (quietly for lm-eval's own default, which is no request for a GPU)."""
+    wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        level = logging.INFO if device == LM_EVAL_DEFAULT_DEVICE else logging.WARNING
+        log.log(level, "device=%s but CUDA is not available; running on cpu", wanted)
+        wanted = "cpu"
+    return torch.device(wanted)
+
+
+def rolling_windows(requests: list[Instance], encode, prefix_id: int, max_length: int) -> tuple[list, list[int], list]:
+    """lm-eval's disjoint rolling windows of each document (one token of context; at most
+    ``max_length - 1`` scored tokens each) as loglikelihood items, with the request each belongs to
+    and its task."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    windows, owners, tasks = [], [], []
+    for i, req in enumerate(requests):
+        (text,) = req.args
+        for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(encode(text), prefix_id, max_length - 1, 1)):
+            windows.append(((text, ""), ctx, cont))
+            owners.append(i)
+            tasks.append(req.task_name)
+    return windows, owners, tasks
+
+
+def sum_pieces(owners: list[int], scored: list[tuple[float, bool]], n: int) -> list[tuple[float, bool]]:
+    """(summed score, every piece greedy) of each of ``n`` requests from the scores of its pieces."""
+    totals = [[0.0, True] for _ in range(n)]
+    for owner, (score, is_greedy) in zip(owners, scored):
+        totals[owner][0] += score
+        totals[owner][1] &= bool(is_greedy)
+    return [(score, is_greedy) for score, is_greedy in totals]
+
+
+def fit_context(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """The context left-truncated so context + continuation fit ``max_length`` (with a warning)."""
+    if len(cont) >= max_length:
+        raise ValueError(
+            f"loglikelihood: a continuation of {len(cont)} tokens does not fit max_length={max_length}; "
+            "raise max_length (up to the model's max_sequence_length)"
+        )
+    excess = len(ctx) + len(cont) - max_length
+    if excess > 0:
+        log.warning("context of %d tokens left-truncated by %d to fit max_length=%d", len(ctx), excess, max_length)
+        ctx = ctx[excess:]
+    return ctx, cont
+
+
+def largest_batch(forward, mask_id: int, rows_per_request: int, seq_len: int, most: int, device: torch.device) -> int:
+    """``batch_size=auto``: the largest number of requests (of ``rows_per_request`` rows of
+    ``seq_len`` tokens) whose forward runs out of no memory, probed from ``most`` down as lm-eval's
+    HFLM does (accelerate's find_executable_batch_size)."""
+    from accelerate.utils import find_executable_batch_size
+
+    @find_executable_batch_size(starting_batch_size=most)
+    def probe(batch_size: int) -> int:
+        with torch.no_grad():
+            forward(torch.full((batch_size * rows_per_request, seq_len), mask_id, device=device))
+        return batch_size
+
+    size = probe()
+    log.info("batch_size=auto: %d requests per batch", size)
+    return size
