@@ -71,8 +71,11 @@ def test_lm_eval_cli_runs_llada_skip_and_writes_flops(tmp_path, ref_dir, ref_tas
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in done.stdout[flops_table:].splitlines()[3:] if line.startswith("|")}
     assert set(rows) == {"ref_mc", "ref_gen"}
-    assert rows["ref_mc"][:3] == ["0.6667", rows["ref_mc"][1], "4.00"] and rows["ref_mc"][4:] == ["", ""]
+    assert rows["ref_mc"][:3] == ["0.6667", rows["ref_mc"][1], "4.00"] and rows["ref_mc"][4:6] == ["", ""]
     assert rows["ref_gen"][0] == "0.6667" and rows["ref_gen"][4] == "8.00"  # NFE: eight denoising steps
+    # Speed columns: wall seconds, tokens/s (generation only), requests/s.
+    assert rows["ref_mc"][7] == "" and float(rows["ref_mc"][6]) >= 0 and float(rows["ref_mc"][8]) > 0
+    assert float(rows["ref_gen"][7]) > 0
     [results_file] = list(out.rglob("results_*.json"))
     results = json.loads(results_file.read_text())
     assert set(results["results"]) == {"ref_mc", "ref_gen"}
