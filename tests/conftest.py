@@ -28,8 +28,8 @@ def nan_kv_cache(monkeypatch):
 
     def poisoned(self, *args, **kwargs) -> None:
         allocate(self, *args, **kwargs)
-        self.k.fill_(float("nan"))
-        self.v.fill_(float("nan"))
+        for storage in (*self.k, *self.v):  # one tensor over the blocks, or one per block (a split model)
+            storage.fill_(float("nan"))
 
     monkeypatch.setattr(KVCache, "allocate", poisoned)
 

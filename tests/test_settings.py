@@ -175,7 +175,8 @@ BAD_COMMON = {
     "batch_size": 0, "max_batch_size": 0, "max_length": -5, "mc_num": 0, "mc_batch": 0, "check_greedy": "yes",
     "skip_layers": [-1], "skip_random": -1, "skip_profile": "<missing>", "skip_k": 2, "router": "<missing>",
     "router_tau": 0.2, "allow_mismatch": "yes", "seed": "x", "mc_seed": "x", "compile": "yes", "cuda_graphs": "yes",
-    "peft": "<empty>", "trust_remote_code": "yes",
+    "peft": "<empty>", "trust_remote_code": "yes", "parallelize": "yes", "device_map": "everywhere",
+    "max_memory_per_gpu": "lots", "max_cpu_memory": "1GB",  # the last: only with parallelize=True
 }
 BAD = {
     "llada": {**BAD_COMMON, "gen_length": 0, "steps": 0, "block_length": 0, "cfg": "lots", "remasking": "sideways",
@@ -298,10 +299,14 @@ DECODING_CHANGES = {
 # - device: where the same computation runs (lm-eval's own cache key ignores it too);
 # - trust_remote_code: accepted for lm-eval's flag, but no hub code ever runs;
 # - allow_mismatch: only decides whether a run starts; two runs that both start compute the same;
-# - dream's cache: only "none" (or unset) is accepted, and both mean the same.
+# - dream's cache: only "none" (or unset) is accepted, and both mean the same;
+# - parallelize and its placement settings: where the blocks run (tests/test_parallel.py).
+SPLIT = {"parallelize": True, "max_cpu_memory": "1GB"}
 CANNOT_CHANGE = {
     "compile": (False, True), "cuda_graphs": (True, False), "batch_size": (1, 4), "max_batch_size": (64, 8),
     "device": ("cpu", "cpu:0"), "trust_remote_code": (False, True), "allow_mismatch": (False, True),
+    "parallelize": (False, True, {"max_cpu_memory": None}, SPLIT), "device_map": ("auto", "sequential", SPLIT),
+    "max_memory_per_gpu": ("1GB", "2GB", SPLIT), "max_cpu_memory": ("1GB", "2GB", {"parallelize": True}),
 }
 CANNOT_CHANGE_FAMILY = {"llada": {}, "dream": {"cache": (None, "none")}}
 
@@ -327,8 +332,9 @@ def test_the_use_cache_key_changes_with_every_setting_that_can_change_an_answer(
         extra = companions[0] if companions else {}
         if _identity(made, {**extra, key: a}) == _identity(made, {**extra, key: b}):
             same.append(key)
-    for key, (a, b) in {**CANNOT_CHANGE, **CANNOT_CHANGE_FAMILY[family]}.items():
-        if _identity(made, {key: a}) != _identity(made, {key: b}):
+    for key, (a, b, *companions) in {**CANNOT_CHANGE, **CANNOT_CHANGE_FAMILY[family]}.items():
+        with_a, with_b = companions[0] if companions else {}, companions[-1] if companions else {}
+        if _identity(made, {**with_a, key: a}) != _identity(made, {**with_b, key: b}):
             differ.append(key)
     assert (same, differ) == ([], [])
 

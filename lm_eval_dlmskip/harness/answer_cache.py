@@ -59,7 +59,7 @@ def settings_identity(settings: dict, dtype: torch.dtype, tokenizer) -> dict:
     """Every setting that can change an answer: the settings but the speed switches (the batch
     layout never changes one), the dtype, max_length (truncation), the tokenizer, and the
     router's weights (a router retrained in place keeps its path)."""
-    identity = {k: v for k, v in settings.items() if k not in ("compile", "cuda_graphs")}
+    identity = {k: v for k, v in settings.items() if k not in ("compile", "cuda_graphs", "parallelize")}
     identity.update(dtype=str(dtype), tokenizer=tokenizer_fingerprint(tokenizer))
     router = settings["skip"].get("router")
     if router is not None:

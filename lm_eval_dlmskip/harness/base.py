@@ -33,6 +33,7 @@ from .gen_kwargs import DecodingSpec, generation_tasks, kwargs_key, resolve_gene
 from .model_args import ModelArgs, parse_model_args
 from .requests import (
     choose_device,
+    device_names,
     encode_prompts,
     fit_context,
     greedy_wanted,
@@ -40,6 +41,7 @@ from .requests import (
     progress,
     rolling_windows,
     sampling_seeds,
+    split_over_devices,
     sum_pieces,
 )
 from .skip_method import skip_method, warn_if_unfinished
@@ -78,12 +80,12 @@ class DiffusionSkipLM(TemplateLM):
             log.info("trust_remote_code is not needed: %s runs its own model code and executes none from the hub",
                      self.decoding.model)
         self._setup_distributed(args.device)
+        self.checkpoint = checkpoint = load_model(args.pretrained, revision=args.revision, dtype=args.dtype,
+                                                  device=self._device, family=self.family,
+                                                  **split_over_devices(args.parallel, self.world_size))
+        self.model, fingerprint, self._device = checkpoint.model, checkpoint.fingerprint, checkpoint.model.device
         # The fast path by default on a GPU: compiled blocks (and CUDA graphs below); compile=False turns it off.
         self.compiled = args.compile if args.compile is not None else self._device.type == "cuda"
-        checkpoint = load_model(args.pretrained, revision=args.revision, dtype=args.dtype, device=self._device,
-                                family=self.family)
-        self.checkpoint = checkpoint
-        self.model, fingerprint = checkpoint.model, checkpoint.fingerprint
         if args.peft:  # skip profiles and routers must fit the weights evaluated, adapter merged
             self.model = merge_lora(checkpoint.model, args.peft, args.revision)
             fingerprint = with_adapter(fingerprint, adapter_fingerprint(args.peft, args.revision))
@@ -91,7 +93,7 @@ class DiffusionSkipLM(TemplateLM):
         self.tokenizer = load_tokenizer(checkpoint.path if args.tokenizer is None else args.tokenizer, self.cfg.mask_token_id)
         # What needs the model and its tokenizer (block range, fit of a router or profile) fails here, before the rest.
         method = skip_method(args.skip, self.cfg, fingerprint, tokenizer_fingerprint(self.tokenizer), self._device,
-                             self.model.dtype, self.compiled)
+                             self.model.dtype, self.compiled, self.model.block_devices)
         if method.routers is not None:
             warn_if_unfinished(method.routers, log)
             if method.routers.adapter is not None:
@@ -111,8 +113,8 @@ class DiffusionSkipLM(TemplateLM):
         self.answer_cache: AnswerCache | None = None  # with --use_cache
         self._unmerged: list[dict[str, TaskTotals]] = []  # this rank's FLOPs since the last merge
         self._flops_table = TableAtExit()  # printed at exit under the lm_eval CLI
-        # Generation repeats one shape for every denoising step: replay it from CUDA graphs.
-        use_graphs = args.cuda_graphs and self._device.type == "cuda" and self.graphs
+        # Generation repeats one shape for every denoising step: replay it from CUDA graphs (on one device).
+        use_graphs = args.cuda_graphs and self._device.type == "cuda" and self.graphs and self.model.block_devices is None
         self.generation_forward = GraphRunner(self.model) if use_graphs else self.model
 
     # ---- what a model family changes (llada.py, dream.py) ---------------------------------------
@@ -231,10 +233,8 @@ class DiffusionSkipLM(TemplateLM):
         }
 
     def speed_settings(self) -> dict:
-        """What the per-task speed figures (``speed.tasks``: wall_seconds, tokens_per_s, ...) were measured
-        with: the device, batch size, dtype, fast-path switches and each task's decoding settings."""
-        device = torch.cuda.get_device_name(self._device) if self._device.type == "cuda" else self._device.type
-        return {"device": device, "processes": self.world_size, "batch_size": self.args.batch_size,
+        """What the per-task speed figures were measured with: device(s), batch size, dtype, fast path, decoding."""
+        return {"device": device_names(self._device, self.model.block_devices), "processes": self.world_size, "batch_size": self.args.batch_size,
                 "dtype": str(self.model.dtype).removeprefix("torch."), "compile": self.compiled,
                 "cuda_graphs": self.generation_forward is not self.model, "decoding": self._decoding_by_task}
 

@@ -16,13 +16,14 @@ import torch
 from ..common.errors import argument_errors
 from ..decoding.likelihood import LikelihoodSettings
 from ..models.loading import check_dtype, local_adapter, local_directory
+from ..models.placement import STRATEGIES, gpu_memory
 from ..skipping.policies import check_layers
 from ..skipping.profiles import profile_blocks, read_profile
 from ..skipping.router_checkpoints import resolve_router
 from .gen_kwargs import DecodingSpec, check_user_settings, setting_type
 
 SKIP_METHODS = ("skip_layers", "skip_random", "skip_profile", "router")
-SWITCHES = ("check_greedy", "allow_mismatch", "compile", "cuda_graphs", "trust_remote_code")
+SWITCHES = ("check_greedy", "allow_mismatch", "compile", "cuda_graphs", "trust_remote_code", "parallelize")
 # The model_args of every diffusion family and their defaults (decoding keys are the family's own).
 COMMON: dict[str, Any] = {
     "revision": "main", "tokenizer": None, "dtype": "auto", "device": None, "batch_size": 1, "max_batch_size": 64,
@@ -30,6 +31,8 @@ COMMON: dict[str, Any] = {
     "skip_random": None, "skip_profile": None, "skip_k": None, "router": None, "router_tau": None,
     "allow_mismatch": False, "seed": 1234, "mc_seed": 1234, "compile": None, "cuda_graphs": True, "peft": None,
     "trust_remote_code": False,  # accepted from lm-eval's --trust_remote_code; no hub code ever runs
+    # one model split over the GPUs of the host (lm-eval's HF model's names and meaning)
+    "parallelize": False, "device_map": "auto", "max_memory_per_gpu": None, "max_cpu_memory": None,
 }
 # The integer model_args of every family besides its decoding lengths (lm-eval's CLI reads -1 as -1.0).
 INTEGERS = ("batch_size", "max_batch_size", "max_length", "mc_num", "mc_batch", "skip_random", "skip_k", "seed", "mc_seed")
@@ -80,6 +83,51 @@ class SkipArgs:
 
 
 @dataclass(frozen=True)
+class Parallel:
+    """``parallelize=True``: whole blocks spread over the visible GPUs (and the CPU when
+    ``max_cpu_memory`` is given), as lm-eval's HF model spreads its layers."""
+
+    device_map: str = "auto"
+    max_memory_per_gpu: int | str | None = None
+    max_cpu_memory: int | str | None = None
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> "Parallel | None":
+        if args.get("device_map", "auto") not in STRATEGIES:
+            raise ValueError(f"device_map={args['device_map']!r}: use one of {', '.join(STRATEGIES)}")
+        if not args.get("parallelize"):
+            for key in ("max_memory_per_gpu", "max_cpu_memory"):
+                if args.get(key) is not None:
+                    raise ValueError(f"{key}={args[key]!r} only applies with parallelize=True; add it or drop {key}")
+            return None
+        for key in ("max_memory_per_gpu", "max_cpu_memory"):
+            value = args.get(key)
+            if value is not None and (isinstance(value, bool) or not _memory_size(value)):
+                raise ValueError(f"{key}={value!r} is not an amount of memory; write bytes or e.g. 20GiB, 500MB")
+        return cls(args.get("device_map", "auto"), args.get("max_memory_per_gpu"), args.get("max_cpu_memory"))
+
+    def max_memory(self) -> dict[int | str, int | str]:
+        """accelerate's budget: every visible GPU (``max_memory_per_gpu`` each, or what it has free),
+        and the CPU when ``max_cpu_memory`` is given."""
+        budget = gpu_memory(self.max_memory_per_gpu)
+        if self.max_cpu_memory is not None:
+            budget["cpu"] = self.max_cpu_memory
+        if not budget:
+            raise ValueError("parallelize=True found no GPU to place blocks on; give max_cpu_memory to place them on "
+                             "the CPU, or drop parallelize")
+        return budget
+
+
+def _memory_size(value: int | str) -> bool:
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(value) > 0
+    except (ValueError, TypeError):
+        return False
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     """A diffusion family's model_args, parsed and checked: what to load, how to batch, the
     likelihood and the decoding settings the user gave, and how to skip."""
@@ -99,6 +147,7 @@ class ModelArgs:
     compile: bool | None  # None: on a GPU, off on a CPU
     cuda_graphs: bool
     trust_remote_code: bool
+    parallel: Parallel | None  # parallelize=True: how to split the model over devices
     likelihood: LikelihoodSettings
     decoding: dict[str, Any]  # the decoding model_args as given (None: not given), keyed as the family's spec
     skip: SkipArgs
@@ -111,6 +160,7 @@ class ModelArgs:
             "skip": skip, "likelihood": asdict(self.likelihood), "check_greedy": self.check_greedy,
             "generation": dict(self.decoding), "seed": self.seed, "mc_seed": self.mc_seed, "compile": compiled,
             "cuda_graphs": self.cuda_graphs, "max_length": max_length,
+            "parallelize": None if self.parallel is None else asdict(self.parallel),
         }
 
 
@@ -141,7 +191,8 @@ def _parse(given: Mapping[str, Any], family: type[Family]) -> ModelArgs:
         device=args["device"], batch_size=str(args["batch_size"]), max_batch_size=args["max_batch_size"] or 64,
         max_length=args["max_length"], peft=args["peft"], seed=int(args["seed"]), mc_seed=int(args["mc_seed"]),
         check_greedy=bool(args["check_greedy"]), compile=None if args["compile"] is None else bool(args["compile"]), cuda_graphs=bool(args["cuda_graphs"]),
-        trust_remote_code=bool(args["trust_remote_code"]), likelihood=likelihood, decoding=decoding,
+        trust_remote_code=bool(args["trust_remote_code"]), parallel=Parallel.parse(args), likelihood=likelihood,
+        decoding=decoding,
         skip=SkipArgs.parse(args),
     )
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from lm_eval.api.instance import Instance
@@ -15,6 +15,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..skipping.policies import row_keys
+from .model_args import Parallel
 
 log = logging.getLogger("lm_eval.llada_skip")
 
@@ -92,6 +93,29 @@ def choose_device(device: str | None) -> torch.device:
         log.log(level, "device=%s but CUDA is not available; running on cpu", wanted)
         wanted = "cpu"
     return torch.device(wanted)
+
+
+def split_over_devices(parallel: Parallel | None, processes: int) -> dict[str, Any]:
+    """``load_model``'s arguments that spread the blocks over the host's GPUs (``parallelize=True``;
+    none without it), refused under data parallelism, whose processes each hold a whole model."""
+    if parallel is None:
+        return {}
+    if processes > 1:
+        raise ValueError(f"parallelize=True splits one model over the host's GPUs, but {processes} data-parallel "
+                         "processes each want a whole model on the same GPUs: run one process (python -m lm_eval, "
+                         "no accelerate launch) or drop parallelize")
+    return {"max_memory": parallel.max_memory(), "device_map": parallel.device_map}
+
+
+def device_names(device: torch.device, block_devices: tuple[torch.device, ...] | None) -> str:
+    """Where the model runs, as the speed figures name it: the GPU's name (or "cpu"); for a model split
+    over devices, each device with its number of blocks."""
+    def name(d: torch.device) -> str:
+        return torch.cuda.get_device_name(d) if d.type == "cuda" else d.type
+
+    if block_devices is None:
+        return name(device)
+    return ", ".join(f"{d} ({name(d)}): {block_devices.count(d)} blocks" for d in dict.fromkeys(block_devices))
 
 
 def rolling_windows(requests: list[Instance], encode, prefix_id: int, max_length: int) -> tuple[list, list[int], list]:

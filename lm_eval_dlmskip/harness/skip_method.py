@@ -30,12 +30,15 @@ class SkipMethod:
 
 def skip_method(
     skip: SkipArgs, cfg: Any, fingerprint: str, tokenizer: str, device: torch.device, dtype: torch.dtype,
-    compile: bool = False,
+    compile: bool = False, block_devices: tuple[torch.device, ...] | None = None,
 ) -> SkipMethod:
     """The policy ``skip`` names for a model of config ``cfg``, weights ``fingerprint`` and
-    tokenizer fingerprint ``tokenizer`` (a router or profile made on another is refused)."""
+    tokenizer fingerprint ``tokenizer`` (a router or profile made on another is refused); a
+    model split over devices (``block_devices``) has each router beside its block."""
     if skip.router is not None:
         routed = load_routers(skip.router, cfg, fingerprint, skip.router_tau, skip.allow_mismatch, device, dtype, tokenizer)
+        for router, block_device in zip(routed.routers.routers, block_devices or ()):
+            router.to(block_device)
         policy = RoutedSkip(routed.routers, routed.routers.cfg.tau)
         flops = FlopsModel.of(cfg, routed.routers.cfg.hidden, routed.routers.cfg.depth)
         return SkipMethod(policy.compiled() if compile else policy, describe_router(routed), flops, routed)

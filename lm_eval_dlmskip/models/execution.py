@@ -10,7 +10,7 @@ or, in the window forwards of cached decoding with ``reuse_decisions``, taken fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -40,21 +40,34 @@ class KVCache:
     in ``partial`` are those some forward skipped for some row: only they need the check).
     """
 
-    k: Tensor | None = None  # [n_layers, B, H_kv, L, hd], rotated
-    v: Tensor | None = None
+    k: Tensor | list[Tensor] | None = None  # [n_layers, B, H_kv, L, hd], rotated (per block when split over devices)
+    v: Tensor | list[Tensor] | None = None
     ran: list[bool | list[bool]] = field(default_factory=list)  # per block, host-known
     reuse_decisions: bool = False
     written: Tensor | None = None  # [n_layers, B, L] bool, block-causal (exact) caches only
     partial: set[int] = field(default_factory=set)
 
-    def allocate(self, cfg: Any, B: int, L: int, dtype: torch.dtype, device: torch.device) -> None:
+    def allocate(
+        self, cfg: Any, B: int, L: int, dtype: torch.dtype, device: torch.device,
+        block_devices: tuple[torch.device, ...] | None = None,
+    ) -> None:
+        """Storage for every block over the canvas; with ``block_devices`` (a model split over
+        devices) each block's keys and values on the block's device."""
         shape = (cfg.n_layers, B, cfg.n_kv_heads, L, cfg.head_dim)
-        if self.k is None or self.k.shape != shape or self.k.dtype != dtype or self.k.device != device:
+        if block_devices is not None:
+            self.k = [torch.empty(shape[1:], dtype=dtype, device=d) for d in block_devices]
+            self.v = [torch.empty(shape[1:], dtype=dtype, device=d) for d in block_devices]
+        elif not isinstance(self.k, Tensor) or self.k.shape != shape or self.k.dtype != dtype or self.k.device != device:
             self.k = torch.empty(shape, dtype=dtype, device=device)
             self.v = torch.empty(shape, dtype=dtype, device=device)
         self.ran = []
         self.written = torch.zeros(shape[:2] + (L,), dtype=torch.bool, device=device)
         self.partial = set()
+
+    @property
+    def length(self) -> int:
+        """The canvas length L the storage covers."""
+        return self.k[0].shape[-2]
 
 
 @dataclass
@@ -72,6 +85,13 @@ class ForwardContext:
     keys: Tensor | None = None  # [B] real keys a row's queries attend over (cached forwards), for FLOPs
     exact: bool = False  # block-causal cache: policy asked every forward, unwritten keys hidden
 
+    def to(self, device: torch.device) -> "ForwardContext":
+        """The same context with its tensors on ``device``: what a block on another device reads
+        (the cache is shared: each block's storage already lives with the block)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, batch=self.batch.to(device), cos=move(self.cos), sin=move(self.sin),
+                       key_mask=move(self.key_mask), positions=move(self.positions), keys=move(self.keys))
+
     def kv(self, layer: int) -> KV:
         """Block ``layer``'s cache storage this forward reads and writes (None without a cache)."""
         if self.cache is None:
@@ -84,7 +104,7 @@ class ForwardContext:
         block (it skipped the block when they were computed) are hidden as well."""
         if not self.exact or layer not in self.cache.partial:
             return self.key_mask
-        written = self.cache.written[layer][:, : self.key_limit].clone()
+        written = self.cache.written[layer][:, : self.key_limit].to(self.key_mask.device, copy=True)
         written[:, self.positions] = True  # this forward writes its own columns before attending
         return self.key_mask & written[:, None, None, :]
 
@@ -108,25 +128,29 @@ EAGER_EXECUTOR = Executor()
 
 def run_blocks(
     blocks: nn.ModuleList, x: Tensor, policy: SkipPolicy, ctx: "ForwardContext", executor: "Executor",
-    hidden_states: list[Tensor] | None = None,
+    hidden_states: list[Tensor] | None = None, block_devices: tuple[torch.device, ...] | None = None,
 ) -> tuple[Tensor, SkipTrace]:
     """The block loop: ask the policy (or the cache fill) which rows run each block, run them; the
     hidden states after the last block and the forward's trace. Appends each block's input to
-    ``hidden_states`` when given."""
+    ``hidden_states`` when given. With ``block_devices`` (a model split over devices) the hidden
+    states and the context move to each block's device when it differs from the previous one's."""
     reuse = ctx.cache is not None and not ctx.filling and not ctx.exact and ctx.cache.reuse_decisions
     decisions: list[Decision] = []
+    here = ctx  # the context on the device of the block that runs
     for i, block in enumerate(blocks):
+        if block_devices is not None and block_devices[i] != x.device:
+            x, here = x.to(block_devices[i]), ctx.to(block_devices[i])
         if hidden_states is not None:
             hidden_states.append(x)
         if reuse:
             run = ctx.cache.ran[i]
         else:
-            run = resolve(executor.decide(i, policy, x, ctx))
+            run = resolve(executor.decide(i, policy, x, here))
             if ctx.filling:
                 ctx.cache.ran.append(run)
             elif ctx.cache is not None and not ctx.exact:
                 run = both(run, ctx.cache.ran[i])
-        x = executor.run(i, block, x, run, ctx)
+        x = executor.run(i, block, x, run, here)
         decisions.append(run)
     trace = make_trace(decisions, ctx, 0 if reuse else getattr(policy, "routed_layers", 0))
     if ctx.exact:
@@ -144,7 +168,7 @@ def make_trace(decisions: list, ctx: ForwardContext, routed_layers: int) -> Skip
     computed = torch.full((B,), W, device=device) if batch.attention_mask is None else batch.attention_mask.sum(1)
     keys = ctx.keys
     if ctx.cache is not None and keys is None:
-        L = ctx.cache.k.shape[3]
+        L = ctx.cache.length
         keys = torch.full((B,), L, device=device) if ctx.key_mask is None else ctx.key_mask.flatten(1).sum(1)
     executed = SkipTrace.from_decisions(decisions, B, device)
     return SkipTrace(executed, computed, computed, batch.masked.sum(1), routed_layers, keys)

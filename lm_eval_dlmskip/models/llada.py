@@ -162,6 +162,8 @@ class Compiled:
         self.shapes.add(key)
         log.info("compiled %s for %s in %.1f s", self.fn.__name__, list(x.shape), time.perf_counter() - tic)
         return out
+
+
 _FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("ff_proj", "up_proj")}
 
 
@@ -280,6 +282,7 @@ class LLaDA(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.layer_norm_with_affine)
         self.ff_out = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.include_bias)
+        self.block_devices: tuple[torch.device, ...] | None = None  # set when split over devices (placement.py)
 
     @property
     def device(self) -> torch.device:
@@ -333,6 +336,9 @@ class LLaDA(nn.Module):
         h, trace = self.trunk(ids, attention_mask, policy, cache=cache, window=window, executor=executor,
                               block_length=block_length)
         trace.head_positions = head_positions(logits_at, *h.shape[:2], ids.device)
+        if self.block_devices is not None:  # split over devices: the head's device, logits back on the input's
+            logits_at = logits_at.to(self.ln_f.weight.device) if isinstance(logits_at, Tensor) else logits_at
+            return self.head(h.to(self.ln_f.weight.device), logits_at).to(ids.device), trace
         return self.head(h, logits_at), trace
 
     def trunk(
@@ -350,7 +356,7 @@ class LLaDA(nn.Module):
         ``hidden_states`` when given."""
         ctx = self.context(ids, attention_mask, cache, window, block_length)
         x, ctx = executor.begin(self, self.embed(ids if window is None else ids[:, window]), ctx)
-        return run_blocks(self.blocks, x, policy, ctx, executor, hidden_states)
+        return run_blocks(self.blocks, x, policy, ctx, executor, hidden_states, self.block_devices)
 
     def context(
         self, ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None = None, window: slice | None = None,
@@ -366,13 +372,14 @@ class LLaDA(nn.Module):
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         batch = ForwardBatch.of(ids, attention_mask, cfg.mask_token_id)
         if block_length is not None:
-            return block_causal_context(batch, cos, sin, attention_mask, cache, window, block_length, cfg, self.dtype)
+            return block_causal_context(batch, cos, sin, attention_mask, cache, window, block_length, cfg, self.dtype,
+                                        self.block_devices)
         if cache is None:
             if window is not None:
                 raise ValueError("a window forward needs the KVCache that a full forward filled")
             return ForwardContext(batch, cos, sin, key_mask)
         if window is None:
-            cache.allocate(cfg, B, L, self.dtype, ids.device)
+            cache.allocate(cfg, B, L, self.dtype, ids.device, self.block_devices)
             positions = torch.arange(L, device=ids.device)
             return ForwardContext(batch, cos, sin, key_mask, cache, positions, filling=True)
         positions = torch.arange(L, device=ids.device)[window]
@@ -403,13 +410,14 @@ class LLaDA(nn.Module):
         """Upstream ``output_hidden_states``: [embeddings, input of block 1, ..., ln_f(last output)]."""
         states: list[Tensor] = []
         h, _ = self.trunk(ids, attention_mask, policy, hidden_states=states, block_length=block_length)
-        states.append(self.ln_f(h))
+        states.append(self.ln_f(h.to(self.ln_f.weight.device)))
         return states
 
 
 def block_causal_context(
     batch: ForwardBatch, cos: Tensor, sin: Tensor, attention_mask: Tensor | None, cache: KVCache | None,
     window: slice | None, block_length: int, cfg: LLaDAConfig, dtype: torch.dtype,
+    block_devices: tuple[torch.device, ...] | None = None,
 ) -> ForwardContext:
     """The context of a block-causal forward (LLaDA2): each computed column attends to the real
     columns of its block and the blocks before it; with a cache, the forward computes ``window``,
@@ -428,7 +436,7 @@ def block_causal_context(
             raise ValueError("a window forward needs a KVCache")
         return ForwardContext(batch, cos, sin, mask)
     if cache.k is None:
-        cache.allocate(cfg, B, L, dtype, ids.device)
+        cache.allocate(cfg, B, L, dtype, ids.device, block_devices)
     if window is None:
         window = slice(0, L)
     keys_seen = torch.full((B,), keys, device=ids.device) if real is None else real.sum(1)

@@ -23,6 +23,7 @@ from ..common.families import FAMILIES
 from .config import LLaDAConfig, diffusion_family, family_of
 from .layouts import placements, stacked_shapes
 from .llada import LLaDA
+from .placement import Placement, plan_placement
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +139,16 @@ def _open(file: Path, device: str):
 
 
 def read_state_dict(
-    files: list[Path], device: torch.device, dtype: torch.dtype, cfg: LLaDAConfig
+    files: list[Path], device: torch.device, dtype: torch.dtype, cfg: LLaDAConfig, placement: Placement | None = None
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """Tensors under our names (layouts.py), in ``dtype`` on ``device``, experts stacked as they
-    are read (no second copy of the weights); and a fingerprint of the upstream tensors."""
+    """Tensors under our names (layouts.py), in ``dtype`` on ``device`` (or each on its device of
+    ``placement``), experts stacked as they are read (no second copy of the weights); and a
+    fingerprint of the upstream tensors."""
     state: dict[str, torch.Tensor] = {}
     digest = hashlib.sha256()
+    read_on = "cpu" if device.type == "cpu" or placement is not None else str(device)  # safetensors refuses "cpu:0"
     for file in files:
-        with _open(file, "cpu" if device.type == "cpu" else str(device)) as f:  # safetensors refuses "cpu:0"
+        with _open(file, read_on) as f:
             for key in sorted(f.keys()):
                 try:
                     tensor = f.get_tensor(key)
@@ -156,6 +159,8 @@ def read_state_dict(
                         sample = part.flatten()[:: max(1, part.numel() // 256)].float().cpu()
                         digest.update(name.encode() + str(index).encode() * (index is not None) + sample.numpy().tobytes())
                         part = part.to(dtype)
+                    if placement is not None:
+                        part = part.to(placement.device_of(name))
                     if index is None:
                         state[name] = part
                     else:
@@ -219,15 +224,22 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     family: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    device_map: str = "auto",
+    placement: Placement | None = None,
 ) -> Checkpoint:
     """Load an upstream LLaDA or Dream checkpoint into the native model, in eval mode; ``family``
-    ("llada", "dream") refuses the other one before its weights are read."""
+    ("llada", "dream") refuses the other one before its weights are read. With ``max_memory``
+    (``parallelize=True``) whole blocks are spread over its devices (placement.py), or as
+    ``placement`` says, each weight read onto its block's device; ``device`` is then ignored."""
     path = resolve_checkpoint(pretrained, revision)
     cfg = read_config(path, family)
     files = weight_files(path)
     torch_dtype = resolve_dtype(dtype, cfg, files)
-    device = torch.device(device)
-    state, fingerprint = read_state_dict(files, device, torch_dtype, cfg)
+    if max_memory is not None:
+        placement = plan_placement(cfg, torch_dtype, max_memory, device_map)
+    device = torch.device(device) if placement is None else placement.embed
+    state, fingerprint = read_state_dict(files, device, torch_dtype, cfg, placement)
     with torch.device("meta"):
         model = LLaDA(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -243,8 +255,13 @@ def load_model(
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True, assign=True)
     model.fuse_projections()
+    where = str(device)
+    if placement is not None and len(placement.devices) > 1:
+        model.block_devices = placement.blocks
+        where = ", ".join(f"{d}: {sum(b == d for b in placement.blocks)} blocks" for d in placement.devices)
+        where += f"; embedding on {placement.embed}, head on {placement.head}"
     log.info("loaded %s %s (%d blocks, %s, %s) fingerprint %s", FAMILIES[cfg.family], pretrained, cfg.n_layers,
-             torch_dtype, device, fingerprint)
+             torch_dtype, where, fingerprint)
     return Checkpoint(model.eval(), path, pretrained, revision, fingerprint)
 
 

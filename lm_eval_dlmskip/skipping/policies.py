@@ -39,6 +39,11 @@ class ForwardBatch:
         mask = None if self.attention_mask is None else self.attention_mask[:, columns]
         return ForwardBatch(self.ids[:, columns], mask, self.masked[:, columns], self.row_keys)
 
+    def to(self, device: torch.device) -> "ForwardBatch":
+        """The same batch on ``device`` (a block of a model split over devices)."""
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        return ForwardBatch(self.ids.to(device), mask, self.masked.to(device), self.row_keys.to(device))
+
 
 def row_keys(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     """[B] int64: a hash of each row's real tokens, independent of padding and batch layout, so
