@@ -10,7 +10,8 @@ cli        ``python -m lm_eval --model llada_skip`` with default settings otherw
 generate   one process that loads the same checkpoint the same way, builds the same batches (the
            prompts sorted longest first, as lm-eval's collator does, left-padded to the longest of
            each batch) and times ``generate()`` over them, from the first batch (compile and graph
-           capture included, as in the CLI) and again warm.
+           capture included, as in the CLI) and again; then the same prompts cut to one length (one
+           shape: graphs captured once) and padded to multiples of 64 tokens (a few shapes).
 
 The harness's share is 1 - cli / generate (first pass): tokenising, collation, padding, FLOPs and
 speed bookkeeping, detokenising. The run prints one JSON line per measurement.
@@ -99,9 +100,10 @@ def run_cli(model: Path, tasks: Path, out: Path, batch: int, args: str, device: 
 
 
 @torch.no_grad()
-def run_generate(model_dir: Path, tasks: Path, batch: int, settings: GenerationSettings, device: torch.device,
-                 compile: bool) -> list[dict]:
-    """generate() on the batches lm-eval would form, timed cold (first pass) and warm (second)."""
+def run_generate(model_dir: Path, tasks: Path, batch_sizes: list[int], settings: GenerationSettings,
+                 device: torch.device, compile: bool) -> None:
+    """generate() on the batches lm-eval would form, timed cold (first pass) and again, then on one
+    shape and on lengths bucketed by 64; one JSON line each."""
     from transformers import AutoTokenizer
 
     loaded = load_llada(str(model_dir), dtype="bfloat16", device=device)
@@ -113,29 +115,34 @@ def run_generate(model_dir: Path, tasks: Path, batch: int, settings: GenerationS
     prompts = [tok(json.loads(line)["question"], add_special_tokens=False)["input_ids"]
                for line in (tasks / "docs.jsonl").read_text().splitlines()]
     prompts.sort(key=len, reverse=True)
-    pad = tok.pad_token_id
-    batches = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        P = len(chunk[0])
-        ids = torch.tensor([[pad] * (P - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk], device=device)
-        batches.append((ids, None if bool(mask.all()) else mask))
+    median = len(prompts[len(prompts) // 2])
+
+    def batches(lengths: str, batch: int) -> list:
+        """lm-eval's batches (``as is``), or every prompt cut to one length (``one shape``), or each
+        batch left-padded to a multiple of 64 tokens (``bucketed``)."""
+        out = []
+        for i in range(0, len(prompts), batch):
+            chunk = [p[-median:] if lengths == "one shape" else p for p in prompts[i : i + batch]]
+            P = len(chunk[0]) if lengths != "bucketed" else -(-len(chunk[0]) // 64) * 64
+            ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk], device=device)
+            out.append((ids, None if bool(mask.all()) else mask))
+        return out
 
     def denoise(ids, attention_mask, logits_at, cache=None, window=None):
         return forward(ids, attention_mask, logits_at=logits_at, cache=cache, window=window)[0]
 
-    rows = []
-    for name in ("generate, first pass", "generate, warm"):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        for ids, mask in batches:
-            generate(denoise, ids, mask, settings, model.cfg.mask_token_id)[:, -settings.gen_length :].tolist()
-        seconds = time.perf_counter() - tic
-        rows.append({"measure": name, "B": batch, "tokens_per_s": round(len(prompts) * settings.gen_length / seconds, 1),
-                     "seconds": round(seconds, 2)})
-    return rows
+    for batch in batch_sizes:
+        for name, lengths in (("generate, first pass", "as is"), ("generate, again", "as is"),
+                              ("generate, one shape", "one shape"), ("generate, bucketed by 64", "bucketed")):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tic = time.perf_counter()
+            for ids, mask in batches(lengths, batch):
+                generate(denoise, ids, mask, settings, model.cfg.mask_token_id)[:, -settings.gen_length :].tolist()
+            seconds = time.perf_counter() - tic
+            print(json.dumps({"measure": name, "B": batch, "seconds": round(seconds, 2),
+                              "tokens_per_s": round(len(prompts) * settings.gen_length / seconds, 1)}), flush=True)
 
 
 def main() -> None:
@@ -157,12 +164,11 @@ def main() -> None:
     lengths = (40, 60) if a.tiny else (850, 950)
     tasks = write_task(a.out / "tasks", a.docs, lengths)
     args = f"cache=dual,gen_length={settings.gen_length},block_length={settings.block_length},steps={settings.steps}"
-    for batch in [int(b) for b in a.batch_sizes.split(",")]:
-        if "cli" not in a.skip:
-            print(json.dumps(run_cli(model_dir, tasks, a.out / f"cli_b{batch}", batch, args, device.type)), flush=True)
-        if "generate" not in a.skip:
-            for row in run_generate(model_dir, tasks, batch, settings, device, compile=device.type == "cuda"):
-                print(json.dumps(row), flush=True)
+    batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
+    if "generate" not in a.skip:
+        run_generate(model_dir, tasks, batch_sizes, settings, device, compile=device.type == "cuda")
+    for batch in batch_sizes if "cli" not in a.skip else []:
+        print(json.dumps(run_cli(model_dir, tasks, a.out / f"cli_b{batch}", batch, args, device.type)), flush=True)
     print(json.dumps({"measure": "settings", **asdict(settings), "docs": a.docs, "prompt_tokens": lengths,
                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "torch": torch.__version__}), flush=True)
