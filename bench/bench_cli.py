@@ -10,10 +10,11 @@ cli        ``python -m lm_eval --model llada_skip`` with default settings otherw
 generate   one process that loads the same checkpoint the same way, builds the same batches (the
            prompts sorted longest first, as lm-eval's collator does, left-padded to the longest of
            each batch) and times ``generate()`` over them, from the first batch (compile and graph
-           capture included, as in the CLI) and again; then the same prompts cut to one length (one
-           shape: graphs captured once) and padded to multiples of 64 tokens (a few shapes).
+           capture included, as in the CLI) and again; with ``--shapes`` also the same prompts cut to
+           one length (one shape: graphs captured once) and padded to multiples of 64 tokens.
 
-The harness's share is 1 - cli / generate (first pass): tokenising, collation, padding, FLOPs and
+Every process starts with empty inductor and triton caches, so each pays compilation as a user's
+first run does. The harness's share is 1 - cli / generate (first pass): tokenising, collation, padding, FLOPs and
 speed bookkeeping, detokenising. The run prints one JSON line per measurement.
 
     PYTHONPATH=. python bench/bench_cli.py --out /tmp/cli --docs 16 --batch-sizes 1,8
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -81,12 +83,20 @@ def write_task(out: Path, docs: int, lengths: tuple[int, int], seed: int = 0) ->
     return out
 
 
+def fresh_compile_cache(folder: Path) -> dict[str, str]:
+    """Environment that gives a process empty inductor and triton caches, so that every measure pays
+    compilation as a user's first run does (torch's on-disk cache would otherwise favour later ones)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "TRITON_CACHE_DIR": str(folder / "triton")}
+
+
 def run_cli(model: Path, tasks: Path, out: Path, batch: int, args: str, device: str) -> dict:
     cmd = [sys.executable, "-m", "lm_eval", "--model", "llada_skip", "--model_args", f"pretrained={model},{args}",
            "--tasks", TASK, "--include_path", str(tasks), "--device", device, "--batch_size", str(batch),
            "--output_path", str(out)]
     tic = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                                       **fresh_compile_cache(out.parent / f"{out.name}-caches")})
     wall = time.perf_counter() - tic
     (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr)
     if done.returncode:
@@ -101,9 +111,9 @@ def run_cli(model: Path, tasks: Path, out: Path, batch: int, args: str, device: 
 
 @torch.no_grad()
 def run_generate(model_dir: Path, tasks: Path, batch_sizes: list[int], settings: GenerationSettings,
-                 device: torch.device, compile: bool) -> None:
-    """generate() on the batches lm-eval would form, timed cold (first pass) and again, then on one
-    shape and on lengths bucketed by 64; one JSON line each."""
+                 device: torch.device, compile: bool, shapes: bool) -> None:
+    """generate() on the batches lm-eval would form, timed cold (first pass) and again, and with
+    ``shapes`` on one shape and on lengths bucketed by 64; one JSON line each."""
     from transformers import AutoTokenizer
 
     loaded = load_llada(str(model_dir), dtype="bfloat16", device=device)
@@ -133,8 +143,10 @@ def run_generate(model_dir: Path, tasks: Path, batch_sizes: list[int], settings:
         return forward(ids, attention_mask, logits_at=logits_at, cache=cache, window=window)[0]
 
     for batch in batch_sizes:
-        for name, lengths in (("generate, first pass", "as is"), ("generate, again", "as is"),
-                              ("generate, one shape", "one shape"), ("generate, bucketed by 64", "bucketed")):
+        measures = [("generate, first pass", "as is"), ("generate, again", "as is")]
+        if shapes:
+            measures += [("generate, one shape", "one shape"), ("generate, bucketed by 64", "bucketed")]
+        for name, lengths in measures:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             tic = time.perf_counter()
@@ -152,6 +164,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script runs")
     ap.add_argument("--skip", default="", help="measures to leave out: cli, generate")
+    ap.add_argument("--shapes", action="store_true", help="also time generate() on one shape and on lengths bucketed by 64")
     a = ap.parse_args()
     device = torch.device("cpu" if a.tiny else "cuda")
     cfg = replace(TINY, max_sequence_length=1400, vocab_size=len(WORDS) + len(SPECIALS)) if a.tiny else LLADA_8B
@@ -166,7 +179,8 @@ def main() -> None:
     args = f"cache=dual,gen_length={settings.gen_length},block_length={settings.block_length},steps={settings.steps}"
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
     if "generate" not in a.skip:
-        run_generate(model_dir, tasks, batch_sizes, settings, device, compile=device.type == "cuda")
+        os.environ.update(fresh_compile_cache(a.out / "generate-caches"))
+        run_generate(model_dir, tasks, batch_sizes, settings, device, compile=device.type == "cuda", shapes=a.shapes)
     for batch in batch_sizes if "cli" not in a.skip else []:
         print(json.dumps(run_cli(model_dir, tasks, a.out / f"cli_b{batch}", batch, args, device.type)), flush=True)
     print(json.dumps({"measure": "settings", **asdict(settings), "docs": a.docs, "prompt_tokens": lengths,

@@ -200,14 +200,14 @@ def test_parallelize_spreads_blocks_over_the_gpu_and_the_cpu_and_answers_alike(r
     routers beside their blocks."""
     args = {"pretrained": str(REFERENCE), "dtype": "float32", "mc_num": 4, "gen_length": 8, "steps": 8,
             "block_length": 8, "cache": "dual", "threshold": 0.5, "compile": False}
-    whole = LLaDASkipLM(device="cuda", cuda_graphs=False, **args)
     if skip == "routed":
-        identity = model_identity(whole.cfg, str(REFERENCE), whole.checkpoint.fingerprint,
-                                  tokenizer_fingerprint(whole.tokenizer))
-        args["router"] = str(_router(tmp_path / "router", identity, whole.cfg, 1))
-        whole = LLaDASkipLM(device="cuda", cuda_graphs=False, **args)
+        plain = LLaDASkipLM(device="cuda", cuda_graphs=False, **args)
+        identity = model_identity(plain.cfg, str(REFERENCE), plain.checkpoint.fingerprint,
+                                  tokenizer_fingerprint(plain.tokenizer))
+        args["router"] = str(_router(tmp_path / "router", identity, plain.cfg, 1))
     else:
         args["skip_random"] = 2
+    whole = LLaDASkipLM(device="cuda", cuda_graphs=False, **args)
     block_bytes = sum(p.numel() * 4 for p in whole.model.blocks[0].parameters())
     head_bytes = sum(p.numel() * 4 for n, p in whole.model.named_parameters() if not n.startswith("blocks."))
     split = LLaDASkipLM(parallelize=True, device_map="sequential", max_memory_per_gpu=head_bytes + 3 * block_bytes,
