@@ -109,8 +109,9 @@ def reverse_example(rng: random.Random) -> tuple[str, str]:
     return " ".join(items) + " reverse :", " " + " ".join(reversed(items)) + " ."
 
 
-def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int = 0) -> LLaDA:
-    """LLaDA's SFT objective on the toy language: mask a random share of the answer, CE / p_mask."""
+def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int = 0, end_with_eos: bool = False) -> LLaDA:
+    """LLaDA's SFT objective on the toy language: mask a random share of the answer, CE / p_mask;
+    ``end_with_eos``: the answer ends with an EOS, as Dream's likelihood scores it."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     index = {w: i for i, w in enumerate(vocab)}
@@ -124,7 +125,7 @@ def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int =
         rows, prompt_lens = [], []
         for _ in range(64):
             prompt, answer = reverse_example(rng)
-            p, a = [index[w] for w in prompt.split()], [index[w] for w in answer.split()]
+            p, a = [index[w] for w in prompt.split()], [index[w] for w in answer.split()] + [pad] * end_with_eos
             rows.append(p + a)
             prompt_lens.append(len(p))
         L = max(len(r) for r in rows)
@@ -301,7 +302,7 @@ def write_dream(out: Path, train_steps: int) -> None:
     raw = {**DREAM_CONFIG, "vocab_size": len(vocab), "mask_token_id": vocab.index("<|mdm_mask|>"),
            "eos_token_id": vocab.index("<|endoftext|>"), "pad_token_id": vocab.index("<|endoftext|>"),
            "bos_token_id": vocab.index("<|startoftext|>")}
-    model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps)
+    model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps, end_with_eos=True)
     write_checkpoint(out, raw, model, name=dream_name)
     write_tokenizer(out, vocab, raw["max_position_embeddings"])
 

@@ -16,7 +16,6 @@ that every command they show is one this script runs.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os
@@ -102,7 +101,7 @@ def commands() -> list[tuple[str, list[str]]]:
             (f"{family}_skip", ["lm_eval", "--model", model, "--model_args",
                                 f"pretrained={DEMO}/{family}-demo,skip_layers=[1]{extra}", "--tasks", BOTH,
                                 "--include_path", TASKS, "--device", "cpu", "--batch_size", "8",
-                                "--output_path", f"{DEMO}/results/{family}-skip"]),
+                                "--output_path", f"{DEMO}/results/{family}-skip1"]),
         ]
     return steps
 
@@ -148,14 +147,163 @@ def run_all(work: Path, threads: int, rerun: bool) -> dict:
     return records
 
 
+
+# ---------------------------------------------------------------------------------------------- collecting
+
+FLOPS_KEYS = ("normalized_flops_papers", "normalized_flops_whole_model", "mean_executed_blocks", "forwards",
+              "nfe_per_request", "tokens_per_forward", "normalized_flops_vs_plain_decoding")
+
+
+def lm_eval_summary(output_path: Path) -> dict:
+    """Per task of one lm_eval run (its newest results file): the metric, its value and stderr, the FLOPs."""
+    files = sorted(output_path.glob("**/results_*.json"), key=lambda f: f.name)
+    if not files:
+        raise FileNotFoundError(f"no lm_eval results under {output_path}")
+    results = json.loads(files[-1].read_text())
+    summary = {}
+    for task, metrics in results["results"].items():
+        metric = next(k for k in metrics if "," in k and "_stderr" not in k)
+        flops = results["config"]["dlmskip"]["flops"][task]
+        summary[task] = {"metric": metric, "value": metrics[metric],
+                         "stderr": metrics[metric.replace(",", "_stderr,", 1)],
+                         **{k: flops[k] for k in (*FLOPS_KEYS, "block_execution_ratio") if k in flops}}
+    return summary
+
+
+def environment(threads: int) -> dict:
+    import lm_eval
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"date": time.strftime("%Y-%m-%d", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), "torch": torch.__version__, "lm_eval": lm_eval.__version__,
+            "transformers": transformers.__version__}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def collect(work: Path, records: dict, threads: int) -> dict:
+    """What the commands measured, read from the files they wrote in ``work``."""
+    demo = work / DEMO
+    values = {
+        "demo": {run: lm_eval_summary(demo / "results" / run) for run in ("base", "skip")},
+        "demo_checkpoint_sha256": {f.name: sha256(f) for f in sorted((work / LLADA).glob("*.safetensors"))},
+        "calibrate": {k: json.loads((demo / "profile.json").read_text())[k]
+                      for k in ("skip_layers", "paper_layers", "selection_order")},
+        "train": {name: json.loads((demo / "routers" / name / "router.json").read_text())["metrics"]
+                  for name in ("rdemo", "r1")},
+        "routed": lm_eval_summary(demo / "results" / "routed"),
+        "sweep": {run.name: lm_eval_summary(run) for run in sorted((demo / "sw").iterdir()) if run.is_dir()},
+        "cached": [{"name": name, **labels, **lm_eval_summary(demo / "cached" / name)["demo_reverse_gen"],
+                    **{k: records[f"cached/{name}"][k] for k in ("wall_s", "cpu_s", "decode_s")}}
+                   for name, labels, _ in cached_grid()],
+    }
+    for family in ("dream", "llama"):
+        values[family] = {run: lm_eval_summary(demo / "results" / f"{family}-{run}") for run in ("base", "skip", "skip1")}
+    figures = sorted(p.name for p in work.glob("*.png"))
+    return {
+        "generated_by": "docs/demo/make_docs.py; rerun it to regenerate, never edit by hand",
+        "environment": environment(threads),
+        "commands": records,
+        "values": values,
+        "outputs": {"leaderboard.md": (work / "leaderboard.md").read_text(),
+                    "check": (work / "logs" / "check.log").read_text()},
+        "figures": {name: sha256(work / name) for name in figures},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+DOCUMENTS = ("README.md", "cached.md", "leaderboard.md")  # docs/demo/<name> from templates/<name>
+README = ROOT / "README.md"
+REGION = re.compile(r"(<!-- make_docs: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /make_docs: (?P=name) -->)", re.S)
+
+
+def shell(command: str, width: int = 108) -> str:
+    """A command as the documents print it: an option and its values stay on one line, lines
+    continued with a backslash once they pass ``width``."""
+    units: list[str] = []
+    for token in shlex.split(command):
+        option = token.startswith("--") and " " not in token  # "--device cpu": a value, though it starts with --
+        if units and not option:
+            units[-1] += " " + shlex.quote(token)
+        else:
+            units.append(shlex.quote(token))
+    lines = [units[0]]
+    for unit in units[1:]:
+        if len(lines[-1]) + 1 + len(unit) > width:
+            lines[-1] += " \\"
+            lines.append("  " + unit)
+        else:
+            lines[-1] += " " + unit
+    return "\n".join(lines)
+
+
+def step_vs_block(rows: list[dict]) -> dict:
+    """cached.md: routed decisions asked at every forward against once per block, over the cached rows."""
+    by_name = {row["name"]: row for row in rows}
+    pairs = [(row, by_name[row["name"].replace("routed-step", "routed-block")]) for row in rows
+             if row["skipping"] == "routed/step"]
+    changed = sum(step["value"] != block["value"] or step["normalized_flops_papers"] != block["normalized_flops_papers"]
+                  for step, block in pairs)
+    extra = [step["normalized_flops_whole_model"] - block["normalized_flops_whole_model"] for step, block in pairs]
+    return {"rows": len(pairs), "changed": changed, "least": min(extra), "most": max(extra)}
+
+
+def environment_for(results: dict):
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    env.globals["shell"] = lambda name, width=108: shell(results["commands"][name]["command"], width)
+    env.globals["cached_decoding"] = CACHED_DECODING
+    env.globals["step_vs_block"] = step_vs_block
+    env.filters["f"] = lambda x, digits=2: f"{x:.{digits}f}"
+    env.filters["pct"] = lambda x: f"{100 * x:.0f}%"
+    return env
+
+
+def render(results: dict) -> dict[Path, str]:
+    """Every generated document's text: docs/demo's from their templates, the README with each of
+    its make_docs regions rendered from templates/README.<region>.md."""
+    env = environment_for(results)
+    out = {DOCS / name: env.get_template(name).render(r=results, v=results["values"]) for name in DOCUMENTS}
+    out[README] = REGION.sub(lambda m: m.group(1) + env.get_template(f"README.{m.group('name')}.md").render(
+        r=results, v=results["values"]) + m.group(4), README.read_text())
+    return out
+
+
+def write_documents(results: dict, work: Path | None) -> None:
+    """The rendered documents, and the figures copied from ``work`` (when given)."""
+    for path, text in render(results).items():
+        path.write_text(text)
+    if work is not None:
+        for name in results["figures"]:
+            shutil.copyfile(work / name, DOCS / name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("dlmskip-docs-work"),
                         help="folder the commands run in (they write ./dlmskip-demo/ there)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every command")
     parser.add_argument("--rerun", action="store_true", help="run every command again, even those recorded")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: render the documents from the committed results.json")
     args = parser.parse_args(argv)
-    run_all(args.work.resolve(), args.threads, args.rerun)
+    if args.render_only:
+        write_documents(json.loads(RESULTS.read_text()), None)
+        return 0
+    work = args.work.resolve()
+    records = run_all(work, args.threads, args.rerun)
+    results = collect(work, records, args.threads)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    write_documents(results, work)
+    print(f"wrote {RESULTS.relative_to(ROOT)}, the documents and {len(results['figures'])} figures")
     return 0
 
 
