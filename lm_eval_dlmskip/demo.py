@@ -1,4 +1,5 @@
-"""``dlmskip demo``: a tiny LLaDA, its tokenizer and two lm-eval tasks, all offline, then two runs.
+"""``dlmskip demo``: a tiny LLaDA, its tokenizer and two lm-eval tasks, all offline, then two runs;
+with ``--family dream`` or ``llama`` a tiny Dream (``dream_skip``) or Llama (``hf_skip``) instead.
 
 The checkpoint is written exactly as upstream lays one out (``config.json`` with upstream field
 names, sharded safetensors with ``model.safetensors.index.json``, keys ``model.transformer.*``, a
@@ -109,9 +110,8 @@ def reverse_example(rng: random.Random) -> tuple[str, str]:
     return " ".join(items) + " reverse :", " " + " ".join(reversed(items)) + " ."
 
 
-def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int = 0, end_with_eos: bool = False) -> LLaDA:
-    """LLaDA's SFT objective on the toy language: mask a random share of the answer, CE / p_mask;
-    ``end_with_eos``: the answer ends with an EOS, as Dream's likelihood scores it."""
+def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int = 0) -> LLaDA:
+    """LLaDA's SFT objective on the toy language: mask a random share of the answer, CE / p_mask."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     index = {w: i for i, w in enumerate(vocab)}
@@ -125,7 +125,7 @@ def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int =
         rows, prompt_lens = [], []
         for _ in range(64):
             prompt, answer = reverse_example(rng)
-            p, a = [index[w] for w in prompt.split()], [index[w] for w in answer.split()] + [pad] * end_with_eos
+            p, a = [index[w] for w in prompt.split()], [index[w] for w in answer.split()]
             rows.append(p + a)
             prompt_lens.append(len(p))
         L = max(len(r) for r in rows)
@@ -249,6 +249,8 @@ def lm_eval_command(checkpoint: Path, tasks: Path, results: Path, extra: str = "
 def run_demo(out: str, skip_layers: str, family: str = "llada", train_steps: int = 400) -> int:
     """Build everything, then evaluate the demo model with and without skipping through lm_eval."""
     layers = parse_skip_layers(skip_layers)
+    if train_steps < 1:
+        raise ValueError(f"--train-steps {train_steps}: give at least 1 (400, the default, trains the demo model well)")
     start = time.time()
     checkpoint = build_demo(out, train_steps, family)
     tasks = Path(out) / "tasks"
@@ -297,12 +299,14 @@ DREAM_CONFIG = {  # Dream's config.json (DreamConfig) field names; the weights u
 
 def write_dream(out: Path, train_steps: int) -> None:
     """A tiny Dream in the hub's layout, trained with the same masked-diffusion objective as the
-    LLaDA demo (Dream's logits are shifted: the model predicts token p from position p-1)."""
+    LLaDA demo (Dream's logits are shifted: the model predicts token p from position p-1). Its
+    answers end without an EOS, as the demo's generation canvas does (training one after the answer
+    made greedy decoding of 5 tokens fail on the fourth word)."""
     vocab = vocabulary()
     raw = {**DREAM_CONFIG, "vocab_size": len(vocab), "mask_token_id": vocab.index("<|mdm_mask|>"),
            "eos_token_id": vocab.index("<|endoftext|>"), "pad_token_id": vocab.index("<|endoftext|>"),
            "bos_token_id": vocab.index("<|startoftext|>")}
-    model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps, end_with_eos=True)
+    model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps)
     write_checkpoint(out, raw, model, name=dream_name)
     write_tokenizer(out, vocab, raw["max_position_embeddings"])
 

@@ -123,3 +123,9 @@ def test_a_few_demo_requests_run_through_each_familys_harness(built, requests, f
     assert len(scores) == len(mc) == 6 and all(torch.isfinite(torch.tensor(s[0])) for s in scores)
     texts = lm.generate_until(gen)
     assert len(texts) == 2 and all(len(t.split()) <= demo.ANSWER_TOKENS for t in texts)
+
+
+def test_a_bad_train_steps_is_refused_before_anything_is_built(tmp_path):
+    with pytest.raises(ValueError, match="--train-steps 0: give at least 1"):
+        demo.run_demo(str(tmp_path / "out"), "1,3", "dream", 0)
+    assert not (tmp_path / "out").exists()

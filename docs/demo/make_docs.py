@@ -99,9 +99,9 @@ def commands() -> list[tuple[str, list[str]]]:
         steps += [
             (f"demo_{family}", ["dlmskip", "demo", "--family", family]),
             (f"{family}_skip", ["lm_eval", "--model", model, "--model_args",
-                                f"pretrained={DEMO}/{family}-demo,skip_layers=[1]{extra}", "--tasks", BOTH,
+                                f"pretrained={DEMO}/{family}-demo,skip_layers=[5]{extra}", "--tasks", BOTH,
                                 "--include_path", TASKS, "--device", "cpu", "--batch_size", "8",
-                                "--output_path", f"{DEMO}/results/{family}-skip1"]),
+                                "--output_path", f"{DEMO}/results/{family}-skip5"]),
         ]
     return steps
 
@@ -203,7 +203,7 @@ def collect(work: Path, records: dict, threads: int) -> dict:
                    for name, labels, _ in cached_grid()],
     }
     for family in ("dream", "llama"):
-        values[family] = {run: lm_eval_summary(demo / "results" / f"{family}-{run}") for run in ("base", "skip", "skip1")}
+        values[family] = {run: lm_eval_summary(demo / "results" / f"{family}-{run}") for run in ("base", "skip", "skip5")}
     figures = sorted(p.name for p in work.glob("*.png"))
     return {
         "generated_by": "docs/demo/make_docs.py; rerun it to regenerate, never edit by hand",
