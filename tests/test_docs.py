@@ -88,7 +88,7 @@ def test_the_readme_quotes_no_demo_figure_outside_the_generated_passages():
     carry a measured figure (a decimal or a percentage): those come from results.json."""
     for paragraph in re.split(r"\n\n|\n- ", outside_regions((ROOT / "README.md").read_text())):
         if "dlmskip-demo" in paragraph or "demo_reverse" in paragraph or "demo model" in paragraph:
-            figures = re.findall(r"(?<![\w.=-])\d+\.\d+(?![\w.])|\b\d+(?:\.\d+)?%", paragraph)
+            figures = re.findall(r"(?<![\w.=-])\d+\.\d+(?!\.?\w)|\b\d+(?:\.\d+)?%", paragraph)
             assert not figures, f"README paragraph on the demo quotes {figures} outside make_docs' regions:\n{paragraph}"
 
 
