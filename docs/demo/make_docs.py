@@ -1,6 +1,6 @@
 """Every figure of docs/demo/ and of the README's demo passages, from the commands the documents show.
 
-    python docs/demo/make_docs.py --work /tmp/dlmskip-docs      # runs everything (CPU, an hour or so)
+    python docs/demo/make_docs.py --work /tmp/dlmskip-docs      # runs everything: ~30 min on 2 busy CPU cores
     python docs/demo/make_docs.py --render-only                 # documents from the committed results.json
 
 Each command runs as the documents print it (``dlmskip ...``, ``lm_eval ...``), in ``--work``, with
