@@ -175,9 +175,11 @@ def environment(threads: int) -> dict:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"date": time.strftime("%Y-%m-%d", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.exists() else []
+    return {"date": time.strftime("%Y-%m-%d", time.gmtime()), "cpu": names[0] if names else platform.processor(),
+            "cores": os.cpu_count(), "threads": threads,
             "python": platform.python_version(), "torch": torch.__version__, "lm_eval": lm_eval.__version__,
             "transformers": transformers.__version__}
 
@@ -279,11 +281,13 @@ def render(results: dict) -> dict[Path, str]:
 
 def write_documents(results: dict, work: Path | None) -> None:
     """The rendered documents, and the figures copied from ``work`` (when given)."""
+    from lm_eval_dlmskip.common.files import write_atomically
+
     for path, text in render(results).items():
-        path.write_text(text)
+        write_atomically(path, lambda tmp, text=text: tmp.write_text(text))
     if work is not None:
         for name in results["figures"]:
-            shutil.copyfile(work / name, DOCS / name)
+            write_atomically(DOCS / name, lambda tmp, name=name: shutil.copyfile(work / name, tmp))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     records = run_all(work, args.threads, args.rerun)
     results = collect(work, records, args.threads)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    from lm_eval_dlmskip.common.files import write_atomically
+
+    write_atomically(RESULTS, lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
     write_documents(results, work)
     print(f"wrote {RESULTS.relative_to(ROOT)}, the documents and {len(results['figures'])} figures")
     return 0
