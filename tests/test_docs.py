@@ -98,3 +98,17 @@ def test_commands_print_as_they_parse(make_docs):
     for _, argv in make_docs.commands():
         printed = make_docs.shell(shlex.join(argv), width=60)
         assert shown_commands(f"```bash\n{printed}\n```") == [argv]
+
+
+def test_the_check_output_the_readme_shows_is_what_dlmskip_check_prints_now(make_docs, results, tmp_path,
+                                                                           monkeypatch, capsys):
+    """The one documented output that is cheap to reproduce (no model is loaded): run the README's
+    ``dlmskip check`` command on a freshly built demo folder and compare with results.json."""
+    from lm_eval_dlmskip import demo
+    from lm_eval_dlmskip.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    demo.build_demo(make_docs.DEMO, train_steps=1)
+    argv = dict(make_docs.commands())["check"]
+    assert main(argv[1:]) == 0
+    assert capsys.readouterr().out == results["outputs"]["check"]
