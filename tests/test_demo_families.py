@@ -68,11 +68,11 @@ def test_the_dream_demo_loads_the_weights_it_was_trained_with(tmp_path):
 def test_the_llama_demo_is_a_transformers_causal_lm_with_the_demo_tokenizer(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(built / "llama-demo"))
-    assert type(model).__name__ == "LlamaForCausalLM" and (built / "llama-demo" / "model.safetensors").exists()
-    tokenizer = AutoTokenizer.from_pretrained(str(built / "llama-demo"))
+    tokenizer = AutoTokenizer.from_pretrained(str(built / "llama-demo"))  # as HFLM loads it: one token per word
     vocab = demo.vocabulary()
     assert tokenizer("w3 w7 reverse :")["input_ids"] == [vocab.index(w) for w in ("w3", "w7", "reverse", ":")]
+    model = AutoModelForCausalLM.from_pretrained(str(built / "llama-demo"))
+    assert type(model).__name__ == "LlamaForCausalLM" and (built / "llama-demo" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="use --model hf_skip"):
         read_config(built / "llama-demo", "llada")
 
@@ -129,3 +129,23 @@ def test_a_bad_train_steps_is_refused_before_anything_is_built(tmp_path):
     with pytest.raises(ValueError, match="--train-steps 0: give at least 1"):
         demo.run_demo(str(tmp_path / "out"), "1,3", "dream", 0)
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_skip_scores_the_llama_demo_as_transformers_does(built, requests):
+    """The Llama demo through hf_skip (nothing skipped) against the log-probabilities that
+    transformers' own forward gives the same tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_dlmskip.harness.hf import HFSkipLM
+
+    path = str(built / "llama-demo")
+    lm = HFSkipLM(pretrained=path, device="cpu", dtype="float32", batch_size=4)
+    mc, _ = requests
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    for instance, (score, _) in zip(mc, lm.loglikelihood(mc)):
+        context, continuation = (tokenizer(text)["input_ids"] for text in instance.args)
+        ids = torch.tensor([context + continuation])
+        with torch.no_grad():
+            logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+        expected = logprobs[torch.arange(len(context) - 1, ids.shape[1] - 1), ids[0, len(context):]].sum().item()
+        assert score == pytest.approx(expected, abs=1e-4)
