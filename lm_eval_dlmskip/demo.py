@@ -1,4 +1,5 @@
-"""``dlmskip demo``: a tiny LLaDA, its tokenizer and two lm-eval tasks, all offline, then two runs.
+"""``dlmskip demo``: a tiny LLaDA, its tokenizer and two lm-eval tasks, all offline, then two runs;
+with ``--family dream`` or ``llama`` a tiny Dream (``dream_skip``) or Llama (``hf_skip``) instead.
 
 The checkpoint is written exactly as upstream lays one out (``config.json`` with upstream field
 names, sharded safetensors with ``model.safetensors.index.json``, keys ``model.transformer.*``, a
@@ -20,12 +21,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .models.config import LLaDAConfig
+from .models.layouts import dream_name
 from .models.llada import LLaDA
 
 WORDS = [f"w{i}" for i in range(24)]
@@ -83,11 +86,13 @@ def write_tokenizer(out: Path, vocab: list[str], max_length: int) -> None:
     fast.save_pretrained(str(out))
 
 
-def write_checkpoint(out: Path, raw_config: dict, model: LLaDA, shards: int = 2) -> None:
-    """Save in the upstream layout: config.json, model-0000i-of-0000n.safetensors and an index."""
+def write_checkpoint(out: Path, raw_config: dict, model: LLaDA, shards: int = 2,
+                     name: Callable[[str], str] = "model.transformer.{}".format) -> None:
+    """Save in the upstream layout: config.json, model-0000i-of-0000n.safetensors and an index;
+    ``name`` spells our parameter names as the checkpoint does (LLaDA's by default)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(raw_config, indent=2))
-    state = {f"model.transformer.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {name(k): v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     keys = sorted(state)
     per = -(-len(keys) // shards)
     weight_map = {}
@@ -159,7 +164,9 @@ def write_tasks(out: Path, n_docs: int = 40, n_train: int = 200, seed: int = 1) 
     )
     (tasks / "demo_reverse_gen.yaml").write_text(
         "task: demo_reverse_gen\n" + common + "output_type: generate_until\ndoc_to_target: \"{{answer}}\"\n"
-        f"generation_kwargs:\n  until: [\".\"]\n  max_gen_toks: {ANSWER_TOKENS}\n  steps: {ANSWER_TOKENS}\n  block_length: {ANSWER_TOKENS}\n"
+        # only keys every family understands (llada_skip, dream_skip, hf_skip): a diffusion model then
+        # decodes the 5 tokens with 5 steps in one block (steps and block_length default to gen_length)
+        f"generation_kwargs:\n  until: [\".\"]\n  max_gen_toks: {ANSWER_TOKENS}\n"
         "filter_list:\n  - name: strip\n    filter:\n      - function: regex\n        regex_pattern: \"^\\\\s*(.*?)\\\\s*$\"\n"
         "      - function: take_first\nmetric_list:\n  - metric: exact_match\n" + METRIC_KEYS + "    ignore_punctuation: true\n"
     )
@@ -181,22 +188,26 @@ def _reverse_docs(rng: random.Random, count: int) -> list[dict]:
     return docs
 
 
-def build_demo(out: str | Path, train_steps: int = 400) -> Path:
-    """The checkpoint directory (reused if it exists) and the tasks."""
+def build_demo(out: str | Path, train_steps: int = 400, family: str = "llada") -> Path:
+    """The checkpoint directory of ``family`` (reused if it exists) and the tasks."""
     out = Path(out)
-    checkpoint = out / "llada-demo"
+    checkpoint = out / f"{family}-demo"
+    if not (checkpoint / "config.json").exists():  # a checkpoint folder appears whole (os.replace)
+        tmp = out / f"{family}-demo.tmp"
+        {"llada": write_llada, "dream": write_dream, "llama": write_llama}[family](tmp, train_steps)
+        os.replace(tmp, checkpoint)
+    write_tasks(out)
+    return checkpoint
+
+
+def write_llada(out: Path, train_steps: int) -> None:
     vocab = vocabulary()
     raw = {**DEMO_CONFIG, "vocab_size": len(vocab), "embedding_size": len(vocab),
            "mask_token_id": vocab.index("<|mdm_mask|>"), "eos_token_id": vocab.index("<|endoftext|>"),
            "pad_token_id": vocab.index("<|endoftext|>")}
-    if not (checkpoint / "model.safetensors.index.json").exists():
-        model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps)
-        tmp = out / "llada-demo.tmp"
-        write_checkpoint(tmp, raw, model)
-        write_tokenizer(tmp, vocab, raw["max_sequence_length"])
-        os.replace(tmp, checkpoint)
-    write_tasks(out)
-    return checkpoint
+    model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps)
+    write_checkpoint(out, raw, model)
+    write_tokenizer(out, vocab, raw["max_sequence_length"])
 
 
 def parse_skip_layers(value: str, n_layers: int = DEMO_CONFIG["n_layers"]) -> list[int]:
@@ -219,27 +230,36 @@ def parse_skip_layers(value: str, n_layers: int = DEMO_CONFIG["n_layers"]) -> li
     return sorted(layers)
 
 
-def lm_eval_command(checkpoint: Path, tasks: Path, results: Path, extra: str = "") -> list[str]:
+# Each family's lm-eval model, and the model_args of its demo runs (hf_skip has no Monte-Carlo estimate).
+DEMO_MODELS = {"llada": ("llada_skip", "mc_num=8,dtype=float32"), "dream": ("dream_skip", "mc_num=8,dtype=float32"),
+               "llama": ("hf_skip", "dtype=float32")}
+
+
+def lm_eval_command(checkpoint: Path, tasks: Path, results: Path, extra: str = "", family: str = "llada") -> list[str]:
     """The lm_eval command line of one demo run (absolute paths: it works from any folder)."""
+    model, model_args = DEMO_MODELS[family]
     return [
-        "lm_eval", "--model", "llada_skip",
-        "--model_args", f"pretrained={checkpoint.resolve()},mc_num=8,dtype=float32{extra}",
+        "lm_eval", "--model", model,
+        "--model_args", f"pretrained={checkpoint.resolve()},{model_args}{extra}",
         "--tasks", "demo_reverse_mc,demo_reverse_gen", "--include_path", str(tasks.resolve()),
         "--device", "cpu", "--batch_size", "8", "--output_path", str(results.resolve()),
     ]
 
 
-def run_demo(out: str, skip_layers: str) -> int:
+def run_demo(out: str, skip_layers: str, family: str = "llada", train_steps: int = 400) -> int:
     """Build everything, then evaluate the demo model with and without skipping through lm_eval."""
     layers = parse_skip_layers(skip_layers)
+    if train_steps < 1:
+        raise ValueError(f"--train-steps {train_steps}: give at least 1 (400, the default, trains the demo model well)")
     start = time.time()
-    checkpoint = build_demo(out)
+    checkpoint = build_demo(out, train_steps, family)
     tasks = Path(out) / "tasks"
     print(f"demo checkpoint: {checkpoint.resolve()} ({time.time() - start:.0f}s)\ndemo tasks: {tasks.resolve()}")
     skip = f",skip_layers=[{','.join(map(str, layers))}]"
-    for name, extra in (("base", ""), ("skip", skip)):
+    runs = {"base": "base", "skip": "skip"} if family == "llada" else {"base": f"{family}-base", "skip": f"{family}-skip"}
+    for name, extra in ((runs["base"], ""), (runs["skip"], skip)):
         results = Path(out) / "results" / name
-        cmd = lm_eval_command(checkpoint, tasks, results, extra)
+        cmd = lm_eval_command(checkpoint, tasks, results, extra, family)
         print("$ " + shlex.join(cmd), flush=True)
         done = subprocess.run([sys.executable, "-m", *cmd], text=True, capture_output=True)
         if done.returncode:
@@ -249,5 +269,79 @@ def run_demo(out: str, skip_layers: str) -> int:
     print(f"demo finished in {time.time() - start:.0f}s; everything is under {Path(out).resolve()}:\n"
           f"  checkpoint  {checkpoint.resolve()}\n  tasks       {tasks.resolve()}\n"
           f"  results     {(Path(out) / 'results').resolve()}\nrerun the skipping run from any folder with:\n"
-          f"  {shlex.join(lm_eval_command(checkpoint, tasks, Path(out) / 'results' / 'skip', skip))}")
+          f"  {shlex.join(lm_eval_command(checkpoint, tasks, Path(out) / 'results' / runs['skip'], skip, family))}")
     return 0
+
+
+# ------------------------------------------------------------------ the other families (--family)
+# Same vocabulary, tokenizer, toy language, size (8 blocks of width 64) and tasks as the LLaDA demo,
+# so the three families' accuracies and FLOPs read side by side.
+
+DREAM_CONFIG = {  # Dream's config.json (DreamConfig) field names; the weights under Qwen2's key names
+    "architectures": ["DreamModel"],
+    "model_type": "Dream",
+    "hidden_size": 64,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 192,
+    "max_position_embeddings": 128,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "rope_scaling": None,
+    "use_sliding_window": False,
+    "attention_dropout": 0.0,
+    "torch_dtype": "float32",
+}
+
+
+def write_dream(out: Path, train_steps: int) -> None:
+    """A tiny Dream in the hub's layout, trained with the same masked-diffusion objective as the
+    LLaDA demo (Dream's logits are shifted: the model predicts token p from position p-1). Its
+    answers end without an EOS, as the demo's generation canvas does (training one after the answer
+    made greedy decoding of 5 tokens fail on the fourth word)."""
+    vocab = vocabulary()
+    raw = {**DREAM_CONFIG, "vocab_size": len(vocab), "mask_token_id": vocab.index("<|mdm_mask|>"),
+           "eos_token_id": vocab.index("<|endoftext|>"), "pad_token_id": vocab.index("<|endoftext|>"),
+           "bos_token_id": vocab.index("<|startoftext|>")}
+    model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps)
+    write_checkpoint(out, raw, model, name=dream_name)
+    write_tokenizer(out, vocab, raw["max_position_embeddings"])
+
+
+def write_llama(out: Path, train_steps: int, seed: int = 0) -> None:
+    """A tiny LlamaForCausalLM, saved as transformers saves one (config.json, model.safetensors),
+    trained to write the answer after the prompt, token by token, for ``hf_skip``. Llama, not Qwen2
+    (the same blocks but for Qwen2's q/k/v biases): transformers 5 gives a qwen2 checkpoint its
+    byte-level BPE tokenizer class whatever tokenizer.json holds, which would split the demo's words."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = vocabulary()
+    index = {w: i for i, w in enumerate(vocab)}
+    eos = index["<|endoftext|>"]
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=192, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         eos_token_id=eos, pad_token_id=eos, bos_token_id=index["<|startoftext|>"],
+                         tie_word_embeddings=False, dtype="float32")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    for _ in range(train_steps):
+        rows, prompt_lens = [], []
+        for _ in range(64):
+            prompt, answer = reverse_example(rng)
+            rows.append([index[w] for w in (prompt + answer).split()])
+            prompt_lens.append(len(prompt.split()))
+        ids = torch.tensor(rows)  # every row has the same length (lists of 4 words)
+        logits = model(input_ids=ids).logits[:, :-1]
+        target = ids[:, 1:].clone()
+        target[torch.arange(target.shape[1])[None, :] < torch.tensor(prompt_lens)[:, None] - 1] = -100  # answer only
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(str(out))
+    write_tokenizer(out, vocab, config.max_position_embeddings)

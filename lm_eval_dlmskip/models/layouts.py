@@ -56,6 +56,18 @@ def stacked_shapes(cfg: LLaDAConfig) -> dict[str, tuple[int, ...]]:
             "moe.down": (moe.n_experts, cfg.d_model, moe.expert_hidden)}
 
 
+def dream_name(name: str) -> str:
+    """Our parameter name as a Dream checkpoint (Qwen2's names) spells it: the inverse of
+    ``placements`` for the dream layout, for writing one (``dlmskip demo --family dream``)."""
+    module, _, param = name.rpartition(".")
+    top = {ours: theirs for theirs, ours in _TOP["dream"].items()}
+    if module in top:
+        return f"{top[module]}.{param}"
+    _, layer, inner = module.split(".", 2)  # blocks.<i>.<module>
+    block = {ours: theirs for theirs, ours in _BLOCK["dream"].items()}
+    return f"model.layers.{layer}.{block[inner]}.{param}"
+
+
 def placements(key: str, tensor: Tensor, cfg: LLaDAConfig) -> Iterator[Placement]:
     """Where an upstream tensor goes among our parameters (an unknown key is kept under its own
     name, to be reported as unexpected)."""
