@@ -157,6 +157,7 @@ class GumbelRouting:
         self.temperature = temperature
         self.generator = generator
         self.skip_gates: list[Tensor] = []  # [B] per block
+        self.decided: list[Tensor] = []  # [B] per block: 1 = RoutedSkip's rule (argmax votes, > tau) runs it
 
     def noise(self, shape: torch.Size, device: torch.device) -> Tensor:
         """Gumbel(0, 1) samples -log(-log u) from uniforms u of the generator."""
@@ -173,8 +174,15 @@ class GumbelRouting:
         gate = ((share > self.tau) & has_masked).to(share.dtype)
         skip = gate + (share - share.detach())  # exactly 0 or 1 forward, gradient to the share
         self.skip_gates.append(skip)
+        argmax_share, _ = skip_share((logits.argmax(-1) == SKIP).float(), batch.masked.float())
+        self.decided.append((~((argmax_share > self.tau) & has_masked)).float())
         return 1.0 - skip  # execute gate: h + e1 (f(h) - h)
 
     def alpha(self) -> Tensor:
         """[B] share of skipped blocks per row (the paper's alpha)."""
         return torch.stack(self.skip_gates, 1).mean(1)
+
+    def decided_execution(self) -> Tensor:
+        """[B] share of blocks each row would run under inference's rule on these hidden states (no
+        noise: argmax votes, skip share strictly above tau): what a budget is measured in."""
+        return torch.stack(self.decided, 1).mean(1)
