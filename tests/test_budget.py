@@ -197,3 +197,41 @@ def test_bad_budgets_are_refused_before_anything_is_loaded(tmp_path, capsys, ext
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "r").exists()
+
+
+def test_routers_started_from_a_profile_skip_its_blocks_as_static_skipping_does(ref_model):
+    """Item 2: --init-profile starts the profile's blocks skipped. How many: --init-k, else the
+    budget's share of blocks (at most the profile's choices), else all; then the fresh routers run
+    exactly what StaticSkip runs, with the same logits."""
+    from lm_eval_dlmskip.skipping.policies import StaticSkip
+    from lm_eval_dlmskip.train.budget import initial_skips, start_skipping
+
+    order = [5, 2, 7, 1]
+    assert initial_skips(order, 8, 0.75, None) == [2, 5]  # round(0.25 x 8) = 2 of its choices
+    assert initial_skips(order, 8, 0.75, 3) == [2, 5, 7]
+    assert initial_skips(order, 8, None, None) == [1, 2, 5, 7]
+    assert initial_skips(order, 8, 0.1, None) == [1, 2, 5, 7]  # the budget would skip 7: all 4 it chose
+    torch.manual_seed(0)
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16, init_bias=4.0))
+    start_skipping(routers, [1, 4])
+    ids = torch.randint(0, 240, (4, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 6:] = MASK_ID
+    with torch.no_grad():
+        routed_logits, routed = ref_model(ids, policy=RoutedSkip(routers, 0.1))
+        static_logits, static = ref_model(ids, policy=StaticSkip(frozenset({1, 4})))
+    assert routed.executed.tolist() == static.executed.tolist() == [[True, False, True, True, False, True]] * 4
+    assert torch.equal(routed_logits, static_logits)
+
+
+def test_init_profile_settings_are_checked_before_loading(tmp_path, capsys):
+    from lm_eval_dlmskip.cli import main
+
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"format": 1, "kind": "lm_eval_dlmskip.skip_profile", "selection_order": [3, 1]}))
+    base = ["train", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "r")]
+    assert main([*base, "--init-k", "1"]) == 2
+    assert "--init-k needs --init-profile PATH" in capsys.readouterr().err
+    assert main([*base, "--init-profile", str(profile), "--init-k", "3"]) == 2
+    assert f"--init-k 3: the profile {profile} chose 2 blocks; give 0..2" in capsys.readouterr().err
+    assert main([*base, "--init-profile", str(tmp_path / "none.json")]) == 2
+    assert "no such file; make one with dlmskip calibrate" in capsys.readouterr().err

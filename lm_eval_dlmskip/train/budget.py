@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..skipping.routers import EXECUTE, Routers
+from ..skipping.routers import EXECUTE, SKIP, Routers
 
 log = logging.getLogger("lm_eval_dlmskip.train")
 
@@ -116,3 +116,21 @@ def calibrated(routers: Routers, measure_routers: Callable[[Routers], float], ta
     log.info("calibrated the routers to --target-ratio %.3f: held-out execution ratio %.4f -> %.4f (execute-logit "
              "offset %+.4f, %d held-out passes)", target, result.start_ratio, result.ratio, result.offset, result.evaluations)
     return result
+
+
+def initial_skips(profile_order: list[int], n_layers: int, target: float | None, k: int | None) -> list[int]:
+    """The blocks whose routers start skipping (sorted): the first ``k`` of a profile's choices,
+    else, with a target ratio, as many as the budget skips (round((1 - R) n), at most all of its
+    choices), else all of them."""
+    if k is None:
+        k = len(profile_order) if target is None else min(len(profile_order), round((1 - target) * n_layers))
+    return sorted(profile_order[:k])
+
+
+def start_skipping(routers: Routers, blocks: list[int]) -> None:
+    """Flip the initial bias of these blocks' routers: skip wins by ``init_bias``, so training
+    starts from the static set and the routers learn where it should not hold."""
+    with torch.no_grad():
+        for block in blocks:
+            bias = routers.routers[block].net[-1].bias
+            bias[SKIP], bias[EXECUTE] = 0.0, -routers.cfg.init_bias

@@ -33,6 +33,8 @@ class TrainConfig:
     router_depth: int = 2
     norm_first: bool = False
     init_bias: float = 4.0
+    init_profile: str | None = None  # skip profile (dlmskip calibrate) whose blocks start skipped
+    init_k: int | None = None  # how many of its choices; None: the budget's share, else all
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -79,6 +81,14 @@ class TrainConfig:
             raise ValueError(f"--lambda {self.lam} must be >= 0")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size} must be >= 1 (or left out: the largest that fits)")
+        if self.init_k is not None and self.init_profile is None:
+            raise ValueError("--init-k needs --init-profile PATH (a skip profile from dlmskip calibrate)")
+        if self.init_profile is not None:
+            from ..skipping.profiles import read_profile
+
+            chosen = len(read_profile(self.init_profile)["selection_order"])
+            if self.init_k is not None and not 0 <= self.init_k <= chosen:
+                raise ValueError(f"--init-k {self.init_k}: the profile {self.init_profile} chose {chosen} blocks; give 0..{chosen}")
         if self.block_length is not None and self.block_length < 1:
             raise ValueError(f"--block-length {self.block_length} must be >= 1")
         if self.batch_size is not None and self.effective_batch_size % self.batch_size:
@@ -110,6 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--router-depth", type=int, default=2, help="linear layers per router (2 as in the paper; 4 also tried)")
     a("--norm-first", action="store_true", help="RMSNorm(d) -> Linear -> SiLU -> Linear instead of D-LLM's order")
     a("--init-bias", type=float, default=4.0, help="execute-minus-skip logit bias at start (all blocks run)")
+    a("--init-profile", help="skip profile from dlmskip calibrate: its blocks' routers start voting skip (what static "
+                             "skipping knows, for the routers to refine); how many: --init-k, else with --target-ratio "
+                             "round((1 - R) x blocks) of its choices, else all")
+    a("--init-k", type=int, help="with --init-profile: start its first K choices skipped")
     a("--lora", action="store_true", help="also train LoRA adapters on the blocks (peft)")
     a("--lora-rank", type=int, default=8)
     a("--lora-alpha", type=int, default=16)

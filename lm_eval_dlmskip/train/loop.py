@@ -41,10 +41,11 @@ from ..common.files import write_atomically
 from ..data import Pair, encode_pairs, jsonl_texts, split_validation, task_texts, tokenizer_chat_template
 from ..decoding.block_diffusion import attention_block_length
 from ..models.loading import load_model, load_tokenizer, tokenizer_fingerprint
-from ..skipping.identity import model_identity
+from ..skipping.identity import check_identity, model_identity
+from ..skipping.profiles import read_profile
 from ..skipping.router_checkpoints import save_routers
 from ..skipping.routers import RouterConfig, Routers
-from .budget import DualAscent, calibrated
+from .budget import DualAscent, calibrated, initial_skips, start_skipping
 from .config import TrainConfig
 from .objective import VALIDATION_DRAWS, Batch, RouterObjective, collate, validate
 from .state import check_run_folder, load_train_state, resumed_log, save_train_state
@@ -199,6 +200,13 @@ def train(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)  # router initialisation
     routers = Routers(RouterConfig(mcfg.d_model, mcfg.n_layers, cfg.router_hidden, cfg.router_depth, cfg.norm_first, cfg.init_bias, cfg.tau)).to(device)
+    init_blocks = None
+    if cfg.init_profile is not None:
+        profile = read_profile(cfg.init_profile)
+        check_identity(profile["base_model"], mcfg, checkpoint.fingerprint, False,
+                       f"--init-profile {cfg.init_profile} was measured on", tokenizer_fingerprint(tokenizer))
+        init_blocks = initial_skips(profile["selection_order"], mcfg.n_layers, cfg.target_ratio, cfg.init_k)
+        start_skipping(routers, init_blocks)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -253,6 +261,8 @@ def train(cfg: TrainConfig) -> dict:
             "max_length": cfg.max_length,
             "block_length": block_length,  # of block-causal attention (LLaDA2); None: every position attends to all
             "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha} if cfg.lora else None,
+            "init_profile": cfg.init_profile,
+            "init_skipped_blocks": init_blocks,  # 0-based, started skipped (--init-profile)
         },
     }
     log_lines = resumed_log(out, start) if cfg.resume else []
