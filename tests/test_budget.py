@@ -235,3 +235,39 @@ def test_init_profile_settings_are_checked_before_loading(tmp_path, capsys):
     assert f"--init-k 3: the profile {profile} chose 2 blocks; give 0..2" in capsys.readouterr().err
     assert main([*base, "--init-profile", str(tmp_path / "none.json")]) == 2
     assert "no such file; make one with dlmskip calibrate" in capsys.readouterr().err
+
+
+def test_kept_blocks_always_run_and_bound_the_budget(ref_model, tmp_path, monkeypatch, capsys):
+    """--keep-blocks: those blocks run whatever their routers would vote, in training's routing
+    and in RoutedSkip (whose FLOPs count only the routers consulted), the setting survives the
+    checkpoint, and a --target-ratio at or below their share is refused after reading config.json
+    and before any weight is read."""
+    import lm_eval_dlmskip.train.loop as train_module
+    from lm_eval_dlmskip.cli import main
+    from lm_eval_dlmskip.models.loading import load_llada
+    from lm_eval_dlmskip.skipping.identity import model_identity
+    from lm_eval_dlmskip.skipping.router_checkpoints import load_routers, save_routers
+
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16, init_bias=-10.0, keep=[3, 0]))  # all vote skip
+    ids = torch.randint(0, 240, (3, 10), generator=torch.Generator().manual_seed(0))
+    ids[:, 5:] = MASK_ID
+    with torch.no_grad():
+        _, trace = ref_model(ids, policy=RoutedSkip(routers, 0.1))
+        routing = GumbelRouting(routers, 1.0, torch.Generator().manual_seed(0))
+        ref_model(ids, policy=routing)
+    assert trace.executed.tolist() == [[True, False, False, True, False, False]] * 3 and trace.routed_layers == 4
+    assert routing.decided_execution().tolist() == pytest.approx([2 / 6] * 3) and routing.alpha().tolist() == pytest.approx([4 / 6] * 3)
+    base = load_llada(str(REFERENCE))
+    save_routers(tmp_path / "kept", routers, model_identity(base.model.cfg, str(REFERENCE), base.fingerprint), {})
+    assert load_routers(tmp_path / "kept", base.model.cfg, base.fingerprint).routers.cfg.keep == (0, 3)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights read before the budget was checked")
+
+    monkeypatch.setattr(train_module, "load_model", no_weights)
+    args = ["train", "--model", str(REFERENCE), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "r")]
+    assert main([*args, "--keep-blocks", "0,5,2", "--target-ratio", "0.5"]) == 2
+    assert ("--target-ratio 0.5 is at or below what the routers can reach: 3 of 6 blocks always run (--keep-blocks), "
+            "so at least 0.5000 of the blocks execute") in capsys.readouterr().err
+    assert main([*args, "--keep-blocks", "0,6", "--target-ratio", "0.7"]) == 2
+    assert "--keep-blocks 0,6: give distinct 0-based blocks in 0..5" in capsys.readouterr().err

@@ -35,6 +35,7 @@ class TrainConfig:
     init_bias: float = 4.0
     init_profile: str | None = None  # skip profile (dlmskip calibrate) whose blocks start skipped
     init_k: int | None = None  # how many of its choices; None: the budget's share, else all
+    keep_blocks: tuple[int, ...] = ()  # 0-based blocks that always run (no router decides them)
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -124,6 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "skipping knows, for the routers to refine); how many: --init-k, else with --target-ratio "
                              "round((1 - R) x blocks) of its choices, else all")
     a("--init-k", type=int, help="with --init-profile: start its first K choices skipped")
+    a("--keep-blocks", type=_blocks, default=(), help="0-based blocks that always run, e.g. 0,11: no router decides them "
+                                                      "(the lowest --target-ratio is their share of the blocks)")
     a("--lora", action="store_true", help="also train LoRA adapters on the blocks (peft)")
     a("--lora-rank", type=int, default=8)
     a("--lora-alpha", type=int, default=16)
@@ -148,6 +151,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a("--device", choices=["cuda", "cpu"])
     a("--resume", action="store_true", help="continue the run in --output from its last saved step")
+
+
+def _blocks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.replace(" ", ",").split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0-based block numbers, e.g. 0,11") from None
+
+
+def budget_floor(cfg: TrainConfig, n_layers: int) -> float:
+    """The lowest execution ratio the routers can reach: the share of blocks no router decides
+    (a block whose router votes skip at every masked position is skipped by any tau < 1)."""
+    return len(cfg.keep_blocks) / n_layers
+
+
+def check_blocks(cfg: TrainConfig, n_layers: int) -> None:
+    """What needs the model's block count (read from its config.json, before any weight): the kept
+    blocks exist, and --target-ratio is above what the routers can reach."""
+    bad = [b for b in cfg.keep_blocks if not 0 <= b < n_layers]
+    if bad or len(set(cfg.keep_blocks)) != len(cfg.keep_blocks):
+        raise ValueError(f"--keep-blocks {','.join(map(str, cfg.keep_blocks))}: give distinct 0-based blocks in "
+                         f"0..{n_layers - 1} (the papers number them 1..{n_layers})")
+    floor = budget_floor(cfg, n_layers)
+    if cfg.target_ratio is not None and cfg.target_ratio <= floor:
+        raise ValueError(f"--target-ratio {cfg.target_ratio:g} is at or below what the routers can reach: "
+                         f"{len(cfg.keep_blocks)} of {n_layers} blocks always run (--keep-blocks), so at least "
+                         f"{floor:.4f} of the blocks execute; ask for more than {floor:.4f} or keep fewer blocks")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -182,5 +212,6 @@ def command_arguments(cfg: TrainConfig) -> list[str]:
         default = getattr(defaults, action.dest, action.default) if action.dest not in ("model", "output") else None
         if not action.option_strings or action.dest in ("resume", "output", "help") or value == default:
             continue
-        words += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], str(value)]
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)  # --keep-blocks 0,11
+        words += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], text]
     return words

@@ -45,7 +45,7 @@ def load_train_state(out: Path, optimizer: torch.optim.Optimizer, cfg: TrainConf
     meta = json.loads((out / "train_state.json").read_text())
     saved = {f: v for f, v in meta["config"].items() if f not in _RESUMABLE_CHANGES}
     saved = {"target_ratio": None, "dual_lr": cfg.dual_lr, **saved}  # runs saved before --target-ratio existed
-    differ = [f for f, v in saved.items() if getattr(cfg, f) != v]
+    differ = [f for f, v in saved.items() if getattr(cfg, f) != (tuple(v) if isinstance(v, list) else v)]  # JSON lists
     if differ:
         raise ValueError(f"--resume: {out} was trained with other settings ({', '.join(differ)}); resume with the same ones")
     tensors = load_file(str(out / "train_state.safetensors"))
