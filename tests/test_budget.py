@@ -136,7 +136,7 @@ def test_routers_trained_to_a_target_run_that_share_of_blocks_in_lm_eval(tmp_pat
     meta = json.loads((out / "router.json").read_text())
     budget = meta["budget"]
     assert meta["lambda"] is None and meta["target_ratio"] == 0.75 and budget["target_ratio"] == 0.75
-    assert abs(budget["achieved_ratio"] - 0.75) <= 0.02 and budget["achieved_ratio"] == meta["metrics"]["val_execution_ratio"]
+    assert abs(budget["achieved_ratio"] - 0.75) <= 0.02 and "16 masked draws" in budget["measured_on"]
     assert budget["uncalibrated_ratio"] < 0.95  # training itself moved the routers toward the target
     printed = capsys.readouterr().out
     assert f"execution ratio: target 0.750, achieved {budget['achieved_ratio']:.4f}" in printed

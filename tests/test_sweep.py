@@ -275,7 +275,12 @@ def test_routed_targets_train_routers_once_and_rerun_when_their_recipe_changes(t
     fake.trained.clear(), fake.runs.clear()
     assert sweep.run_sweep(args) == 0
     assert fake.trained == [] and fake.runs == []
+    assert "[routed-target0.8] results exist for the same settings, reused" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "sweep" / "routed-target0.8")  # results lost, router kept: evaluated again, not retrained
+    assert sweep.run_sweep(args) == 0
+    assert fake.trained == [] and fake.runs == ["routed-target0.8"]
     assert f"[routed-target0.8] router {routers / 'target0.8'} trained with the same recipe, reused" in capsys.readouterr().out
+    fake.runs.clear()
     changed = _sweep_args(tmp_path, model=str(ref_dir), tasks="budget_gen", include_path=str(tasks), routed_targets="0.8,0.6",
                           train_args=TRAIN_ARGS.replace("--max-steps 3", "--max-steps 4"))
     with pytest.raises(ValueError, match=r"(?s)routed-target0.8: router .*'--max-steps', '3'.* -> .*'--max-steps', '4'"

@@ -45,7 +45,7 @@ from ..skipping.identity import check_identity, model_identity
 from ..skipping.profiles import read_profile
 from ..skipping.router_checkpoints import save_routers
 from ..skipping.routers import RouterConfig, Routers
-from .budget import DualAscent, calibrated, initial_skips, start_skipping
+from .budget import CALIBRATION_DRAWS, DualAscent, calibrated, initial_skips, start_skipping
 from .config import TrainConfig, check_blocks
 from .objective import VALIDATION_DRAWS, Batch, RouterObjective, collate, validate
 from .state import check_run_folder, load_train_state, resumed_log, save_train_state
@@ -301,10 +301,10 @@ def train(cfg: TrainConfig) -> dict:
                     if k != "step" and isinstance(v, (int, float)):
                         writer.add_scalar(k, v, entry["step"])
 
-    def validated(routers: Routers | None = None) -> dict:
+    def validated(routers: Routers | None = None, draws: int = VALIDATION_DRAWS) -> dict:
         unwrapped = accelerator.unwrap_model(objective)
         return validate(unwrapped.backbone, routers or unwrapped.routers, val_pairs, micro, cfg.seed, mcfg.mask_token_id,
-                        pad_id, block_length)
+                        pad_id, block_length, draws)
 
     if start == 0 and val_pairs:
         record({"step": 0, **validated()})
@@ -345,12 +345,13 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     if budget is not None:
         routers_now = accelerator.unwrap_model(objective).routers
-        calibration = calibrated(routers_now, lambda trial: validated(trial)["val_execution_ratio"], cfg.target_ratio)
+        calibration = calibrated(routers_now, lambda trial: validated(trial, CALIBRATION_DRAWS)["val_execution_ratio"],
+                                 cfg.target_ratio)
         metrics = validated()
         record({"step": total, "calibration_offset": calibration.offset, **metrics})
-        budget_result = {"achieved_ratio": metrics["val_execution_ratio"], "uncalibrated_ratio": calibration.start_ratio,
+        budget_result = {"achieved_ratio": calibration.ratio, "uncalibrated_ratio": calibration.start_ratio,
                          "calibration_offset": calibration.offset, "measured_on": f"{len(val_pairs)} held-out examples "
-                         f"x {VALIDATION_DRAWS} masked draws (l of T stratified), in the evaluation dtype"}
+                         f"x {CALIBRATION_DRAWS} masked draws (l of T stratified), in the evaluation dtype"}
     save(total, final=True)
     warning = too_short_warning(log_lines, total, warmup, cfg) if accelerator.is_main_process else None
     if warning:
