@@ -182,3 +182,29 @@ def test_analyze_profile_figure_marks_threshold_selection_and_what_was_measured(
         assert said in subtitle, said
     for name in ("similarity_profile", "similarity_heatmap"):
         _assert_blocks_numbered_from_zero(figures[name].axes[0], n_layers)
+
+
+def budget_router(target: float) -> dict:
+    """A routed run's skip settings as describe_router writes them for dlmskip train --target-ratio."""
+    return {"method": "routed", "router": f"sweep/routers/target{target:g}", "tau": 0.1, "lambda": None,
+            "alpha_target": None, "mask_scaling": True, "target_ratio": target, "router_shape": {"hidden": 8}}
+
+
+def test_routers_trained_to_targets_are_one_line_along_the_target(tmp_path):
+    """Three budget routers (R = 0.9, 0.8, 0.7) are one series joined in R order, named by R, beside
+    the λ routers' own series; the heatmap names them by R too."""
+    runs = [
+        write_run(tmp_path, "base", {"method": "none"}, {"gen": 1.0}),
+        write_run(tmp_path, "routed-target0.9", budget_router(0.9), {"gen": 1.0}, flops_papers=0.9),
+        write_run(tmp_path, "routed-target0.7", budget_router(0.7), {"gen": 0.9}, flops_papers=0.71),
+        write_run(tmp_path, "routed-target0.8", budget_router(0.8), {"gen": 0.95}, flops_papers=0.79),
+        write_run(tmp_path, "routed-l1", routed(1.0), {"gen": 0.8}, flops_papers=0.6),
+    ]
+    board = build_leaderboard(load_runs(runs))
+    ax = accuracy_figure(board, "gen").axes[0]
+    joined = [list(zip(line.get_xdata(), line.get_ydata())) for line in ax.lines
+              if len(line.get_xdata()) > 1 and line.get_label() != "base accuracy"]
+    assert joined == [[(0.71, 90.0), (0.79, 95.0), (0.9, 100.0)]]
+    assert {"routed R=0.9 τ=0.1", "routed R=0.8 τ=0.1", "routed R=0.7 τ=0.1", "routed λ=1 τ=0.1"} <= set(labels_of(ax))
+    legend = [t.get_text() for t in ax.figure.legends[0].get_texts()]
+    assert "routed to a budget (one point per target ratio R)" in legend and "routed (one point per λ)" in legend

@@ -224,3 +224,92 @@ def test_calibrate_overwrite_replaces_the_profile(tmp_path, ref_dir):
     assert main(args + ["--overwrite"]) == 0
     replaced = json.loads(profile.read_text())
     assert len(replaced["selection_order"]) == 2 and "similarity" in replaced
+
+
+class TrainsAndFakesLmEval(FakeLmEval):
+    """Runs ``python -m lm_eval_dlmskip.train`` commands for real (in this process); fakes lm_eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trained: list[str] = []  # the router folders trained since the last clear
+
+    def __call__(self, cmd: list[str]):
+        if cmd[1:3] != ["-m", "lm_eval_dlmskip.train"]:
+            return super().__call__(cmd)
+        from lm_eval_dlmskip.train.cli import main
+
+        self.trained.append(Path(cmd[cmd.index("--output") + 1]).name)
+        return type("Done", (), {"returncode": main(cmd[3:])})()
+
+
+TRAIN_ARGS = ("--router-hidden 16 --batch-size 8 --effective-batch-size 8 --max-steps 3 --warmup-steps 1 --lr 1e-2 "
+              "--dtype float32 --device cpu --eval-every 1000 --val-fraction 0.1")
+
+
+@pytest.mark.slow
+def test_routed_targets_train_routers_once_and_rerun_when_their_recipe_changes(tmp_path, ref_dir, monkeypatch, capsys):
+    """--routed-targets 0.8,0.6: two routers trained to those targets (router.json says so), each
+    evaluated with its folder; a second call retrains and reruns nothing; another training argument
+    makes both stale (refused, naming the change; --rerun-stale retrains and reruns them); a run
+    whose training stopped resumes it."""
+    from .test_budget import _budget_task
+
+    fake = TrainsAndFakesLmEval()
+    monkeypatch.setattr(sweep.subprocess, "run", fake)
+    tasks = _budget_task(tmp_path / "tasks")
+    args = _sweep_args(tmp_path, model=str(ref_dir), tasks="budget_gen", include_path=str(tasks), routed_targets="0.8,0.6",
+                       train_args=TRAIN_ARGS)
+    plans = {run.name: run for run in sweep.plan_runs(args)}
+    assert list(plans) == ["base", "routed-target0.8", "routed-target0.6"]
+    recipe = plans["routed-target0.8"].key["model_args"]["router"]["trained"]
+    assert recipe == {"model": str(ref_dir), "task": "budget_gen", "include_path": str(tasks), "target_ratio": 0.8,
+                      "train_args": TRAIN_ARGS.split()}
+    assert sweep.run_sweep(args) == 0
+    routers = tmp_path / "sweep" / "routers"
+    assert fake.trained == ["target0.8", "target0.6"] and fake.runs == ["base", "routed-target0.8", "routed-target0.6"]
+    for target in (0.8, 0.6):
+        meta = json.loads((routers / f"target{target:g}" / "router.json").read_text())
+        assert meta["target_ratio"] == target and meta["training"]["steps"] == 3
+        [results] = (tmp_path / "sweep" / f"routed-target{target:g}").rglob("results_*.json")
+        assert json.loads(results.read_text())["router"] == str(routers / f"target{target:g}")
+    fake.trained.clear(), fake.runs.clear()
+    assert sweep.run_sweep(args) == 0
+    assert fake.trained == [] and fake.runs == []
+    assert "[routed-target0.8] results exist for the same settings, reused" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "sweep" / "routed-target0.8")  # results lost, router kept: evaluated again, not retrained
+    assert sweep.run_sweep(args) == 0
+    assert fake.trained == [] and fake.runs == ["routed-target0.8"]
+    assert f"[routed-target0.8] router {routers / 'target0.8'} trained with the same recipe, reused" in capsys.readouterr().out
+    fake.runs.clear()
+    changed = _sweep_args(tmp_path, model=str(ref_dir), tasks="budget_gen", include_path=str(tasks), routed_targets="0.8,0.6",
+                          train_args=TRAIN_ARGS.replace("--max-steps 3", "--max-steps 4"))
+    with pytest.raises(ValueError, match=r"(?s)routed-target0.8: router .*'--max-steps', '3'.* -> .*'--max-steps', '4'"
+                                         r".*routed-target0.6: .*--rerun-stale"):
+        sweep.run_sweep(changed)
+    assert fake.trained == [] and fake.runs == []
+    changed.rerun_stale = True
+    assert sweep.run_sweep(changed) == 0
+    assert fake.trained == ["target0.8", "target0.6"] and fake.runs == ["routed-target0.8", "routed-target0.6"]
+    assert json.loads((routers / "target0.8" / "router.json").read_text())["training"]["steps"] == 4
+    # training stopped before its end (here: its router.json says unfinished): the sweep resumes it
+    meta_file = routers / "target0.6" / "router.json"
+    meta = json.loads(meta_file.read_text())
+    meta["training"]["finished"] = False
+    meta_file.write_text(json.dumps(meta))
+    shutil.rmtree(tmp_path / "sweep" / "routed-target0.6")
+    fake.trained.clear(), fake.runs.clear()
+    assert sweep.run_sweep(changed) == 0
+    assert fake.trained == ["target0.6"] and fake.runs == ["routed-target0.6"]
+    assert "--resume" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(routed_targets="0.8,1.2"), r"--routed-targets 0.8,1.2: 1.2 is not in \(0, 1\)"),
+    (dict(routed_targets="0.8,0.8"), "a target is given twice"),
+    (dict(routed_targets="0.8", tasks="a,b"), "--tasks names 2 tasks; say which one the routers train on with --train-task"),
+    (dict(routed_targets="0.8", train_args="--lambda 1"), r"--lambda is set by the sweep"),
+])
+def test_routed_targets_are_checked_before_any_run(tmp_path, lm_eval, change, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.run_sweep(_sweep_args(tmp_path, **change))
+    assert lm_eval.runs == [] and not (tmp_path / "sweep").exists()

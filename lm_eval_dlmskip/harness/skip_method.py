@@ -77,7 +77,7 @@ def describe_router(routed: RouterCheckpoint) -> dict:
         "method": "routed",
         "router": str(routed.path),
         "tau": routed.routers.cfg.tau,
-        **{k: meta.get(k) for k in ("lambda", "alpha_target", "mask_scaling")},
+        **{k: meta.get(k) for k in ("lambda", "alpha_target", "mask_scaling", "target_ratio")},
         "router_shape": meta["router"],
         "trained_on": meta.get("training", {}).get("source"),
         "trained_for": meta["base_model"]["name"],

@@ -140,6 +140,8 @@ def method_label(skip: dict | None) -> str:
     if method == "random":
         return f"random k={skip.get('k')}"
     if method == "routed":
+        if skip.get("target_ratio") is not None:  # trained to a budget (dlmskip train --target-ratio)
+            return f"routed R={short_number(skip['target_ratio'])} τ={short_number(skip.get('tau'))}"
         return f"routed λ={short_number(skip.get('lambda'))} τ={short_number(skip.get('tau'))}"
     return str(method)
 

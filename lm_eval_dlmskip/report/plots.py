@@ -22,6 +22,7 @@ FAMILIES = {
     "static": ("C0", "o", "static (k = blocks skipped)"),
     "random": ("C1", "s", "random (k blocks per forward)"),
     "routed": ("C2", "^", "routed (one point per λ)"),
+    "budget": ("C4", "v", "routed to a budget (one point per target ratio R)"),
     "other": ("C3", "D", "other model or method"),
 }
 # family -> (the swept skip setting, the settings a series shares): a line joins one series' points in
@@ -30,8 +31,9 @@ SERIES = {
     "static": ("k", ("skip_profile",)),
     "random": ("k", ("seed",)),
     "routed": ("lambda", ("tau", "alpha_target", "mask_scaling", "router_shape", "trained_on", "trained_for")),
+    "budget": ("target_ratio", ("tau", "mask_scaling", "router_shape", "trained_on", "trained_for")),
 }
-SWEPT_NAMES = {"k": "k", "lambda": "λ"}
+SWEPT_NAMES = {"k": "k", "lambda": "λ", "target_ratio": "R"}
 LINESTYLES = ("-", "--", ":", "-.")
 MARKER_SIZES = {"*": 15.0}  # others: 7
 NEAR = 0.015  # points closer than this share of both axes' spans coincide on the page
@@ -53,6 +55,9 @@ class Point:
 
     @property
     def family(self) -> str:
+        """The row's family; routed runs trained to a budget (--target-ratio) form their own series."""
+        if self.row.family == "routed" and self.row.run.skip.get("target_ratio") is not None:
+            return "budget"
         return self.row.family if self.row.family in FAMILIES else "other"
 
 
@@ -279,7 +284,8 @@ def routed_blocks_figure(board: Leaderboard) -> Any | None:
     rows = [r for r in board.rows if r.family == "routed" and (r.flops or {}).get("block_execution_ratio")]
     if not rows:
         return None
-    labels = _unique([f"{r.task} λ={short_number(r.run.skip.get('lambda'))}" for r in rows], rows)
+    labels = _unique([f"{r.task} " + (f"R={short_number(r.run.skip['target_ratio'])}" if r.run.skip.get("target_ratio") is not None
+                      else f"λ={short_number(r.run.skip.get('lambda'))}") for r in rows], rows)
     n_blocks = max(len(r.flops["block_execution_ratio"]) for r in rows)
     ratios = [r.flops["block_execution_ratio"] for r in rows]
     matrix = [[*ratio, *[float("nan")] * (n_blocks - len(ratio))] for ratio in ratios]

@@ -2,11 +2,14 @@
 
 Runs, each into ``OUT/<run>/`` with ``lm_eval --output_path``: ``base``; ``static-k<k>`` for k = 1..K
 from a skip profile (its first k choices, ``skip_profile=..,skip_k=k``); ``random-k<k>-seed<s>``;
-``routed-<name>`` for every router checkpoint. Every run gets the same ``mc_seed``, so they all score
-with the same Monte-Carlo masks.
+``routed-<name>`` for every router checkpoint; ``routed-target<R>`` for every ``--routed-targets`` R:
+routers trained first by ``dlmskip train --target-ratio R`` (on ``--train-task``, with
+``--train-args``) into ``OUT/routers/target<R>/``, then evaluated. Every run gets the same
+``mc_seed``, so they all score with the same Monte-Carlo masks.
 
 Each run is keyed by what it evaluates, not by its name: every model arg, with a profile's path
-replaced by the blocks it selects and a router's path by a checksum of its weights and shape, and
+replaced by the blocks it selects and a router's path by a checksum of its weights and shape (a
+router the sweep trains by its training recipe: model, task, target and training arguments), and
 the tasks, ``--include-path`` and ``--lm-eval-args``. The key is written to ``OUT/<run>/sweep_run.json``
 before lm-eval starts. A run whose folder holds results made under the same key is reused, so an
 interrupted sweep resumes where it stopped; results made under another key (a recalibrated profile,
@@ -31,6 +34,7 @@ from ..skipping.profiles import profile_blocks, read_profile
 from ..skipping.router_checkpoints import resolve_router, router_digest
 
 KEY_FILE = "sweep_run.json"
+TRAINED_KEY_FILE = "sweep_train.json"  # beside a router the sweep trained: the recipe it was trained with
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Run:
     name: str
     model_args: dict  # as lm_eval gets them
     key: dict  # what the run evaluates; equal keys give equal results
+    train: dict | None = None  # a router to train first: its recipe (train_key) and folder
 
     def command(self, args: argparse.Namespace, target: Path) -> list[str]:
         cmd = [sys.executable, "-m", "lm_eval", "--model", "llada_skip", "--model_args", json.dumps(self.model_args),
@@ -65,11 +70,74 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
         runs += [(f"random-k{k}-seed{s}", {**base, "skip_random": k, "seed": s}) for s in _ints(args.random_seeds)]
     for router in args.routers or []:
         runs.append((f"routed-{Path(router).name}", {**base, "router": router}))
+    recipes = {}
+    for target in _targets(args.routed_targets):
+        name, recipe = f"routed-target{target:g}", train_recipe(args, target)
+        recipes[name] = recipe
+        runs.append((name, {**base, "router": str(Path(args.out) / "routers" / f"target{target:g}")}))
     names = [name for name, _ in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"two runs would share a directory: {sorted(n for n in names if names.count(n) > 1)}")
     settings = {"tasks": args.tasks, "include_path": args.include_path, "lm_eval_args": shlex.split(args.lm_eval_args or "")}
-    return [Run(name, model_args, {"model_args": _evaluated(model_args), **settings}) for name, model_args in runs]
+    planned = []
+    for name, model_args in runs:
+        recipe = recipes.get(name)
+        evaluated = _evaluated(model_args) if recipe is None else {**model_args, "router": {"trained": recipe}}
+        train = None if recipe is None else {"recipe": recipe, "folder": model_args["router"]}
+        planned.append(Run(name, model_args, {"model_args": evaluated, **settings}, train))
+    return planned
+
+
+def _targets(text: str | None) -> list[float]:
+    """--routed-targets as numbers, each in (0, 1), none twice."""
+    targets = [float(x) for x in str(text).split(",") if x.strip()] if text else []
+    bad = [t for t in targets if not 0 < t < 1]
+    if bad:
+        raise ValueError(f"--routed-targets {text}: {bad[0]:g} is not in (0, 1); give fractions of blocks executed, e.g. 0.9,0.8,0.7")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"--routed-targets {text}: a target is given twice")
+    return targets
+
+
+def train_recipe(args: argparse.Namespace, target: float) -> dict:
+    """What a router the sweep trains is made from: the model, the training task and folder, the
+    target and every other ``dlmskip train`` argument (a change to any of them retrains it)."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    task = args.train_task or (tasks[0] if len(tasks) == 1 else None)
+    if task is None:
+        raise ValueError(f"--routed-targets: --tasks names {len(tasks)} tasks; say which one the routers train on "
+                         "with --train-task NAME")
+    train_args = shlex.split(args.train_args or "")
+    taken = {"--model", "--task", "--data", "--include-path", "--output", "--target-ratio", "--lambda", "--alpha-target", "--resume"}
+    clash = sorted(word for word in train_args if word.split("=")[0] in taken)
+    if clash:
+        raise ValueError(f"--train-args {args.train_args!r}: {clash[0].split('=')[0]} is set by the sweep (--model, "
+                         "--train-task, --include-path, --routed-targets); give the other dlmskip train options only")
+    return {"model": args.model, "task": task, "include_path": args.include_path, "target_ratio": target,
+            "train_args": train_args}
+
+
+def train_command(recipe: dict, folder: str, resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "lm_eval_dlmskip.train", "--model", recipe["model"], "--task", recipe["task"],
+           "--output", folder, "--target-ratio", str(recipe["target_ratio"])]
+    if recipe["include_path"]:
+        cmd += ["--include-path", recipe["include_path"]]
+    return cmd + recipe["train_args"] + (["--resume"] if resume else [])
+
+
+def trained_recipe(folder: Path) -> dict | None:
+    """The recipe a router folder of the sweep was trained with (None: none recorded)."""
+    try:
+        return json.loads((folder.parent / f"{folder.name}.{TRAINED_KEY_FILE}").read_text())["recipe"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def finished_router(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "router.json").read_text())["training"]["finished"] is True
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return False
 
 
 def _evaluated(model_args: dict) -> dict:
@@ -150,6 +218,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     earlier = read_manifest(out / "sweep.json")
     stale = {run.name: key_changes(recorded_key(out / run.name), run.key) for run in runs
              if has_results(out / run.name) and recorded_key(out / run.name) != run.key}
+    for run in runs:  # a router trained with another recipe (its results, if any, are stale above)
+        folder = None if run.train is None else Path(run.train["folder"])
+        if folder is not None and folder.exists() and trained_recipe(folder) != run.train["recipe"] and run.name not in stale:
+            stale[run.name] = "its router was trained with " + key_changes(
+                None if trained_recipe(folder) is None else {"model_args": trained_recipe(folder)},
+                {"model_args": run.train["recipe"]})
     if stale and not args.rerun_stale:
         lines = "\n".join(f"  {name}: {change}" for name, change in stale.items())
         raise ValueError(f"results under {out} were made with other settings than this sweep's:\n{lines}\n"
@@ -165,11 +239,16 @@ def run_sweep(args: argparse.Namespace) -> int:
         if run.name in stale:
             print(f"[{run.name}] {'would delete' if args.dry_run else 'deleting'} results made with other settings "
                   f"({stale[run.name]})", flush=True)
+            if not args.dry_run:
+                shutil.rmtree(target, ignore_errors=True)
+                if run.train is not None:
+                    _remove_trained(Path(run.train["folder"]))
+        if run.train is not None and not _train_router(run, args.dry_run):
+            failed.append(run.name)
+            continue
         print(f"[{run.name}] {shlex.join(cmd)}", flush=True)
         if args.dry_run:
             continue
-        if run.name in stale:
-            shutil.rmtree(target)
         write_json(target / KEY_FILE, {"run": run.name, "key": run.key})  # before lm-eval writes results under it
         done = subprocess.run(cmd)
         if done.returncode:
@@ -186,6 +265,29 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_router(run: Run, dry_run: bool) -> bool:
+    """Train the run's router unless a finished one of the same recipe is there (an unfinished one
+    is resumed); records the recipe beside it. False when training failed."""
+    folder = Path(run.train["folder"])
+    if finished_router(folder) and trained_recipe(folder) == run.train["recipe"]:
+        print(f"[{run.name}] router {folder} trained with the same recipe, reused", flush=True)
+        return True
+    cmd = train_command(run.train["recipe"], str(folder), resume=folder.exists())
+    print(f"[{run.name}] {shlex.join(cmd)}", flush=True)
+    if dry_run:
+        return True
+    write_json(folder.parent / f"{folder.name}.{TRAINED_KEY_FILE}", {"run": run.name, "recipe": run.train["recipe"]})
+    done = subprocess.run(cmd)
+    if done.returncode:
+        print(f"[{run.name}] training failed with exit code {done.returncode}", flush=True)
+    return done.returncode == 0
+
+
+def _remove_trained(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder.parent / f"{folder.name}.{TRAINED_KEY_FILE}").unlink(missing_ok=True)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", required=True, help="LLaDA hub id or checkpoint directory")
@@ -198,6 +300,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--random-seeds", default="0", help="seeds of the random runs, e.g. 0,1,2")
     a("--mc-seed", type=int, default=1234, help="Monte-Carlo mask seed, the same for every run")
     a("--routers", nargs="*", help="router checkpoint directories")
+    a("--routed-targets", help="train routers to these execution ratios (dlmskip train --target-ratio) into OUT/routers/ "
+                               "and evaluate them, e.g. 0.9,0.8,0.7")
+    a("--train-task", help="the task the --routed-targets routers train on (default: the one task of --tasks)")
+    a("--train-args", help='other dlmskip train options of those routers, e.g. "--max-steps 300 --lr 1e-3 --batch-size 8"')
     a("--model-args", help="extra model_args for every run, in lm-eval syntax (mc_num=128,cfg=0)")
     a("--lm-eval-args", help='extra lm_eval arguments, e.g. "--batch_size 8 --device cuda --limit 200"')
     a("--rerun-stale", action="store_true",

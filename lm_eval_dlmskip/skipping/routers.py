@@ -46,10 +46,17 @@ class RouterConfig:
     init_bias: float = 4.0  # execute logit minus skip logit at initialisation
     tau: float = 0.1
     eps: float = 1e-5
+    keep: tuple[int, ...] = ()  # 0-based blocks that always run: no router decides them
 
     def __post_init__(self) -> None:
         if self.hidden is None:
             object.__setattr__(self, "hidden", default_hidden(self.d_model))
+        object.__setattr__(self, "keep", tuple(sorted(self.keep)))  # a JSON list, read back
+
+    @property
+    def routed(self) -> int:
+        """Blocks a router decides (the others always run)."""
+        return self.n_layers - len(self.keep)
 
     def check(self) -> None:
         if self.depth < 2:
@@ -58,6 +65,8 @@ class RouterConfig:
             raise ValueError(f"router hidden={self.hidden} must be >= 1 (leave it unset for d_model / 8)")
         if not 0 <= self.tau < 1:
             raise ValueError(f"tau={self.tau} must be in [0, 1)")
+        if len(set(self.keep)) != len(self.keep) or not all(0 <= b < self.n_layers for b in self.keep):
+            raise ValueError(f"blocks kept {list(self.keep)}: give distinct 0-based blocks in 0..{self.n_layers - 1}")
 
 
 class Router(nn.Module):
@@ -134,13 +143,15 @@ class RoutedSkip:
 
     @property
     def routed_layers(self) -> int:
-        return self.routers.cfg.n_layers  # every block consults its router (its FLOPs are counted)
+        return self.routers.cfg.routed  # every block but those kept consults its router (its FLOPs are counted)
 
     def compiled(self) -> "RoutedSkip":
         """The same decisions from one compiled graph (router MLP, votes and threshold fused)."""
         return replace(self, decide=torch.compile(routed_decision))
 
     def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision:
+        if layer in self.routers.cfg.keep:
+            return torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
         params = list(self.routers.routers[layer].net.parameters())
         return self.decide(h, params, batch.masked, self.tau, self.routers.cfg)
 
@@ -157,6 +168,7 @@ class GumbelRouting:
         self.temperature = temperature
         self.generator = generator
         self.skip_gates: list[Tensor] = []  # [B] per block
+        self.decided: list[Tensor] = []  # [B] per block: 1 = RoutedSkip's rule (argmax votes, > tau) runs it
 
     def noise(self, shape: torch.Size, device: torch.device) -> Tensor:
         """Gumbel(0, 1) samples -log(-log u) from uniforms u of the generator."""
@@ -165,6 +177,11 @@ class GumbelRouting:
         return -torch.log(exponential.clamp(min=1e-20))
 
     def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision:
+        if layer in self.routers.cfg.keep:  # always runs: a skip gate of 0 in alpha, no gradient
+            run = torch.ones(h.shape[0], device=h.device)
+            self.skip_gates.append(1.0 - run)
+            self.decided.append(run)
+            return run
         logits = self.routers(layer, h).float()
         soft = F.softmax((logits + self.noise(logits.shape, logits.device)) / self.temperature, dim=-1)
         hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
@@ -173,8 +190,15 @@ class GumbelRouting:
         gate = ((share > self.tau) & has_masked).to(share.dtype)
         skip = gate + (share - share.detach())  # exactly 0 or 1 forward, gradient to the share
         self.skip_gates.append(skip)
+        argmax_share, _ = skip_share((logits.argmax(-1) == SKIP).float(), batch.masked.float())
+        self.decided.append((~((argmax_share > self.tau) & has_masked)).float())
         return 1.0 - skip  # execute gate: h + e1 (f(h) - h)
 
     def alpha(self) -> Tensor:
         """[B] share of skipped blocks per row (the paper's alpha)."""
         return torch.stack(self.skip_gates, 1).mean(1)
+
+    def decided_execution(self) -> Tensor:
+        """[B] share of blocks each row would run under inference's rule on these hidden states (no
+        noise: argmax votes, skip share strictly above tau): what a budget is measured in."""
+        return torch.stack(self.decided, 1).mean(1)

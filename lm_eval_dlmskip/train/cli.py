@@ -33,9 +33,19 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     print(json.dumps(metrics))
     if not first_process:
         return 0
-    family = json.loads((out / "router.json").read_text())["base_model"]["family"]
-    print(f"router checkpoint: {out}\nevaluate with it: {evaluation_command(cfg, family)}")
+    meta = json.loads((out / "router.json").read_text())
+    if "budget" in meta:
+        print(budget_message(meta["budget"]))
+    print(f"router checkpoint: {out}\nevaluate with it: {evaluation_command(cfg, meta['base_model']['family'])}")
     return 0
+
+
+def budget_message(budget: dict) -> str:
+    """The requested and achieved execution ratios of a --target-ratio run, and its dual variable."""
+    return (f"execution ratio: target {budget['target_ratio']:.3f}, achieved {budget['achieved_ratio']:.4f} on "
+            f"{budget['measured_on']} (before calibration {budget['uncalibrated_ratio']:.4f}; execute-logit offset "
+            f"{budget['calibration_offset']:+.4f}); dual variable at the end of training (execute-logit offset) "
+            f"{budget['dual_offset']:+.4f}")
 
 
 def evaluation_command(cfg: TrainConfig, family: str) -> str:

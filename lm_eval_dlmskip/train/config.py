@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 
 from ..data import add_source_arguments
 
+DEFAULT_LAMBDA, DEFAULT_ALPHA_TARGET = 0.1, 0.5  # the fixed-penalty recipe's, when no --target-ratio is given
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -20,8 +22,10 @@ class TrainConfig:
     apply_chat_template: bool = False
     fewshot_as_multiturn: bool = False
     revision: str = "main"
-    lam: float = 0.1
-    alpha_target: float = 0.5
+    lam: float | None = None  # None: DEFAULT_LAMBDA without target_ratio (the paper's fixed penalty)
+    alpha_target: float | None = None  # None: DEFAULT_ALPHA_TARGET without target_ratio
+    target_ratio: float | None = None  # execution ratio to reach (budget.py); excludes lam and alpha_target
+    dual_lr: float = 0.5  # step of the budget's execute-logit offset per unit of execution-ratio error (budget.py)
     tau: float = 0.1
     mask_scaling: bool = True
     gumbel_temperature: float = 1.0
@@ -29,6 +33,9 @@ class TrainConfig:
     router_depth: int = 2
     norm_first: bool = False
     init_bias: float = 4.0
+    init_profile: str | None = None  # skip profile (dlmskip calibrate) whose blocks start skipped
+    init_k: int | None = None  # how many of its choices; None: the budget's share, else all
+    keep_blocks: tuple[int, ...] = ()  # 0-based blocks that always run (no router decides them)
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -53,19 +60,36 @@ class TrainConfig:
     device: str | None = None
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        if self.target_ratio is None:  # the fixed-penalty recipe: its defaults
+            if self.lam is None:
+                object.__setattr__(self, "lam", DEFAULT_LAMBDA)
+            if self.alpha_target is None:
+                object.__setattr__(self, "alpha_target", DEFAULT_ALPHA_TARGET)
+
     def check(self) -> None:
+        if self.target_ratio is not None:
+            check_target_ratio(self)
         if (self.task is None) == (self.data is None):
             raise ValueError("give exactly one of --task NAME or --data FILE.jsonl")
         if self.data is not None and (self.num_fewshot is not None or self.apply_chat_template):
             raise ValueError("--num-fewshot and --apply-chat-template render --task prompts; --data prompts are used as written")
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise ValueError("--fewshot-as-multiturn needs --apply-chat-template (as in lm_eval)")
-        if not 0 <= self.alpha_target <= 1:
+        if self.alpha_target is not None and not 0 <= self.alpha_target <= 1:
             raise ValueError(f"--alpha-target {self.alpha_target} must be in [0, 1]")
-        if self.lam < 0:
+        if self.lam is not None and self.lam < 0:
             raise ValueError(f"--lambda {self.lam} must be >= 0")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size} must be >= 1 (or left out: the largest that fits)")
+        if self.init_k is not None and self.init_profile is None:
+            raise ValueError("--init-k needs --init-profile PATH (a skip profile from dlmskip calibrate)")
+        if self.init_profile is not None:
+            from ..skipping.profiles import read_profile
+
+            chosen = len(read_profile(self.init_profile)["selection_order"])
+            if self.init_k is not None and not 0 <= self.init_k <= chosen:
+                raise ValueError(f"--init-k {self.init_k}: the profile {self.init_profile} chose {chosen} blocks; give 0..{chosen}")
         if self.block_length is not None and self.block_length < 1:
             raise ValueError(f"--block-length {self.block_length} must be >= 1")
         if self.batch_size is not None and self.effective_batch_size % self.batch_size:
@@ -83,8 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--apply-chat-template", action="store_true", help="render --task prompts with the tokenizer's chat template, as lm_eval's flag")
     a("--fewshot-as-multiturn", action="store_true", help="few-shot examples as chat turns, as lm_eval's flag")
     a("--revision", default="main")
-    a("--lambda", dest="lam", type=float, default=0.1, help="weight of the skip loss |alpha - alpha_target|")
-    a("--alpha-target", type=float, default=0.5, help="target share of skipped blocks")
+    a("--lambda", dest="lam", type=float, help=f"weight of the skip loss |alpha - alpha_target| (the paper's fixed penalty; "
+                                                 f"default {DEFAULT_LAMBDA}); not with --target-ratio")
+    a("--alpha-target", type=float, help=f"target share of skipped blocks of the --lambda recipe (default {DEFAULT_ALPHA_TARGET})")
+    a("--target-ratio", type=float, help="train to this execution ratio (fraction of blocks executed, the papers' normalized "
+                                         "FLOPs), in (0, 1): an offset on the routers' execute logits follows the measured ratio (dual ascent) and "
+                                         "a held-out calibration lands it within 0.02; instead of --lambda")
+    a("--dual-lr", type=float, default=0.5, help="with --target-ratio: step of the routers' execute-logit offset per unit of execution-ratio error")
     a("--tau", type=float, default=0.1, help="skip a block when the share of skip votes exceeds tau")
     a("--no-mask-scaling", dest="mask_scaling", action="store_false", help="do not divide the skip loss by p_mask (ablation)")
     a("--gumbel-temperature", type=float, default=1.0)
@@ -92,6 +121,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--router-depth", type=int, default=2, help="linear layers per router (2 as in the paper; 4 also tried)")
     a("--norm-first", action="store_true", help="RMSNorm(d) -> Linear -> SiLU -> Linear instead of D-LLM's order")
     a("--init-bias", type=float, default=4.0, help="execute-minus-skip logit bias at start (all blocks run)")
+    a("--init-profile", help="skip profile from dlmskip calibrate: its blocks' routers start voting skip (what static "
+                             "skipping knows, for the routers to refine); how many: --init-k, else with --target-ratio "
+                             "round((1 - R) x blocks) of its choices, else all")
+    a("--init-k", type=int, help="with --init-profile: start its first K choices skipped")
+    a("--keep-blocks", type=_blocks, default=(), help="0-based blocks that always run, e.g. 0,11: no router decides them "
+                                                      "(the lowest --target-ratio is their share of the blocks)")
     a("--lora", action="store_true", help="also train LoRA adapters on the blocks (peft)")
     a("--lora-rank", type=int, default=8)
     a("--lora-alpha", type=int, default=16)
@@ -118,9 +153,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--resume", action="store_true", help="continue the run in --output from its last saved step")
 
 
+def _blocks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.replace(" ", ",").split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0-based block numbers, e.g. 0,11") from None
+
+
+def budget_floor(cfg: TrainConfig, n_layers: int) -> float:
+    """The lowest execution ratio the routers can reach: the share of blocks no router decides
+    (a block whose router votes skip at every masked position is skipped by any tau < 1)."""
+    return len(cfg.keep_blocks) / n_layers
+
+
+def check_blocks(cfg: TrainConfig, n_layers: int) -> None:
+    """What needs the model's block count (read from its config.json, before any weight): the kept
+    blocks exist, and --target-ratio is above what the routers can reach."""
+    bad = [b for b in cfg.keep_blocks if not 0 <= b < n_layers]
+    if bad or len(set(cfg.keep_blocks)) != len(cfg.keep_blocks):
+        raise ValueError(f"--keep-blocks {','.join(map(str, cfg.keep_blocks))}: give distinct 0-based blocks in "
+                         f"0..{n_layers - 1} (the papers number them 1..{n_layers})")
+    floor = budget_floor(cfg, n_layers)
+    if cfg.target_ratio is not None and cfg.target_ratio <= floor:
+        raise ValueError(f"--target-ratio {cfg.target_ratio:g} is at or below what the routers can reach: "
+                         f"{len(cfg.keep_blocks)} of {n_layers} blocks always run (--keep-blocks), so at least "
+                         f"{floor:.4f} of the blocks execute; ask for more than {floor:.4f} or keep fewer blocks")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def check_target_ratio(cfg: TrainConfig) -> None:
+    """--target-ratio's own checks, before anything is read: in (0, 1), not with the fixed
+    penalty's settings, a positive --dual-lr."""
+    target = cfg.target_ratio
+    if not 0 < target < 1:
+        raise ValueError(f"--target-ratio {target} must be in (0, 1): the fraction of blocks executed (0.75 = a quarter "
+                         "of the block FLOPs saved); leave it out to run every block")
+    if cfg.lam is not None or cfg.alpha_target is not None:
+        given = " and ".join(f for f, v in (("--lambda", cfg.lam), ("--alpha-target", cfg.alpha_target)) if v is not None)
+        raise ValueError(f"--target-ratio and {given} both given: --target-ratio sets the skip pressure itself; "
+                         "give --target-ratio alone, or --lambda (and --alpha-target) for the paper's fixed penalty")
+    if not cfg.dual_lr > 0:
+        raise ValueError(f"--dual-lr {cfg.dual_lr} must be > 0")
 
 
 def command_arguments(cfg: TrainConfig) -> list[str]:
@@ -129,9 +206,12 @@ def command_arguments(cfg: TrainConfig) -> list[str]:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     words: list[str] = []
+    defaults = TrainConfig(model="", output="", target_ratio=cfg.target_ratio)  # the recipe's own defaults
     for action in parser._actions:  # argparse keeps each option's flag and default only here
         value = getattr(cfg, action.dest, action.default)
-        if not action.option_strings or action.dest in ("resume", "output", "help") or value == action.default:
+        default = getattr(defaults, action.dest, action.default) if action.dest not in ("model", "output") else None
+        if not action.option_strings or action.dest in ("resume", "output", "help") or value == default:
             continue
-        words += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], str(value)]
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)  # --keep-blocks 0,11
+        words += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], text]
     return words

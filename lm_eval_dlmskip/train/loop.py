@@ -40,12 +40,14 @@ from torch import Tensor, nn
 from ..common.files import write_atomically
 from ..data import Pair, encode_pairs, jsonl_texts, split_validation, task_texts, tokenizer_chat_template
 from ..decoding.block_diffusion import attention_block_length
-from ..models.loading import load_model, load_tokenizer, tokenizer_fingerprint
-from ..skipping.identity import model_identity
+from ..models.loading import load_model, load_tokenizer, read_config, resolve_checkpoint, tokenizer_fingerprint
+from ..skipping.identity import check_identity, model_identity
+from ..skipping.profiles import read_profile
 from ..skipping.router_checkpoints import save_routers
 from ..skipping.routers import RouterConfig, Routers
-from .config import TrainConfig
-from .objective import Batch, RouterObjective, collate, validate
+from .budget import CALIBRATION_DRAWS, DualAscent, calibrated, initial_skips, start_skipping
+from .config import TrainConfig, check_blocks
+from .objective import VALIDATION_DRAWS, Batch, RouterObjective, collate, validate
 from .state import check_run_folder, load_train_state, resumed_log, save_train_state
 
 log = logging.getLogger("lm_eval_dlmskip.train")
@@ -122,18 +124,21 @@ def worst_case_probe(objective: RouterObjective, longest: Pair, pad_id: int, acc
     return fits
 
 
+STATS = ("loss", "ce", "skip_loss", "alpha", "decided_execution")
+
+
 def train_step(objective: nn.Module, accelerator, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                batches: list[Batch], seeds: list[int], grad_clip: float) -> Tensor:
-    """One optimizer step over this process's micro-batches; returns the step's mean
-    [loss, ce, skip_loss, alpha] on the device, read back only at logging steps."""
-    stats = torch.zeros(4, device=accelerator.device)
+    """One optimizer step over this process's micro-batches; returns the step's mean STATS on the
+    device, read back only at logging steps."""
+    stats = torch.zeros(len(STATS), device=accelerator.device)
     for micro, (batch, seed) in enumerate(zip(batches, seeds)):
         generator = torch.Generator(accelerator.device).manual_seed(seed)
         last = micro == len(batches) - 1
         with (nullcontext() if last else accelerator.no_sync(objective)), accelerator.autocast():
             loss, parts = objective(batch, generator)
             accelerator.backward(loss / len(batches))  # gradients all-reduced on the last micro-batch
-        stats += torch.stack([loss.detach(), parts["ce"], parts["skip_loss"], parts["alpha"]]).float() / len(batches)
+        stats += torch.stack([loss.detach(), *(parts[k] for k in STATS[1:])]).float() / len(batches)
     accelerator.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -178,6 +183,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"--effective-batch-size {per_step} is not a multiple of --batch-size x processes ({cfg.batch_size or 1} x {world})")
     device = accelerator.device
 
+    check_blocks(cfg, read_config(resolve_checkpoint(cfg.model, cfg.revision)).n_layers)  # config.json only
     checkpoint = load_model(cfg.model, cfg.revision, dtype=cfg.dtype if cuda else "float32", device=device)
     backbone = checkpoint.model.requires_grad_(False)
     mcfg = backbone.cfg
@@ -194,7 +200,15 @@ def train(cfg: TrainConfig) -> dict:
     warmup = max(1, min(warmup, total))
 
     torch.manual_seed(cfg.seed)  # router initialisation
-    routers = Routers(RouterConfig(mcfg.d_model, mcfg.n_layers, cfg.router_hidden, cfg.router_depth, cfg.norm_first, cfg.init_bias, cfg.tau)).to(device)
+    routers = Routers(RouterConfig(mcfg.d_model, mcfg.n_layers, cfg.router_hidden, cfg.router_depth, cfg.norm_first, cfg.init_bias,
+                                   cfg.tau, keep=cfg.keep_blocks)).to(device)
+    init_blocks = None
+    if cfg.init_profile is not None:
+        profile = read_profile(cfg.init_profile)
+        check_identity(profile["base_model"], mcfg, checkpoint.fingerprint, False,
+                       f"--init-profile {cfg.init_profile} was measured on", tokenizer_fingerprint(tokenizer))
+        init_blocks = initial_skips(profile["selection_order"], mcfg.n_layers, cfg.target_ratio, cfg.init_k)
+        start_skipping(routers, init_blocks)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -203,7 +217,7 @@ def train(cfg: TrainConfig) -> dict:
     objective = RouterObjective(backbone, routers, cfg, mcfg.mask_token_id, block_length)
     params = [p for _, p in trainable(objective)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start, micro, metrics = 0, cfg.batch_size, {}
+    start, micro, metrics, offset = 0, cfg.batch_size, {}, 0.0
     if saved:
         state = load_file(str(out / "router.safetensors"), device=str(device))
         routers.load_state_dict(state)
@@ -211,7 +225,7 @@ def train(cfg: TrainConfig) -> dict:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(backbone, load_file(str(out / "adapter" / "adapter_model.safetensors"), device=str(device)))
-        start, micro = load_train_state(out, optimizer, cfg)
+        start, micro, offset = load_train_state(out, optimizer, cfg)
         metrics = json.loads((out / "router.json").read_text())["metrics"]  # kept until the next validation
         log.info("resuming %s at step %d of %d", out, start, total)
     elif cfg.resume:
@@ -219,11 +233,14 @@ def train(cfg: TrainConfig) -> dict:
     micro = micro or auto_micro_batch(objective, train_pairs, per_step // world, pad_id, accelerator)
     accumulation = per_step // (micro * world)
     objective = accelerator.prepare(objective)  # DDP syncs only parameters that require grad
+    budget = None if cfg.target_ratio is None else DualAscent(cfg.target_ratio, cfg.dual_lr, device, offset)
+    budget_result: dict = {}  # the final calibration's, recorded with the last save
 
     identity = model_identity(mcfg, cfg.model, checkpoint.fingerprint, tokenizer_fingerprint(tokenizer))
     settings = {
         "lambda": cfg.lam,
         "alpha_target": cfg.alpha_target,
+        "target_ratio": cfg.target_ratio,
         "mask_scaling": cfg.mask_scaling,
         "gumbel_temperature": cfg.gumbel_temperature,
         "training": {
@@ -246,6 +263,8 @@ def train(cfg: TrainConfig) -> dict:
             "max_length": cfg.max_length,
             "block_length": block_length,  # of block-causal attention (LLaDA2); None: every position attends to all
             "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha} if cfg.lora else None,
+            "init_profile": cfg.init_profile,
+            "init_skipped_blocks": init_blocks,  # 0-based, started skipped (--init-profile)
         },
     }
     log_lines = resumed_log(out, start) if cfg.resume else []
@@ -259,12 +278,15 @@ def train(cfg: TrainConfig) -> dict:
         unwrapped = accelerator.unwrap_model(objective)
 
         def extra(tmp: Path) -> None:
-            save_train_state(tmp, step, optimizer, cfg, micro)
+            save_train_state(tmp, step, optimizer, cfg, micro, None if budget is None else float(budget.offset))
             (tmp / "metrics.jsonl").write_text("".join(line + "\n" for line in log_lines))
             if (out / "tensorboard").exists():
                 shutil.move(str(out / "tensorboard"), str(tmp / "tensorboard"))
 
         done = {**settings, "training": {**settings["training"], "completed_steps": step, "finished": final}}
+        if budget is not None:
+            done["budget"] = {"target_ratio": cfg.target_ratio, "dual_lr": cfg.dual_lr, "dual_offset": float(budget.offset),
+                              **(budget_result if final else {})}
         save_routers(out, unwrapped.routers, identity, done, metrics, unwrapped.backbone if cfg.lora else None, extra)
 
     def record(entry: dict) -> None:
@@ -279,10 +301,10 @@ def train(cfg: TrainConfig) -> dict:
                     if k != "step" and isinstance(v, (int, float)):
                         writer.add_scalar(k, v, entry["step"])
 
-    def validated() -> dict:
+    def validated(routers: Routers | None = None, draws: int = VALIDATION_DRAWS) -> dict:
         unwrapped = accelerator.unwrap_model(objective)
-        return validate(unwrapped.backbone, unwrapped.routers, val_pairs, micro, cfg.seed, mcfg.mask_token_id, pad_id,
-                        block_length)
+        return validate(unwrapped.backbone, routers or unwrapped.routers, val_pairs, micro, cfg.seed, mcfg.mask_token_id,
+                        pad_id, block_length, draws)
 
     if start == 0 and val_pairs:
         record({"step": 0, **validated()})
@@ -297,14 +319,20 @@ def train(cfg: TrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats = train_step(objective, accelerator, optimizer, params, batches, seeds, cfg.grad_clip)
+        if world > 1 and budget is not None:  # every process steps mu on the mean over all of them
+            stats = accelerator.reduce(stats, reduction="mean")
+        if budget is not None:
+            budget.update(stats[STATS.index("decided_execution")], accelerator.unwrap_model(objective).routers)
         seen += per_step
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-            if world > 1:  # log the mean over all processes
+            if world > 1 and budget is None:  # log the mean over all processes
                 stats = accelerator.reduce(stats, reduction="mean")
-            sums = dict(zip(("loss", "ce", "skip_loss", "alpha"), stats.tolist()))  # sync: once per logged step
+            sums = dict(zip(STATS, stats.tolist()))  # sync: once per logged step
             rate = seen / (time.time() - tic)
             entry = {"step": step + 1, "epoch": (step + 1) * per_step / len(train_pairs), **sums,
                      "execution_ratio": 1 - sums["alpha"], "lr": lr, "examples_per_s": rate}
+            if budget is not None:
+                entry["budget_offset"] = float(budget.offset)  # sync: once per logged step
             record(entry)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", exec=f"{1 - sums['alpha']:.3f}", ex_s=f"{rate:.1f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
@@ -315,6 +343,15 @@ def train(cfg: TrainConfig) -> dict:
             save(step + 1, final=False)
         bar.update(1)
     bar.close()
+    if budget is not None:
+        routers_now = accelerator.unwrap_model(objective).routers
+        calibration = calibrated(routers_now, lambda trial: validated(trial, CALIBRATION_DRAWS)["val_execution_ratio"],
+                                 cfg.target_ratio)
+        metrics = validated()
+        record({"step": total, "calibration_offset": calibration.offset, **metrics})
+        budget_result = {"achieved_ratio": calibration.ratio, "uncalibrated_ratio": calibration.start_ratio,
+                         "calibration_offset": calibration.offset, "measured_on": f"{len(val_pairs)} held-out examples "
+                         f"x {CALIBRATION_DRAWS} masked draws (l of T stratified), in the evaluation dtype"}
     save(total, final=True)
     warning = too_short_warning(log_lines, total, warmup, cfg) if accelerator.is_main_process else None
     if warning:
@@ -335,7 +372,7 @@ def too_short_warning(log_lines: list[str], total: int, warmup: int, cfg: TrainC
     model learns nothing with them."""
     entries = [json.loads(line) for line in log_lines]
     val = [e["val_execution_ratio"] for e in entries if "val_execution_ratio" in e]
-    asked = cfg.lam > 0 and cfg.alpha_target > 0
+    asked = cfg.target_ratio is not None or (cfg.lam > 0 and cfg.alpha_target > 0)
     unmoved = asked and len(val) > 1 and abs(val[-1] - val[0]) < UNMOVED
     in_warmup = total <= warmup
     if not (unmoved or in_warmup):

@@ -69,30 +69,47 @@ class RouterObjective(nn.Module):
         ce = F.cross_entropy(logits.float(), batch.ids.flatten()[positions], reduction="none")
         ce_row = torch.zeros(b, device=device).index_add_(0, positions // batch.ids.shape[1], ce) / batch.target_len
         alpha = routing.alpha()
-        skip_loss = (alpha - cfg.alpha_target).abs()
         p = p_mask.squeeze(1)
-        if cfg.mask_scaling:
-            loss = (ce_row + cfg.lam * skip_loss) / p
+        if cfg.target_ratio is not None:  # a budget: the routers' offset holds the ratio (budget.py), no penalty
+            skip_loss = (1 - alpha) - cfg.target_ratio  # reported: training's gates against the target
+            loss = ce_row / p
         else:
-            loss = ce_row / p + cfg.lam * skip_loss
-        stats = {"ce": ce_row.mean().detach(), "skip_loss": skip_loss.mean().detach(), "alpha": alpha.mean().detach()}
+            skip_loss = (alpha - cfg.alpha_target).abs()
+            if cfg.mask_scaling:
+                loss = (ce_row + cfg.lam * skip_loss) / p
+            else:
+                loss = ce_row / p + cfg.lam * skip_loss
+        stats = {"ce": ce_row.mean().detach(), "skip_loss": skip_loss.mean().detach(), "alpha": alpha.mean().detach(),
+                 "decided_execution": routing.decided_execution().mean()}
         return loss.mean(), stats
 
 
-def validation_batches(pairs: list[Pair], batch_size: int, seed: int, pad_id: int) -> Iterator[tuple[Batch, Tensor]]:
-    """The held-out forwards: every example at mask ratios 0.25, 0.5, 0.75 and 1.0, with fixed
-    masks; yields each batch and its [b, L] bool mask (on the host)."""
+VALIDATION_DRAWS = 4  # masked forwards per held-out example
+
+
+def validation_batches(pairs: list[Pair], batch_size: int, seed: int, pad_id: int,
+                       draws: int = VALIDATION_DRAWS) -> Iterator[tuple[Batch, Tensor]]:
+    """The held-out forwards: every example ``draws`` times, with l of its T target tokens
+    masked, l stratified over the draws (t_k = (u + k / K) mod 1, l = ceil(t_k T), at least 1) and
+    the positions a uniform subset: as evaluation masks an answer (lm-eval's Monte-Carlo likelihood
+    draws l uniformly in 1..T; greedy decoding passes l = T, .., 1). Never a forward with nothing
+    masked, which evaluation never runs and which runs every block. Yields each batch and its
+    [b, L] bool mask (on the host), with fixed draws."""
     generator = torch.Generator().manual_seed(seed + 1)
     for start in range(0, len(pairs), batch_size):
         batch = collate(pairs[start : start + batch_size], pad_id)
-        for ratio in (0.25, 0.5, 0.75, 1.0):
-            masked = batch.target & (torch.rand(batch.ids.shape, generator=generator) < ratio)
-            yield batch, masked
+        offset = torch.rand(len(batch.ids), generator=generator)
+        for k in range(draws):
+            t = (offset + k / draws) % 1.0
+            count = (t * batch.target_len).ceil().clamp(min=1).long()  # [b] tokens to mask
+            scores = torch.rand(batch.ids.shape, generator=generator).masked_fill(~batch.target, 2.0)
+            rank = scores.argsort(1).argsort(1)  # target positions first, in random order
+            yield batch, rank < count[:, None]
 
 
 @torch.no_grad()
 def validate(backbone: LLaDA, routers: Routers, pairs: list[Pair], batch_size: int, seed: int, mask_id: int, pad_id: int,
-             block_length: int | None = None) -> dict:
+             block_length: int | None = None, draws: int = VALIDATION_DRAWS) -> dict:
     """Masked CE and execution ratio as evaluation will measure them: the routers cast to the
     model's dtype (as the harness loads a checkpoint), the model in that dtype without autocast,
     RoutedSkip's decisions (argmax votes, hard tau), and block-causal attention with
@@ -104,7 +121,7 @@ def validate(backbone: LLaDA, routers: Routers, pairs: list[Pair], batch_size: i
     policy = RoutedSkip(copy.deepcopy(routers).to(dtype).eval(), routers.cfg.tau)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [CE, executed share], summed over rows
     tokens, forwards = 0, 0
-    for batch, masked in validation_batches(pairs, batch_size, seed, pad_id):
+    for batch, masked in validation_batches(pairs, batch_size, seed, pad_id, draws):
         noisy, positions = torch.where(masked, mask_id, batch.ids), masked.flatten().nonzero().squeeze(1)
         mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
         logits, trace = backbone(noisy.to(device), mask, policy=policy, logits_at=positions.to(device),

@@ -21,8 +21,10 @@ _RESUMABLE_CHANGES = {"epochs", "max_steps", "save_every", "eval_every", "log_ev
 _BEFORE_FIRST_SAVE = {"metrics.jsonl", "tensorboard"}
 
 
-def save_train_state(out: Path, step: int, optimizer: torch.optim.Optimizer, cfg: TrainConfig, micro_batch: int) -> None:
-    """Optimizer moments as safetensors (no pickle), the position and the micro-batch as JSON."""
+def save_train_state(out: Path, step: int, optimizer: torch.optim.Optimizer, cfg: TrainConfig, micro_batch: int,
+                     budget_offset: float | None = None) -> None:
+    """Optimizer moments as safetensors (no pickle), the position, the micro-batch and the budget's
+    dual variable (--target-ratio; the routers' biases carry it too) as JSON."""
     state = optimizer.state_dict()
     tensors = {
         f"optimizer.{index}.{key}": value.detach().cpu().contiguous()
@@ -32,15 +34,18 @@ def save_train_state(out: Path, step: int, optimizer: torch.optim.Optimizer, cfg
     }
     save_file(tensors, str(out / "train_state.safetensors"))
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-    meta = {"step": step, "micro_batch_size": micro_batch, "param_groups": groups, "config": asdict(cfg),
+    meta = {"step": step, "micro_batch_size": micro_batch, "budget_offset": budget_offset, "param_groups": groups, "config": asdict(cfg),
             "arguments": command_arguments(cfg)}  # the options to give again to continue it (common/resume.py)
     (out / "train_state.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_train_state(out: Path, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[int, int]:
-    """The step to continue from and the micro-batch size to keep (the random draws depend on it)."""
+def load_train_state(out: Path, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[int, int, float]:
+    """The step to continue from, the micro-batch size to keep (the random draws depend on it) and
+    the budget's dual variable (0 without --target-ratio)."""
     meta = json.loads((out / "train_state.json").read_text())
-    differ = [f for f, v in meta["config"].items() if f not in _RESUMABLE_CHANGES and getattr(cfg, f) != v]
+    saved = {f: v for f, v in meta["config"].items() if f not in _RESUMABLE_CHANGES}
+    saved = {"target_ratio": None, "dual_lr": cfg.dual_lr, **saved}  # runs saved before --target-ratio existed
+    differ = [f for f, v in saved.items() if getattr(cfg, f) != (tuple(v) if isinstance(v, list) else v)]  # JSON lists
     if differ:
         raise ValueError(f"--resume: {out} was trained with other settings ({', '.join(differ)}); resume with the same ones")
     tensors = load_file(str(out / "train_state.safetensors"))
@@ -53,7 +58,7 @@ def load_train_state(out: Path, optimizer: torch.optim.Optimizer, cfg: TrainConf
     for group, saved in zip(state["param_groups"], meta["param_groups"]):
         group.update(saved)
     optimizer.load_state_dict(state)
-    return int(meta["step"]), int(meta.get("micro_batch_size", meta["config"]["batch_size"]))
+    return int(meta["step"]), int(meta.get("micro_batch_size", meta["config"]["batch_size"])), float(meta.get("budget_offset") or 0.0)
 
 
 def check_run_folder(out: Path, resume: bool) -> bool:
