@@ -18,13 +18,18 @@ import random
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tqdm import tqdm
 
+from .common.threads import use_threads
 from .models.config import LLaDAConfig
 from .models.llada import LLaDA
 
@@ -105,8 +110,9 @@ def reverse_example(rng: random.Random) -> tuple[str, str]:
     return " ".join(items) + " reverse :", " " + " ".join(reversed(items)) + " ."
 
 
-def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int = 0) -> LLaDA:
-    """LLaDA's SFT objective on the toy language: mask a random share of the answer, CE / p_mask."""
+def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int = 0, bar: tqdm | None = None) -> LLaDA:
+    """LLaDA's SFT objective on the toy language: mask a random share of the answer, CE / p_mask.
+    ``bar`` shows the step and the loss."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     index = {w: i for i, w in enumerate(vocab)}
@@ -116,7 +122,7 @@ def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int =
             torch.nn.init.normal_(p, std=0.02)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     pad, mask = index["<|endoftext|>"], cfg.mask_token_id
-    for _ in range(steps):
+    for step in range(steps):
         rows, prompt_lens = [], []
         for _ in range(64):
             prompt, answer = reverse_example(rng)
@@ -134,6 +140,9 @@ def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int =
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if bar is not None:
+            bar.set_postfix_str(f"step {step + 1}/{steps}, loss {loss.item():.3f}", refresh=False)
+            bar.update(0)  # redrawn at most 10 times a second
     return model.eval()
 
 
@@ -181,22 +190,38 @@ def _reverse_docs(rng: random.Random, count: int) -> list[dict]:
     return docs
 
 
-def build_demo(out: str | Path, train_steps: int = 400) -> Path:
-    """The checkpoint directory (reused if it exists) and the tasks."""
+def build_demo(out: str | Path, train_steps: int = 400, bar: tqdm | None = None) -> Path:
+    """The checkpoint directory (reused if it exists) and the tasks; ``bar`` counts three stages."""
     out = Path(out)
+    bar = bar or tqdm(disable=True)
     checkpoint = out / "llada-demo"
     vocab = vocabulary()
     raw = {**DEMO_CONFIG, "vocab_size": len(vocab), "embedding_size": len(vocab),
            "mask_token_id": vocab.index("<|mdm_mask|>"), "eos_token_id": vocab.index("<|endoftext|>"),
            "pad_token_id": vocab.index("<|endoftext|>")}
     if not (checkpoint / "model.safetensors.index.json").exists():
-        model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps)
-        tmp = out / "llada-demo.tmp"
-        write_checkpoint(tmp, raw, model)
-        write_tokenizer(tmp, vocab, raw["max_sequence_length"])
-        os.replace(tmp, checkpoint)
-    write_tasks(out)
+        with stage(bar, "training the model"):
+            model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps, bar=bar)
+        with stage(bar, "writing the checkpoint"):
+            tmp = out / "llada-demo.tmp"
+            write_checkpoint(tmp, raw, model)
+            write_tokenizer(tmp, vocab, raw["max_sequence_length"])
+            os.replace(tmp, checkpoint)
+    else:  # trained before: no training, no writing
+        bar.set_description_str(f"dlmskip demo: reusing the checkpoint in {checkpoint}", refresh=False)
+        bar.update(2)
+    with stage(bar, "writing the tasks"):
+        write_tasks(out)
     return checkpoint
+
+
+@contextmanager
+def stage(bar: tqdm, name: str) -> Iterator[None]:
+    """One stage of the demo's progress bar: its name while it runs, one unit more when it ends."""
+    bar.set_description_str(f"dlmskip demo: {name}", refresh=False)
+    bar.set_postfix_str("")
+    yield
+    bar.update(1)
 
 
 def parse_skip_layers(value: str, n_layers: int = DEMO_CONFIG["n_layers"]) -> list[int]:
@@ -219,6 +244,21 @@ def parse_skip_layers(value: str, n_layers: int = DEMO_CONFIG["n_layers"]) -> li
     return sorted(layers)
 
 
+def run_ticking(cmd: list[str], env: dict[str, str], bar: tqdm) -> subprocess.CompletedProcess:
+    """``python -m CMD`` with its output kept for later; the bar's clock ticks while it runs."""
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", *cmd], text=True, stdout=stdout, stderr=stderr, env=env)
+        while True:
+            try:
+                proc.wait(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                bar.refresh()
+        stdout.seek(0)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout.read(), stderr.read())
+
+
 def lm_eval_command(checkpoint: Path, tasks: Path, results: Path, extra: str = "") -> list[str]:
     """The lm_eval command line of one demo run (absolute paths: it works from any folder)."""
     return [
@@ -229,23 +269,31 @@ def lm_eval_command(checkpoint: Path, tasks: Path, results: Path, extra: str = "
     ]
 
 
-def run_demo(out: str, skip_layers: str) -> int:
-    """Build everything, then evaluate the demo model with and without skipping through lm_eval."""
+def run_demo(out: str, skip_layers: str, threads: int | None = None, train_steps: int = 400) -> int:
+    """Build everything, then evaluate the demo model with and without skipping through lm_eval,
+    with a progress bar on stderr naming each stage."""
     layers = parse_skip_layers(skip_layers)
+    if train_steps < 1:
+        raise ValueError(f"--train-steps {train_steps}: give 1 or more")
+    env = use_threads(threads)
     start = time.time()
-    checkpoint = build_demo(out)
-    tasks = Path(out) / "tasks"
-    print(f"demo checkpoint: {checkpoint.resolve()} ({time.time() - start:.0f}s)\ndemo tasks: {tasks.resolve()}")
     skip = f",skip_layers=[{','.join(map(str, layers))}]"
-    for name, extra in (("base", ""), ("skip", skip)):
-        results = Path(out) / "results" / name
-        cmd = lm_eval_command(checkpoint, tasks, results, extra)
-        print("$ " + shlex.join(cmd), flush=True)
-        done = subprocess.run([sys.executable, "-m", *cmd], text=True, capture_output=True)
-        if done.returncode:
-            print(done.stdout + done.stderr)
-            return done.returncode
-        print(done.stdout)  # lm-eval's results table, then llada_skip's FLOPs table
+    runs = (("base", "", "without skipping"), ("skip", skip, f"skipping blocks {','.join(map(str, layers))}"))
+    with tqdm(total=3 + len(runs), desc="dlmskip demo", unit="stage", file=sys.stderr, dynamic_ncols=True,
+              bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]") as bar:
+        checkpoint = build_demo(out, train_steps, bar)
+        tasks = Path(out) / "tasks"
+        bar.write(f"demo checkpoint: {checkpoint.resolve()} ({time.time() - start:.0f}s)\ndemo tasks: {tasks.resolve()}",
+                  file=sys.stdout)
+        for name, extra, what in runs:
+            cmd = lm_eval_command(checkpoint, tasks, Path(out) / "results" / name, extra)
+            bar.write("$ " + shlex.join(cmd), file=sys.stdout)
+            with stage(bar, f"lm_eval {what}"):
+                done = run_ticking(cmd, env, bar)
+            if done.returncode:
+                bar.write(done.stdout + done.stderr, file=sys.stdout)
+                return done.returncode
+            bar.write(done.stdout, file=sys.stdout)  # lm-eval's results table, then llada_skip's FLOPs table
     print(f"demo finished in {time.time() - start:.0f}s; everything is under {Path(out).resolve()}:\n"
           f"  checkpoint  {checkpoint.resolve()}\n  tasks       {tasks.resolve()}\n"
           f"  results     {(Path(out) / 'results').resolve()}\nrerun the skipping run from any folder with:\n"
