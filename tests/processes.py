@@ -22,20 +22,13 @@ QUIET_S = 120.0  # this long with no output and asleep: a hang (a busy machine s
 AWAKE = 0.2  # a waiting process's polling threads wake now and then; a working one is awake at most looks
 
 
-def _processes() -> tuple[dict[int, list[int]], dict[int, bool]]:
-    """Every process's children, and whether one of its threads runs, waits for a core (R) or for the
-    disk (D), from Linux's /proc; elsewhere nothing, and only output counts as progress."""
-    children, awake = {}, {}
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from Linux's /proc (elsewhere none, and only output counts as progress)."""
+    children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            states = [t.read_text().rsplit(")", 1)[1].split()[0] for t in stat.parent.glob("task/*/stat")]
-        except (OSError, IndexError):
-            continue  # ended while we looked
-        pid = int(stat.parent.name)
-        children.setdefault(parent, []).append(pid)
-        awake[pid] = any(state in "RD" for state in states)
-    return children, awake
+        with contextlib.suppress(OSError, IndexError):  # a process that ended while we looked
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    return children
 
 
 def _trees(pids: list[int], children: dict[int, list[int]]) -> list[int]:
@@ -45,6 +38,15 @@ def _trees(pids: list[int], children: dict[int, list[int]]) -> list[int]:
         found.append(todo.pop())
         todo.extend(children.get(found[-1], []))
     return found
+
+
+def _awake(pid: int) -> bool:
+    """Whether a thread of ``pid`` runs, waits for a core (R) or for the disk (D)."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+    return any(state in "RD" for state in states)
 
 
 def wait_making_progress(procs: list[subprocess.Popen], outputs: list[Path], quiet_s: float = QUIET_S) -> list[int]:
@@ -58,9 +60,8 @@ def wait_making_progress(procs: list[subprocess.Popen], outputs: list[Path], qui
         if written != last_written:
             last_written, since, looks = written, now, []
             continue
-        children, awake = _processes()
-        tree = _trees([p.pid for p in procs if p.poll() is None], children)
-        looks = [(t, a) for t, a in looks if t > now - quiet_s] + [(now, any(awake.get(pid, False) for pid in tree))]
+        tree = _trees([p.pid for p in procs if p.poll() is None], _children())
+        looks = [(t, a) for t, a in looks if t > now - quiet_s] + [(now, any(_awake(pid) for pid in tree))]
         if now - since > quiet_s and sum(a for _, a in looks) < AWAKE * len(looks):
             for pid in tree:
                 with contextlib.suppress(ProcessLookupError):
