@@ -208,7 +208,7 @@ def build_demo(out: str | Path, train_steps: int = 400, bar: tqdm | None = None)
             write_tokenizer(tmp, vocab, raw["max_sequence_length"])
             os.replace(tmp, checkpoint)
     else:  # trained before: no training, no writing
-        bar.set_description_str(f"dlmskip demo: reusing the checkpoint in {checkpoint}", refresh=False)
+        bar.set_description_str(f"dlmskip demo: reusing the checkpoint in {checkpoint}")
         bar.update(2)
     with stage(bar, "writing the tasks"):
         write_tasks(out)
@@ -219,7 +219,7 @@ def build_demo(out: str | Path, train_steps: int = 400, bar: tqdm | None = None)
 def stage(bar: tqdm, name: str) -> Iterator[None]:
     """One stage of the demo's progress bar: its name while it runs, one unit more when it ends."""
     bar.set_description_str(f"dlmskip demo: {name}", refresh=False)
-    bar.set_postfix_str("")
+    bar.set_postfix_str("")  # and show the stage's name
     yield
     bar.update(1)
 

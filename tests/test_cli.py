@@ -320,3 +320,23 @@ def test_demo_tasks_hold_absolute_data_paths(tmp_path, monkeypatch):
     for name in ("demo_reverse_mc", "demo_reverse_gen"):
         files = yaml.safe_load((tasks / f"{name}.yaml").read_text())["dataset_kwargs"]["data_files"]
         assert all(Path(f).is_absolute() and Path(f).exists() for f in files.values()), files
+
+
+def test_a_second_build_reuses_the_checkpoint_and_says_so(tmp_path):
+    """build_demo's three stages: trained and written the first time; the second run reuses the
+    checkpoint byte for byte (no training) and names it on the bar."""
+    import io
+
+    from tqdm import tqdm
+
+    from lm_eval_dlmskip.demo import build_demo
+
+    shown = io.StringIO()
+    first = build_demo(tmp_path, train_steps=2, bar=tqdm(total=3, file=shown))
+    weights = {p.name: p.read_bytes() for p in first.glob("*.safetensors")}
+    assert "step 2/2, loss" in shown.getvalue() and "3/3" in shown.getvalue()
+    shown = io.StringIO()
+    again = build_demo(tmp_path, train_steps=2, bar=tqdm(total=3, file=shown))
+    assert again == first and {p.name: p.read_bytes() for p in again.glob("*.safetensors")} == weights
+    assert f"dlmskip demo: reusing the checkpoint in {first}" in shown.getvalue() and "3/3" in shown.getvalue()
+    assert "training" not in shown.getvalue()
