@@ -141,8 +141,9 @@ def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int =
         loss.backward()
         optimizer.step()
         if bar is not None:
-            bar.set_postfix_str(f"step {step + 1}/{steps}, loss {loss.item():.3f}", refresh=False)
-            bar.update(0)  # redrawn at most 10 times a second
+            last = step + 1 == steps  # always shown; the others at most 10 times a second
+            bar.set_postfix_str(f"step {step + 1}/{steps}, loss {loss.item():.3f}", refresh=last)
+            bar.update(0)
     return model.eval()
 
 
