@@ -23,14 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = add_parser("demo", "build a tiny offline model (LLaDA, Dream or Llama) and tasks, then run lm_eval with and without "
                                 "skipping")
     demo.add_argument("--out", default="dlmskip-demo",
-                      help="folder for the checkpoint (llada-demo/), the tasks (tasks/) and the results (results/); "
+                      help="folder for the checkpoint (FAMILY-demo/), the tasks (tasks/) and the results (results/); "
                            "created in the current folder unless a path is given")
     demo.add_argument("--skip-layers", default="1,3", help="0-based blocks (0..7) to skip in the second run: 1,3 or '[1,3]' or '1 3'")
     demo.add_argument("--family", default="llada", choices=["llada", "dream", "llama"],
                       help="the model to build and evaluate: a LLaDA (llada_skip), a Dream (dream_skip) or a Llama-style "
                            "causal LM (hf_skip), each trained on the same toy language, into FAMILY-demo/")
+    demo.add_argument("--threads", type=int, help="CPU threads for torch here and in lm_eval (default: OMP_NUM_THREADS "
+                      "if set, else half the cores, 1 to 4: more threads than free cores slow a tiny model down)")
     demo.add_argument("--train-steps", type=int, default=400,
-                      help="training steps of a new checkpoint (an existing one is reused); fewer build faster and score lower")
+                      help="training steps of the demo model (a checkpoint already in --out is reused)")
     train_arguments(add_parser("train", "train router checkpoints that lm_eval's router= consumes"))
     calibrate.add_arguments(add_parser("calibrate", "choose a static skip set from hidden-state similarity"))
     analyze.add_arguments(add_parser("analyze", "plot hidden-state similarity and norms across blocks and steps"))
@@ -70,7 +72,7 @@ def _run(args: argparse.Namespace, command_argv: list[str]) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(args.out, args.skip_layers, args.family, args.train_steps)
+        return run_demo(args.out, args.skip_layers, args.family, args.threads, args.train_steps)
     if args.command == "train":
         from .train.cli import run_train
 

@@ -19,14 +19,20 @@ import random
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import Tensor
+from tqdm import tqdm
 
+from .common.threads import use_threads
 from .models.config import LLaDAConfig
 from .models.layouts import dream_name
 from .models.llada import LLaDA
@@ -110,8 +116,9 @@ def reverse_example(rng: random.Random) -> tuple[str, str]:
     return " ".join(items) + " reverse :", " " + " ".join(reversed(items)) + " ."
 
 
-def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int = 0) -> LLaDA:
-    """LLaDA's SFT objective on the toy language: mask a random share of the answer, CE / p_mask."""
+def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int = 0, bar: tqdm | None = None) -> LLaDA:
+    """LLaDA's SFT objective on the toy language: mask a random share of the answer, CE / p_mask.
+    ``bar`` shows the step and the loss."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     index = {w: i for i, w in enumerate(vocab)}
@@ -121,7 +128,7 @@ def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int =
             torch.nn.init.normal_(p, std=0.02)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     pad, mask = index["<|endoftext|>"], cfg.mask_token_id
-    for _ in range(steps):
+    for step in range(steps):
         rows, prompt_lens = [], []
         for _ in range(64):
             prompt, answer = reverse_example(rng)
@@ -139,7 +146,16 @@ def train_demo_model(cfg: LLaDAConfig, vocab: list[str], steps: int, seed: int =
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        show_step(bar, step, steps, loss)
     return model.eval()
+
+
+def show_step(bar: tqdm | None, step: int, steps: int, loss: Tensor) -> None:
+    """The training step and loss on the demo's bar (the last step always shown; the others at most
+    10 times a second)."""
+    if bar is not None:
+        bar.set_postfix_str(f"step {step + 1}/{steps}, loss {loss.item():.3f}", refresh=step + 1 == steps)
+        bar.update(0)
 
 
 # Declared, not left to lm-eval's defaults: it warns about every metric whose task leaves them out.
@@ -188,26 +204,52 @@ def _reverse_docs(rng: random.Random, count: int) -> list[dict]:
     return docs
 
 
-def build_demo(out: str | Path, train_steps: int = 400, family: str = "llada") -> Path:
-    """The checkpoint directory of ``family`` (reused if it exists) and the tasks."""
+def build_demo(out: str | Path, train_steps: int = 400, family: str = "llada", bar: tqdm | None = None) -> Path:
+    """The checkpoint directory of ``family`` (reused if it exists) and the tasks; ``bar`` counts three stages."""
     out = Path(out)
+    bar = bar or tqdm(disable=True)
     checkpoint = out / f"{family}-demo"
     if not (checkpoint / "config.json").exists():  # a checkpoint folder appears whole (os.replace)
-        tmp = out / f"{family}-demo.tmp"
-        {"llada": write_llada, "dream": write_dream, "llama": write_llama}[family](tmp, train_steps)
-        os.replace(tmp, checkpoint)
-    write_tasks(out)
+        train, save = FAMILIES[family]
+        with stage(bar, "training the model"):
+            model = train(train_steps, bar)
+        with stage(bar, "writing the checkpoint"):
+            tmp = out / f"{family}-demo.tmp"
+            save(tmp, model)
+            os.replace(tmp, checkpoint)
+    else:  # trained before: no training, no writing
+        bar.set_description_str(f"dlmskip demo: reusing the checkpoint in {checkpoint}")
+        bar.update(2)
+    with stage(bar, "writing the tasks"):
+        write_tasks(out)
     return checkpoint
 
 
-def write_llada(out: Path, train_steps: int) -> None:
+@contextmanager
+def stage(bar: tqdm, name: str) -> Iterator[None]:
+    """One stage of the demo's progress bar: its name while it runs, one unit more when it ends."""
+    bar.set_description_str(f"dlmskip demo: {name}", refresh=False)
+    bar.set_postfix_str("")  # and show the stage's name
+    yield
+    bar.update(1)
+
+
+def llada_config() -> dict:
+    """The LLaDA demo's config.json (upstream field names)."""
     vocab = vocabulary()
-    raw = {**DEMO_CONFIG, "vocab_size": len(vocab), "embedding_size": len(vocab),
-           "mask_token_id": vocab.index("<|mdm_mask|>"), "eos_token_id": vocab.index("<|endoftext|>"),
-           "pad_token_id": vocab.index("<|endoftext|>")}
-    model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps)
+    return {**DEMO_CONFIG, "vocab_size": len(vocab), "embedding_size": len(vocab),
+            "mask_token_id": vocab.index("<|mdm_mask|>"), "eos_token_id": vocab.index("<|endoftext|>"),
+            "pad_token_id": vocab.index("<|endoftext|>")}
+
+
+def train_llada(train_steps: int, bar: tqdm | None = None) -> LLaDA:
+    return train_demo_model(LLaDAConfig.from_dict(llada_config()), vocabulary(), train_steps, bar=bar)
+
+
+def save_llada(out: Path, model: LLaDA) -> None:
+    raw = llada_config()
     write_checkpoint(out, raw, model)
-    write_tokenizer(out, vocab, raw["max_sequence_length"])
+    write_tokenizer(out, vocabulary(), raw["max_sequence_length"])
 
 
 def parse_skip_layers(value: str, n_layers: int = DEMO_CONFIG["n_layers"]) -> list[int]:
@@ -235,6 +277,21 @@ DEMO_MODELS = {"llada": ("llada_skip", "mc_num=8,dtype=float32"), "dream": ("dre
                "llama": ("hf_skip", "dtype=float32")}
 
 
+def run_ticking(cmd: list[str], env: dict[str, str], bar: tqdm) -> subprocess.CompletedProcess:
+    """``python -m CMD`` with its output kept for later; the bar's clock ticks while it runs."""
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", *cmd], text=True, stdout=stdout, stderr=stderr, env=env)
+        while True:
+            try:
+                proc.wait(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                bar.refresh()
+        stdout.seek(0)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout.read(), stderr.read())
+
+
 def lm_eval_command(checkpoint: Path, tasks: Path, results: Path, extra: str = "", family: str = "llada") -> list[str]:
     """The lm_eval command line of one demo run (absolute paths: it works from any folder)."""
     model, model_args = DEMO_MODELS[family]
@@ -246,30 +303,36 @@ def lm_eval_command(checkpoint: Path, tasks: Path, results: Path, extra: str = "
     ]
 
 
-def run_demo(out: str, skip_layers: str, family: str = "llada", train_steps: int = 400) -> int:
-    """Build everything, then evaluate the demo model with and without skipping through lm_eval."""
+def run_demo(out: str, skip_layers: str, family: str = "llada", threads: int | None = None, train_steps: int = 400) -> int:
+    """Build everything, then evaluate the demo model of ``family`` with and without skipping through
+    lm_eval, with a progress bar on stderr naming each stage."""
     layers = parse_skip_layers(skip_layers)
     if train_steps < 1:
-        raise ValueError(f"--train-steps {train_steps}: give at least 1 (400, the default, trains the demo model well)")
+        raise ValueError(f"--train-steps {train_steps}: give 1 or more (400, the default, trains the demo model well)")
+    env = use_threads(threads)
     start = time.time()
-    checkpoint = build_demo(out, train_steps, family)
-    tasks = Path(out) / "tasks"
-    print(f"demo checkpoint: {checkpoint.resolve()} ({time.time() - start:.0f}s)\ndemo tasks: {tasks.resolve()}")
     skip = f",skip_layers=[{','.join(map(str, layers))}]"
-    runs = {"base": "base", "skip": "skip"} if family == "llada" else {"base": f"{family}-base", "skip": f"{family}-skip"}
-    for name, extra in ((runs["base"], ""), (runs["skip"], skip)):
-        results = Path(out) / "results" / name
-        cmd = lm_eval_command(checkpoint, tasks, results, extra, family)
-        print("$ " + shlex.join(cmd), flush=True)
-        done = subprocess.run([sys.executable, "-m", *cmd], text=True, capture_output=True)
-        if done.returncode:
-            print(done.stdout + done.stderr)
-            return done.returncode
-        print(done.stdout)  # lm-eval's results table, then llada_skip's FLOPs table
+    prefix = "" if family == "llada" else f"{family}-"
+    runs = ((f"{prefix}base", "", "without skipping"), (f"{prefix}skip", skip, f"skipping blocks {','.join(map(str, layers))}"))
+    with tqdm(total=3 + len(runs), desc="dlmskip demo", unit="stage", file=sys.stderr, dynamic_ncols=True,
+              bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]") as bar:
+        checkpoint = build_demo(out, train_steps, family, bar)
+        tasks = Path(out) / "tasks"
+        bar.write(f"demo checkpoint: {checkpoint.resolve()} ({time.time() - start:.0f}s)\ndemo tasks: {tasks.resolve()}",
+                  file=sys.stdout)
+        for name, extra, what in runs:
+            cmd = lm_eval_command(checkpoint, tasks, Path(out) / "results" / name, extra, family)
+            bar.write("$ " + shlex.join(cmd), file=sys.stdout)
+            with stage(bar, f"lm_eval {what}"):
+                done = run_ticking(cmd, env, bar)
+            if done.returncode:
+                bar.write(done.stdout + done.stderr, file=sys.stdout)
+                return done.returncode
+            bar.write(done.stdout, file=sys.stdout)  # lm-eval's results table, then the FLOPs table
     print(f"demo finished in {time.time() - start:.0f}s; everything is under {Path(out).resolve()}:\n"
           f"  checkpoint  {checkpoint.resolve()}\n  tasks       {tasks.resolve()}\n"
           f"  results     {(Path(out) / 'results').resolve()}\nrerun the skipping run from any folder with:\n"
-          f"  {shlex.join(lm_eval_command(checkpoint, tasks, Path(out) / 'results' / runs['skip'], skip, family))}")
+          f"  {shlex.join(lm_eval_command(checkpoint, tasks, Path(out) / 'results' / runs[1][0], skip, family))}")
     return 0
 
 
@@ -297,23 +360,32 @@ DREAM_CONFIG = {  # Dream's config.json (DreamConfig) field names; the weights u
 }
 
 
-def write_dream(out: Path, train_steps: int) -> None:
-    """A tiny Dream in the hub's layout, trained with the same masked-diffusion objective as the
-    LLaDA demo (Dream's logits are shifted: the model predicts token p from position p-1). Its
-    answers end without an EOS, as the demo's generation canvas does (training one after the answer
-    made greedy decoding of 5 tokens fail on the fourth word)."""
+def dream_config() -> dict:
+    """The Dream demo's config.json (DreamConfig field names)."""
     vocab = vocabulary()
-    raw = {**DREAM_CONFIG, "vocab_size": len(vocab), "mask_token_id": vocab.index("<|mdm_mask|>"),
-           "eos_token_id": vocab.index("<|endoftext|>"), "pad_token_id": vocab.index("<|endoftext|>"),
-           "bos_token_id": vocab.index("<|startoftext|>")}
-    model = train_demo_model(LLaDAConfig.from_dict(raw), vocab, train_steps)
+    return {**DREAM_CONFIG, "vocab_size": len(vocab), "mask_token_id": vocab.index("<|mdm_mask|>"),
+            "eos_token_id": vocab.index("<|endoftext|>"), "pad_token_id": vocab.index("<|endoftext|>"),
+            "bos_token_id": vocab.index("<|startoftext|>")}
+
+
+def train_dream(train_steps: int, bar: tqdm | None = None) -> LLaDA:
+    """A tiny Dream trained with the same masked-diffusion objective as the LLaDA demo (Dream's
+    logits are shifted: the model predicts token p from position p-1). Its answers end without an
+    EOS, as the demo's generation canvas does (training one after the answer made greedy decoding
+    of 5 tokens fail on the fourth word)."""
+    return train_demo_model(LLaDAConfig.from_dict(dream_config()), vocabulary(), train_steps, bar=bar)
+
+
+def save_dream(out: Path, model: LLaDA) -> None:
+    """Dream's hub layout: its config.json, the weights under Qwen2's key names."""
+    raw = dream_config()
     write_checkpoint(out, raw, model, name=dream_name)
-    write_tokenizer(out, vocab, raw["max_position_embeddings"])
+    write_tokenizer(out, vocabulary(), raw["max_position_embeddings"])
 
 
-def write_llama(out: Path, train_steps: int, seed: int = 0) -> None:
-    """A tiny LlamaForCausalLM, saved as transformers saves one (config.json, model.safetensors),
-    trained to write the answer after the prompt, token by token, for ``hf_skip``. Llama, not Qwen2
+def train_llama(train_steps: int, bar: tqdm | None = None, seed: int = 0):
+    """A tiny LlamaForCausalLM trained to write the answer after the prompt, token by token, for
+    ``hf_skip``. Llama, not Qwen2
     (the same blocks but for Qwen2's q/k/v biases): transformers 5 gives a qwen2 checkpoint its
     byte-level BPE tokenizer class whatever tokenizer.json holds, which would split the demo's words."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -329,7 +401,7 @@ def write_llama(out: Path, train_steps: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    for _ in range(train_steps):
+    for step in range(train_steps):
         rows, prompt_lens = [], []
         for _ in range(64):
             prompt, answer = reverse_example(rng)
@@ -343,5 +415,17 @@ def write_llama(out: Path, train_steps: int, seed: int = 0) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.eval().save_pretrained(str(out))
-    write_tokenizer(out, vocab, config.max_position_embeddings)
+        show_step(bar, step, train_steps, loss)
+    return model.eval()
+
+
+def save_llama(out: Path, model) -> None:
+    """As transformers saves a LlamaForCausalLM (config.json, model.safetensors), and the tokenizer."""
+    model.save_pretrained(str(out))
+    write_tokenizer(out, vocabulary(), model.config.max_position_embeddings)
+
+
+# family -> (train(steps, bar) -> model, save(folder, model))
+FAMILIES: dict[str, tuple[Callable, Callable]] = {
+    "llada": (train_llada, save_llada), "dream": (train_dream, save_dream), "llama": (train_llama, save_llama),
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,11 @@ from lm_eval_dlmskip.models.loading import load_llada
 REFERENCE = Path(__file__).parent / "fixtures" / "llada-tiny-reference"
 MASK_ID, EOS_ID = 250, 251
 
-torch.set_num_threads(2)
+# One CPU thread, here and in the lm_eval processes the tests start, unless OMP_NUM_THREADS says
+# otherwise: the models are tiny, and on a small CPU shared with other work each operation of a
+# second thread waits for a busy core (the demo model trained 10 times slower with 2 threads than 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,6 @@ with padding, batch-size invariance, and skipping in the cached regime."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from lm_eval_dlmskip.skipping.router_checkpoints import save_routers
 from lm_eval_dlmskip.skipping.routers import RouterConfig, Routers
 
 from .conftest import EOS_ID, MASK_ID
+from .processes import lm_eval
 
 FASTDLLM = json.loads((Path(__file__).parent / "fixtures" / "fastdllm-reference" / "reference.json").read_text())
 CACHE_OF = {"generate": "none", "generate_with_prefix_cache": "prefix", "generate_with_dual_cache": "dual"}
@@ -119,13 +117,6 @@ def test_a_block_skipped_in_the_fill_stays_skipped_until_the_next_fill(ref_model
             assert torch.equal(trace.keys, mask.sum(1) + 16)  # the window attends to the whole cached row
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "lm_eval", *args], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
-
-
 @pytest.mark.slow
 def test_lm_eval_cli_decodes_with_a_cache_a_threshold_and_skipping(tmp_path, ref_dir, ref_tasks):
     """The real CLI with cache=dual, threshold and static or routed skipping: NFE below the fixed
@@ -139,7 +130,7 @@ def test_lm_eval_cli_decodes_with_a_cache_a_threshold_and_skipping(tmp_path, ref
                  {"lambda": 0.3, "alpha_target": 0.5, "mask_scaling": True})
     for name, skip in (("static", "skip_layers=[1,3]"), ("routed", f"router={tmp_path / 'router'}")):
         out = tmp_path / name
-        _cli("--model", "llada_skip", "--model_args", f"pretrained={ref_dir},cache=dual,threshold=0.3,{skip}",
+        lm_eval("--model", "llada_skip", "--model_args", f"pretrained={ref_dir},cache=dual,threshold=0.3,{skip}",
              "--tasks", "ref_gen", "--include_path", str(ref_tasks), "--device", "cpu", "--batch_size", "4",
              "--output_path", str(out))
         [results_file] = list(out.rglob("results_*.json"))

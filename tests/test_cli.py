@@ -4,30 +4,18 @@ results file carries the FLOPs, the wheel ships the start-up hook, and the demo 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from .processes import ENV, launch_two, lm_eval, run
+
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def run(cmd: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kwargs.pop("env", ENV), **kwargs)
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done
-
-
-def lm_eval(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
-    return run([python, "-m", "lm_eval", *args])
 
 
 def test_importing_the_package_loads_neither_torch_nor_lm_eval():
@@ -47,10 +35,7 @@ def test_lm_eval_registry_knows_llada_skip_and_keeps_its_own_models():
 
 
 def test_unknown_model_lists_hf_and_llada_skip():
-    done = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "no_such_model", "--tasks", "piqa"],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )
+    done = run([sys.executable, "-m", "lm_eval", "--model", "no_such_model", "--tasks", "piqa"], check=False)
     assert done.returncode != 0
     names = done.stderr[done.stderr.index("Supported model names"):]
     assert " hf," in names and "llada_skip" in names
@@ -93,10 +78,10 @@ def test_a_generation_task_that_cannot_run_fails_before_the_first_request(tmp_pa
     (8 tokens): lm_eval stops before its first request of any task, with our message alone
     (exit status 2, no traceback), and writes no results."""
     out = tmp_path / "results"
-    done = subprocess.run(
+    done = run(
         [sys.executable, "-m", "lm_eval", "--model", "llada_skip", "--model_args", f"pretrained={ref_dir},block_length=3",
          "--tasks", "ref_mc,ref_gen", "--include_path", str(ref_tasks), "--device", "cpu", "--output_path", str(out)],
-        capture_output=True, text=True, env=ENV, timeout=300,
+        check=False,
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.splitlines()[-1] == (
@@ -110,11 +95,11 @@ def test_a_generation_task_that_cannot_run_fails_before_the_first_request(tmp_pa
 
 
 def test_lengths_fixed_in_model_args_fail_before_lm_eval_reads_its_tasks(ref_dir, ref_tasks):
-    done = subprocess.run(
+    done = run(
         [sys.executable, "-m", "lm_eval", "--model", "llada_skip", "--model_args",
          f"pretrained={ref_dir},gen_length=8,block_length=3,steps=8", "--tasks", "ref_mc,ref_gen",
          "--include_path", str(ref_tasks)],
-        capture_output=True, text=True, env=ENV, timeout=300,
+        check=False,
     )
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == (
@@ -131,58 +116,38 @@ def test_dlmskip_check_reads_no_task_index_without_tasks(ref_dir):
     assert run([sys.executable, "-c", code]).stdout.splitlines()[-1] == "0 False"
 
 
-def launch_two(args: list[str], logs: Path, timeout: int = 180) -> None:
-    """``python -m lm_eval ARGS`` in two processes as torchrun starts them (accelerate on CPU, gloo);
-    a pair that outlives ``timeout`` (a rank left waiting in a collective) is killed and fails the test."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**ENV, "ACCELERATE_USE_CPU": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for rank in range(2):
-        with open(logs / f"rank{rank}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "lm_eval", *args], stdout=log, stderr=subprocess.STDOUT,
-                                          env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-    deadline = time.monotonic() + timeout
-    try:
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.wait()
-        pytest.fail(f"two lm_eval processes ran past {timeout}s (a rank left waiting?)\n{(logs / 'rank0.log').read_text()[-3000:]}")
-    assert codes == [0, 0], (logs / "rank0.log").read_text()[-3000:] + (logs / "rank1.log").read_text()[-3000:]
-    assert "on rank 1..." in (logs / "rank1.log").read_text()  # really two ranks, not two copies of one
+@pytest.fixture(scope="module")
+def data_parallel(tmp_path_factory, ref_dir, ref_tasks) -> dict[str, dict]:
+    """The results the data-parallel tests compare, each run once: two CPU processes (gloo) that fill
+    --use_cache ("first"), the same again with rank 0's cache deleted ("second": rank 1 answers all
+    from its cache), and one process ("one"). Random skipping, whose draws depend on each row alone:
+    whichever rank decodes a row, it skips the same blocks.
+    (``accelerate launch --cpu`` starts one process only, so the ranks are started as torchrun would.)"""
+    tmp = tmp_path_factory.mktemp("data_parallel")
+    args = ["--model", "llada_skip", "--model_args", f"pretrained={ref_dir},mc_num=16,skip_random=2",
+            "--tasks", "ref_mc,ref_gen", "--include_path", str(ref_tasks), "--batch_size", "2", "--device", "cpu"]
+    cache = ["--use_cache", str(tmp / "cache")]
+    launch_two([*args, *cache, "--output_path", str(tmp / "first")], tmp / "logs1")
+    (tmp / "cache_rank0.db").unlink()  # rank 0 computes again; rank 1 has every answer cached
+    launch_two([*args, *cache, "--output_path", str(tmp / "second")], tmp / "logs2")
+    lm_eval(*args, "--output_path", str(tmp / "one"))
+    return {name: json.loads(next((tmp / name).rglob("results_*.json")).read_text()) for name in ("first", "second", "one")}
 
 
-def test_data_parallel_under_accelerate_matches_one_process(tmp_path, ref_dir, ref_tasks):
-    """Two CPU processes (gloo) split the requests; scores and FLOPs totals equal one process.
-    (``accelerate launch --cpu`` starts one process only, so they are started as torchrun would.)"""
-    args = ["--model", "llada_skip", "--model_args", f"pretrained={ref_dir},mc_num=16,skip_layers=[1]",
-            "--tasks", "ref_mc", "--include_path", str(ref_tasks), "--batch_size", "2", "--device", "cpu"]
-    launch_two([*args, "--output_path", str(tmp_path / "two")], tmp_path / "logs")
-    lm_eval(*args, "--output_path", str(tmp_path / "one"))
-    [two], [one] = (list((tmp_path / d).rglob("results_*.json")) for d in ("two", "one"))
-    two, one = json.loads(two.read_text()), json.loads(one.read_text())
+def test_data_parallel_under_accelerate_matches_one_process(data_parallel):
+    """Two processes split the requests; scores and FLOPs totals equal one process."""
+    two, one = data_parallel["first"], data_parallel["one"]
     assert two["results"]["ref_mc"]["acc,none"] == one["results"]["ref_mc"]["acc,none"]
+    assert two["results"]["ref_gen"]["exact_match,none"] == one["results"]["ref_gen"]["exact_match,none"]
+    assert set(one["config"]["dlmskip"]["flops"]) == {"ref_mc", "ref_gen"}
     assert two["config"]["dlmskip"]["flops"] == one["config"]["dlmskip"]["flops"]
 
 
-def test_data_parallel_with_one_rank_served_wholly_from_use_cache(tmp_path, ref_dir, ref_tasks):
+def test_data_parallel_with_one_rank_served_wholly_from_use_cache(data_parallel):
     """A rank whose every request comes from --use_cache never calls the model: the FLOPs merge must
     not wait for it there, and the cached answers' FLOPs still count, as in the run that computed them."""
-    args = ["--model", "llada_skip", "--model_args", f"pretrained={ref_dir},mc_num=16,skip_random=2",
-            "--tasks", "ref_mc,ref_gen", "--include_path", str(ref_tasks), "--batch_size", "2", "--device", "cpu",
-            "--use_cache", str(tmp_path / "cache")]
-    launch_two([*args, "--output_path", str(tmp_path / "first")], tmp_path / "logs1")
-    (tmp_path / "cache_rank0.db").unlink()  # rank 0 computes again; rank 1 has every answer cached
-    launch_two([*args, "--output_path", str(tmp_path / "second")], tmp_path / "logs2")
-    [first], [second] = (list((tmp_path / d).rglob("results_*.json")) for d in ("first", "second"))
-    first, second = json.loads(first.read_text()), json.loads(second.read_text())
+    first, second = data_parallel["first"], data_parallel["second"]
     assert second["results"]["ref_mc"]["acc,none"] == first["results"]["ref_mc"]["acc,none"]
-    assert set(first["config"]["dlmskip"]["flops"]) == {"ref_mc", "ref_gen"}
     assert second["config"]["dlmskip"]["flops"] == first["config"]["dlmskip"]["flops"]
 
 
@@ -229,7 +194,7 @@ def test_lm_eval_cli_still_runs_the_hf_model(tmp_path, ref_dir, ref_tasks):
 
 
 def test_wheel_ships_the_hook_and_entry_point_and_works_in_a_fresh_venv(tmp_path):
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)], timeout=600)
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)])
     [wheel] = list(tmp_path.glob("lm_eval_dlmskip-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
@@ -246,28 +211,65 @@ def test_wheel_ships_the_hook_and_entry_point_and_works_in_a_fresh_venv(tmp_path
     venv_site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
     outer_site = [p for p in sys.path if p.endswith("site-packages")][0]
     Path(venv_site, "outer_dependencies.pth").write_text(outer_site + "\n")
-    run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], timeout=600)
+    run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)])
     code = (
         "import lm_eval_dlmskip, sys; from lm_eval.api.registry import get_model\n"
         "print(get_model('llada_skip').__module__, get_model('hf').__name__, lm_eval_dlmskip.__file__.startswith(sys.prefix))"
     )
-    assert run([python, "-c", code], cwd=tmp_path).stdout.split() == ["lm_eval_dlmskip.harness.llada", "HFLM", "True"]
+    fresh = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}  # a source tree on PYTHONPATH would come first
+    assert run([python, "-c", code], cwd=tmp_path, env=fresh).stdout.split() == ["lm_eval_dlmskip.harness.llada", "HFLM", "True"]
 
 
-def test_demo_runs_offline(tmp_path):
-    done = run([sys.executable, "-m", "lm_eval_dlmskip.cli", "demo", "--out", str(tmp_path / "demo")], timeout=600)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One ``dlmskip demo`` run that several tests read: its folder and its output. 20 training steps
+    (the default is 400): no test reads the demo model's accuracy, and training is most of its time."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, run([sys.executable, "-m", "lm_eval_dlmskip.cli", "demo", "--out", str(out), "--train-steps", "20"])
+
+
+def test_demo_runs_offline(demo):
+    out, done = demo
     assert done.stdout.count("demo_reverse_mc") >= 4  # two results tables and two FLOPs tables
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines() if line.startswith("|")]
     assert ["demo_reverse_mc", "0.7500"] in [row[:2] for row in cells]  # the FLOPs table of the skipping run
-    assert (tmp_path / "demo" / "llada-demo" / "model.safetensors.index.json").exists()
+    assert (out / "llada-demo" / "model.safetensors.index.json").exists()
     # It says where everything went and how to rerun, with absolute paths.
-    assert f"checkpoint  {tmp_path / 'demo' / 'llada-demo'}" in done.stdout
-    assert f"tasks       {tmp_path / 'demo' / 'tasks'}" in done.stdout
+    assert f"checkpoint  {out / 'llada-demo'}" in done.stdout
+    assert f"tasks       {out / 'tasks'}" in done.stdout
     rerun = done.stdout.split("rerun the skipping run from any folder with:\n")[1].strip()
     assert rerun.startswith("lm_eval --model llada_skip") and "skip_layers=[1,3]" in rerun
-    elsewhere = tmp_path / "elsewhere"  # the tasks' data paths hold from another folder
-    elsewhere.mkdir()
-    run([sys.executable, "-m", *shlex.split(rerun), "--limit", "2"], cwd=elsewhere)
+
+
+def test_demo_shows_each_stage_on_a_progress_bar(demo):
+    """Issue 17: the demo printed nothing while it trained. A bar on stderr names each stage in turn,
+    the training step and loss among them; stdout keeps the tables alone."""
+    _, done = demo
+    shown = done.stderr.replace("\r", "\n")
+    stages = ["training the model", "writing the checkpoint", "writing the tasks", "lm_eval without skipping",
+              "lm_eval skipping blocks 1,3"]
+    firsts = [shown.index(f"dlmskip demo: {stage} |") for stage in stages]
+    assert firsts == sorted(firsts)
+    assert re.search(r"dlmskip demo: training the model \|.*\| 0/5 stages \[[0-9:]+, step 20/20, loss [0-9.]+\]", shown)
+    assert re.search(r"\| 5/5 stages \[[0-9:]+\]", shown)
+    assert "stages" not in done.stdout and "loss" not in done.stdout
+
+
+def test_the_printed_rerun_works_from_any_folder_and_warns_of_nothing(demo, tmp_path):
+    """The demo's rerun command, from another folder (the tasks' data paths are absolute), without its
+    --device (lm-eval then passes cuda:0): on a machine without CUDA the fallback to the CPU is an
+    INFO line; the demo tasks declare their metrics' aggregation, so lm-eval has nothing to warn."""
+    rerun = shlex.split(demo[1].stdout.split("rerun the skipping run from any folder with:\n")[1].strip())
+    device = rerun.index("--device")
+    done = run([sys.executable, "-m", *rerun[:device], *rerun[device + 2 :]], cwd=tmp_path)
+    log = done.stdout + done.stderr
+    assert "demo_reverse_gen" in done.stdout
+    assert "aggregation is not" not in log and "higher_is_better is not" not in log
+    assert [line for line in log.splitlines() if "WARNING" in line] == []
+    import torch
+
+    if not torch.cuda.is_available():
+        assert re.search(r"INFO .*device=cuda:0 but CUDA is not available; running on cpu", log)
 
 
 @pytest.mark.parametrize("command", ["demo", "train", "calibrate", "analyze", "sweep", "compare"])
@@ -320,19 +322,21 @@ def test_demo_tasks_hold_absolute_data_paths(tmp_path, monkeypatch):
         assert all(Path(f).is_absolute() and Path(f).exists() for f in files.values()), files
 
 
-def test_a_clean_cpu_run_of_the_demo_tasks_prints_no_warnings(tmp_path):
-    """No --device (lm-eval then passes cuda:0): on a machine without CUDA the fallback to the CPU is
-    an INFO line; the demo tasks declare their metrics' aggregation, so lm-eval has nothing to warn."""
-    from lm_eval_dlmskip.demo import build_demo, write_tasks
+def test_a_second_build_reuses_the_checkpoint_and_says_so(tmp_path):
+    """build_demo's three stages: trained and written the first time; the second run reuses the
+    checkpoint byte for byte (no training) and names it on the bar."""
+    import io
 
-    checkpoint = build_demo(tmp_path, train_steps=1)  # an untrained demo model: only the log matters
-    tasks = write_tasks(tmp_path, n_docs=4, n_train=4)
-    done = lm_eval("--model", "llada_skip", "--model_args", f"pretrained={checkpoint},mc_num=8",
-                   "--tasks", "demo_reverse_mc,demo_reverse_gen", "--include_path", str(tasks))
-    log = done.stdout + done.stderr
-    assert "aggregation is not" not in log and "higher_is_better is not" not in log
-    assert [line for line in log.splitlines() if "WARNING" in line] == []
-    import torch
+    from tqdm import tqdm
 
-    if not torch.cuda.is_available():
-        assert re.search(r"INFO .*device=cuda:0 but CUDA is not available; running on cpu", log)
+    from lm_eval_dlmskip.demo import build_demo
+
+    shown = io.StringIO()
+    first = build_demo(tmp_path, train_steps=2, bar=tqdm(total=3, file=shown))
+    weights = {p.name: p.read_bytes() for p in first.glob("*.safetensors")}
+    assert "step 2/2, loss" in shown.getvalue() and "3/3" in shown.getvalue()
+    shown = io.StringIO()
+    again = build_demo(tmp_path, train_steps=2, bar=tqdm(total=3, file=shown))
+    assert again == first and {p.name: p.read_bytes() for p in again.glob("*.safetensors")} == weights
+    assert f"dlmskip demo: reusing the checkpoint in {first}" in shown.getvalue() and "3/3" in shown.getvalue()
+    assert "training" not in shown.getvalue()

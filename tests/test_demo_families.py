@@ -126,8 +126,8 @@ def test_a_few_demo_requests_run_through_each_familys_harness(built, requests, f
 
 
 def test_a_bad_train_steps_is_refused_before_anything_is_built(tmp_path):
-    with pytest.raises(ValueError, match="--train-steps 0: give at least 1"):
-        demo.run_demo(str(tmp_path / "out"), "1,3", "dream", 0)
+    with pytest.raises(ValueError, match="--train-steps 0: give 1 or more"):
+        demo.run_demo(str(tmp_path / "out"), "1,3", "dream", train_steps=0)
     assert not (tmp_path / "out").exists()
 
 

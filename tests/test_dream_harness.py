@@ -17,7 +17,7 @@ from lm_eval_dlmskip.harness.dream import DreamSkipLM
 from lm_eval_dlmskip.harness.llada import LLaDASkipLM
 
 from .conftest import words, write_task
-from .test_cli import lm_eval
+from .processes import lm_eval
 
 DREAM = Path(__file__).parent / "fixtures" / "dream-reference"
 

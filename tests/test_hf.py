@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from lm_eval_dlmskip.models.hf_layers import find_layers
 from lm_eval_dlmskip.report import analyze, calibrate
 
 from .conftest import write_task
-from .test_cli import ENV
+from .processes import lm_eval
 
 N_LAYERS = 4
 
@@ -320,13 +318,9 @@ def test_lm_eval_cli_runs_hf_skip_and_writes_flops(qwen, tmp_path):
                "generation_kwargs:\n  until: [zz]\n  max_gen_toks: 6\n  do_sample: false\n"
                "metric_list:\n  - metric: exact_match\n")
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf_skip", "--model_args",
-         f"pretrained={qwen['full']},dtype=float32,skip_layers=[1,3]", "--tasks", "hf_mc,hf_gen",
-         "--include_path", str(tasks), "--device", "cpu", "--batch_size", "2", "--output_path", str(out)],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = lm_eval("--model", "hf_skip", "--model_args", f"pretrained={qwen['full']},dtype=float32,skip_layers=[1,3]",
+                   "--tasks", "hf_mc,hf_gen", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "2",
+                   "--output_path", str(out))
     assert "normalized FLOPs 0.5000 (papers)" in done.stderr
     flops_table = done.stdout.index("hf_skip FLOPs per task", done.stdout.index("|  Metric   |"))
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]

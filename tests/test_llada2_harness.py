@@ -28,7 +28,7 @@ from lm_eval_dlmskip.models import moe
 from lm_eval_dlmskip.models.loading import load_model
 
 from .conftest import words, write_task
-from .test_cli import lm_eval
+from .processes import lm_eval
 from .test_flops_reference import Ran, check_replayed, save_router
 
 FIXTURES = Path(__file__).parent / "fixtures"

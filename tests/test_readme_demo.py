@@ -30,7 +30,7 @@ def readme_commands(family: str) -> list[list[str]]:
     return [argv for argv in commands if argv and any(f"{family}" in token for token in argv)]
 
 
-def build_only(out: str, skip_layers: str, family: str, train_steps: int) -> int:
+def build_only(out: str, skip_layers: str, family: str, threads: int | None, train_steps: int) -> int:
     """``run_demo`` without its lm_eval runs: the checkpoint and tasks the README's next line reads."""
     demo.build_demo(out, train_steps, family)
     return 0

@@ -34,6 +34,19 @@ def _rows(path) -> list[tuple[int, str]]:
     return [(e["step"], "train" if "loss" in e else "val") for e in _log(path)]
 
 
+def _board(path) -> dict[str, list[tuple[int, float]]] | None:
+    """What TensorBoard shows of a run, read by TensorBoard's own reader (which hides the events a
+    resumed run's purge step withdrew): (step, value) per tag, or None without tensorboard. The
+    examples/s depend on the machine's speed, so only their steps count."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return None
+    board = EventAccumulator(str(path / "tensorboard")).Reload()
+    return {tag: [(e.step, None if tag == "examples_per_s" else e.value) for e in board.Scalars(tag)]
+            for tag in board.Tags()["scalars"]}
+
+
 def _same_routers(a, b) -> bool:
     x, y = load_file(str(a / "router.safetensors")), load_file(str(b / "router.safetensors"))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -47,7 +60,9 @@ def test_a_run_stopped_before_its_first_save_resumes_from_step_0(ref_dir, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train(stopped)
     monkeypatch.undo()
-    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["metrics.jsonl"]
+    # Only the logs: the metrics, and TensorBoard's events where tensorboard is installed.
+    logs = ["metrics.jsonl"] if _board(tmp_path / "straight") is None else ["metrics.jsonl", "tensorboard"]
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == logs
     assert _rows(tmp_path / "stopped") == [(0, "val"), (2, "train")]
     with pytest.raises(ValueError, match="holds only the log of a run stopped before its first checkpoint; "
                                          "pass --resume to start it again from step 0"):
@@ -55,6 +70,7 @@ def test_a_run_stopped_before_its_first_save_resumes_from_step_0(ref_dir, tmp_pa
     train(TrainConfig(**{**stopped.__dict__, "resume": True}))
     assert _same_routers(tmp_path / "straight", tmp_path / "stopped")
     assert _rows(tmp_path / "stopped") == _rows(tmp_path / "straight") == [(0, "val"), (2, "train"), (4, "train"), (4, "val")]
+    assert _board(tmp_path / "stopped") == _board(tmp_path / "straight")
 
 
 def test_a_resumed_run_logs_each_point_once(ref_dir, tmp_path, monkeypatch):
@@ -71,6 +87,7 @@ def test_a_resumed_run_logs_each_point_once(ref_dir, tmp_path, monkeypatch):
     train(TrainConfig(**{**killed.__dict__, "resume": True}))
     expected = [(0, "val"), (2, "train"), (4, "train"), (4, "val"), (6, "train"), (8, "train"), (8, "val")]
     assert _rows(tmp_path / "killed") == _rows(tmp_path / "straight") == expected
+    assert _board(tmp_path / "killed") == _board(tmp_path / "straight")  # TensorBoard too shows each point once
     assert _same_routers(tmp_path / "straight", tmp_path / "killed")
 
 

@@ -38,8 +38,10 @@ LLADA = f"{DEMO}/llada-demo"
 TASKS = f"{DEMO}/tasks"
 BOTH = "demo_reverse_mc,demo_reverse_gen"
 TRAIN = ["--task", "demo_reverse_gen", "--include-path", TASKS]
-ROUTER_RECIPE = ["--lambda", "1.0", "--batch-size", "8", "--effective-batch-size", "16", "--lr", "1e-2",
-                 "--warmup-steps", "5", "--router-hidden", "32", "--dtype", "float32"]
+SMALL_MODEL_RECIPE = ["--batch-size", "8", "--effective-batch-size", "16", "--lr", "1e-2", "--warmup-steps", "5",
+                      "--router-hidden", "32", "--dtype", "float32"]
+ROUTER_RECIPE = ["--lambda", "1.0", *SMALL_MODEL_RECIPE]
+BUDGET = "0.7"  # the README's --target-ratio example
 CALIBRATION = ["--mask-fractions", "1.0,0.5", "--answer-length", "5", "--threshold", "0.5", "--max-skip", "3"]
 CACHED_DECODING = "gen_length=8,block_length=4,steps=8"
 THRESHOLDS = ("", "0.9", "0.5")  # "": the fixed schedule
@@ -85,6 +87,11 @@ def commands() -> list[tuple[str, list[str]]]:
         ("routed", ["lm_eval", "--model", "llada_skip", "--model_args",
                     f"pretrained={LLADA},router={DEMO}/routers/rdemo,mc_num=8", "--tasks", BOTH,
                     "--include_path", TASKS, "--batch_size", "8", "--output_path", f"{DEMO}/results/routed"]),
+        ("train_budget", ["dlmskip", "train", "--model", LLADA, *TRAIN, "--output", f"{DEMO}/routers/r70",
+                          "--target-ratio", BUDGET, "--max-steps", "100", *SMALL_MODEL_RECIPE]),
+        ("budget", ["lm_eval", "--model", "llada_skip", "--model_args",
+                    f"pretrained={LLADA},router={DEMO}/routers/r70,mc_num=8", "--tasks", BOTH,
+                    "--include_path", TASKS, "--batch_size", "8", "--output_path", f"{DEMO}/results/budget"]),
         ("check", ["dlmskip", "check", "--model", "llada_skip", "--model_args", f"pretrained={LLADA},steps=10",
                    "--tasks", BOTH, "--include_path", TASKS]),
         ("sweep", ["dlmskip", "sweep", "--model", LLADA, "--tasks", BOTH, "--include-path", TASKS,
@@ -199,6 +206,8 @@ def collect(work: Path, records: dict, threads: int) -> dict:
         "train": {name: json.loads((demo / "routers" / name / "router.json").read_text())["metrics"]
                   for name in ("rdemo", "r1")},
         "routed": lm_eval_summary(demo / "results" / "routed"),
+        "budget": {"router": json.loads((demo / "routers" / "r70" / "router.json").read_text())["budget"],
+                   "run": lm_eval_summary(demo / "results" / "budget")},
         "sweep": {run.name: lm_eval_summary(run) for run in sorted((demo / "sw").iterdir()) if run.is_dir()},
         "cached": [{"name": name, **labels, **lm_eval_summary(demo / "cached" / name)["demo_reverse_gen"],
                     **{k: records[f"cached/{name}"][k] for k in ("wall_s", "cpu_s", "decode_s")}}

@@ -270,7 +270,8 @@ def train(cfg: TrainConfig) -> dict:
     log_lines = resumed_log(out, start) if cfg.resume else []
     if cfg.resume and accelerator.is_main_process:  # the log continues from the checkpoint, one row per point
         write_atomically(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(line + "\n" for line in log_lines)))
-    writer = _tensorboard(out) if accelerator.is_main_process else None
+    purge = (start + 1 if start else 0) if cfg.resume else None  # TensorBoard drops what the log drops
+    writer = _tensorboard(out, purge) if accelerator.is_main_process else None
 
     def save(step: int, final: bool) -> None:
         if not accelerator.is_main_process:
@@ -391,9 +392,11 @@ def too_short_warning(log_lines: list[str], total: int, warmup: int, cfg: TrainC
     )
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out: Path, purge_step: int | None):
+    """TensorBoard's writer where tensorboard is installed; events at ``purge_step`` and later that an
+    earlier, stopped run wrote are withdrawn (None: a new run)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
