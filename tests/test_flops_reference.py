@@ -269,6 +269,22 @@ def test_padding_is_not_charged(ref_dir):
         assert flops[task]["tflops"] == pytest.approx(alone / 1e12, rel=1e-12)
 
 
+def test_each_task_is_charged_its_own_rows(ref_dir):
+    """Two tasks' likelihood requests in one batch, answers of 1 and 4 tokens: their rows score
+    different numbers of masked positions (the LM head runs at those, flat indices into the
+    batch), and each task is charged what its request costs alone, as counted (choices keep
+    idx 1: no greedy check)."""
+    pairs = {"short": ("t5 t6 t7 t8", " t9"), "long": ("t5", " t30 t31 t32 t33")}
+    requests = [Instance("loglikelihood", {}, pair, 1, (task, 0, 1)) for task, pair in pairs.items()]
+    together, _ = llada_lm(ref_dir, batch_size=2, mc_num=4, mc_batch=2)
+    together.loglikelihood(requests, disable_tqdm=True)
+    flops = together.get_model_info()["dlmskip"]["flops"]
+    for request in requests:
+        lm, ran = llada_lm(ref_dir, batch_size=1, mc_num=4, mc_batch=2)
+        lm.loglikelihood([request], disable_tqdm=True)
+        assert flops[request.task_name]["tflops"] == (ran.flops + 4 * 64 * ran.tokens) / 1e12
+
+
 DREAM_GEN = {"until": [], "max_gen_toks": 8, "steps": 4}
 
 
