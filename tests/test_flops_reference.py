@@ -474,3 +474,15 @@ def test_what_the_figure_leaves_out_is_named_and_bounded():
     assert router_figure == products.get_total_flops()  # Linear(d, h) and Linear(h, 2), biases aside
     assert {"pow", "mean", "rsqrt", "silu"} <= set(omitted.by_op)
     assert sum(omitted.by_op.values()) < 1e-3 * router_figure
+
+
+def test_the_plain_decoding_baseline_of_a_padded_batch_by_hand(ref_dir):
+    """Prompts of 3 and 5 tokens in one left-padded batch: upstream's uncached decoding of each is
+    4 full forwards over its own real tokens (P + 8), the head over a block of 4; padding is no part
+    of the baseline (the 'vs plain decoding' figure divides the FLOPs spent by it)."""
+    gen = [Instance("generate_until", {}, (p, GEN), 0, ("gen", i, 1)) for i, p in enumerate(("t5 t6 t7", "t20 t21 t22 t23 t24"))]
+    lm, _ = llada_lm(ref_dir, batch_size=2)
+    lm.generate_until(gen, disable_tqdm=True)
+    summary = lm.get_model_info()["dlmskip"]["flops"]["gen"]
+    plain = sum(4 * by_hand(p + G, p + G, BLOCK) for p in (3, 5))
+    assert summary["normalized_flops_vs_plain_decoding"] == pytest.approx(summary["tflops"] * 1e12 / plain, rel=1e-12)
