@@ -150,6 +150,17 @@ def test_answer_length_aliases_and_what_defaults_to_it(family, given, task, expe
     assert {k: origin.get(k) for k in expected} == expected
 
 
+@pytest.mark.parametrize("gen_length, refused", [(31, False), (32, True), (33, True)])
+def test_an_answer_as_long_as_max_length_leaves_no_room_for_a_prompt(gen_length, refused):
+    """max_length=32 holds a prompt and the answer: 31 answer tokens leave one for the prompt, 32 none."""
+    gen_kwargs = {"until": [], "max_gen_toks": gen_length, "steps": gen_length, "block_length": gen_length}
+    if not refused:
+        assert resolve_generation(gen_kwargs, {}, max_length=32)[0].gen_length == gen_length
+        return
+    with pytest.raises(ValueError, match=f"gen_length={gen_length} leaves no room for a prompt within max_length=32"):
+        resolve_generation(gen_kwargs, {}, max_length=32)
+
+
 @pytest.mark.parametrize(
     "family, given, task, message",
     [
