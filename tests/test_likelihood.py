@@ -220,3 +220,16 @@ def test_guided_estimate_of_a_padded_batch_by_hand(ref_model):
             targets = torch.tensor(prompt + answer)[where]
             scores.append(weight.item() * torch.nn.functional.cross_entropy(mixed[where], targets, reduction="sum").item())
         assert value == pytest.approx(-sum(scores) / len(scores), rel=1e-5)
+
+
+@pytest.mark.parametrize("T, b", [(3, 16), (5, 4), (7, 16), (6, 4)])
+def test_stratified_counts_are_k_plus_i_t_over_b_rounded_half_up(T, b):
+    """The documented rule, slot by slot: l_i = k + round(i T / b) wrapped into 1..T, halves rounded
+    up (exact fractions here); k is slot 0's count."""
+    from fractions import Fraction
+
+    settings = LikelihoodSettings(mc_num=4 * b, mc_batch=b)
+    counts = stratified_counts(T, settings, torch.Generator().manual_seed(T * b)).view(4, b).tolist()
+    for group in counts:
+        k = group[0]
+        assert group == [(k - 1 + math.floor(Fraction(i * T, b) + Fraction(1, 2))) % T + 1 for i in range(b)]

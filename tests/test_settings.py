@@ -334,6 +334,25 @@ def test_the_use_cache_cases_cover_every_model_arg(made):
     assert set(changes) | set(cannot) == all_model_args(made["cls"])
 
 
+def test_a_router_retrained_in_place_is_another_use_cache_key(made, tmp_path):
+    """The same router path holding other weights (retrained in place) can change every answer: the
+    --use_cache key follows the weights, not the path."""
+    path = tmp_path / "router"
+    shutil.copytree(made["router_a"], path)
+    before = _identity(made, {"router": str(path)})
+    assert _identity(made, {"router": str(path)}) == before
+    shutil.rmtree(path)
+    shutil.copytree(made["router_b"], path)
+    assert _identity(made, {"router": str(path)}) != before
+
+
+def test_router_tau_zero_is_a_valid_threshold(made):
+    """router_tau is in [0, 1): 0 skips a block as soon as any masked position votes skip; 1 never could."""
+    assert _lm(made, router="<router_a>", router_tau=0.0).policy.tau == 0.0
+    with pytest.raises(ValueError, match="router_tau=1.0 must be a number in"):
+        _lm(made, router="<router_a>", router_tau=1.0)
+
+
 def test_the_use_cache_key_changes_with_every_setting_that_can_change_an_answer(made):
     """Two models differing in one model_arg only: another --use_cache key exactly when that
     model_arg can change an answer."""
