@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from lm_eval_dlmskip.decoding.block_diffusion import BlockDiffusionSettings, block_generate
 from lm_eval_dlmskip.decoding.generate import GenerationSettings, generate
+from lm_eval_dlmskip.models.execution import KVCache
 from lm_eval_dlmskip.models.loading import load_model
 from lm_eval_dlmskip.models.moe import route
-from lm_eval_dlmskip.skipping.policies import StaticSkip
+from lm_eval_dlmskip.skipping.policies import RandomSkip, StaticSkip
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LLADA2, LLADA_MOE = FIXTURES / "llada2-reference", FIXTURES / "llada-moe-reference"
@@ -181,3 +182,31 @@ def test_llada2_sampler_runs_equal_generate(llada2):
             theirs = canvas[len(prompt) : len(prompt) + settings.gen_length]
             cut = theirs.index(EOS) + 1 if EOS in theirs else len(theirs)
             assert answers_agree(ours, theirs[:cut]), run
+
+
+def test_llada2_rows_skipping_different_blocks_decode_as_alone(llada2, monkeypatch):
+    """Random skipping draws other blocks per row and forward, so under the exact cache a row may
+    run a block whose keys it skipped earlier: those slots are hidden from it. A padded batch
+    decodes each row as that row alone, with the same per-row draws (keyed by the row's tokens).
+    Slots start at 1e4 rather than conftest's NaN: a hidden slot weighs exactly 0 in attention,
+    but 0 x NaN is NaN, while a slot read by mistake still moves the answer."""
+    allocate = KVCache.allocate
+
+    def poisoned(self, *args, **kwargs) -> None:
+        allocate(self, *args, **kwargs)
+        for storage in (*self.k, *self.v):
+            storage.fill_(1e4)
+
+    monkeypatch.setattr(KVCache, "allocate", poisoned)
+    model, ref, _ = llada2
+    runs = [r for r in ref["generate"]["runs"] if not r["eos_early_stop"]][:4]
+    policy = RandomSkip(2, model.cfg.n_layers, seed=3)
+
+    def denoise(ids, attention_mask, logits_at, cache=None, window=None, **options):
+        return model(ids, attention_mask, policy=policy, logits_at=logits_at, cache=cache, window=window, **options)[0]
+
+    settings = block_settings(runs[0], "blocks")
+    together = block_generate(denoise, [r["prompt"] for r in runs], settings, MASK, EOS, EOS, CPU)
+    for row, run in zip(together.tolist(), runs):
+        alone = block_generate(denoise, [run["prompt"]], settings, MASK, EOS, EOS, CPU)[0].tolist()
+        assert row == alone, run["prompt"]
