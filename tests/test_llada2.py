@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_eval_dlmskip.decoding.block_diffusion import BlockDiffusionSettings, block_generate
+from lm_eval_dlmskip.decoding.block_diffusion import BlockDiffusionSettings, block_generate, choose
 from lm_eval_dlmskip.decoding.generate import GenerationSettings, generate
 from lm_eval_dlmskip.models.execution import KVCache
 from lm_eval_dlmskip.models.loading import load_model
@@ -210,3 +210,13 @@ def test_llada2_rows_skipping_different_blocks_decode_as_alone(llada2, monkeypat
     for row, run in zip(together.tolist(), runs):
         alone = block_generate(denoise, [run["prompt"]], settings, MASK, EOS, EOS, CPU)[0].tolist()
         assert row == alone, run["prompt"]
+
+
+def test_a_confidence_equal_to_the_threshold_does_not_exceed_it():
+    """LLaDA2's rule commits the positions whose confidence exceeds the threshold (upstream's
+    ``confidence > threshold``), else the step's quota of most confident ones: two masked positions
+    at exactly 0.5 with threshold 0.5 and a quota of 1 commit one position, not both."""
+    confidence = torch.tensor([[0.5, 0.25, 0.5]])
+    masked = torch.ones(1, 3, dtype=torch.bool)
+    assert int(choose(confidence, masked, 1, 0.5).sum()) == 1
+    assert choose(confidence, masked, 1, 0.4).tolist() == [[True, False, True]]  # both exceed 0.4: both go
