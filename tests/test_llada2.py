@@ -220,3 +220,21 @@ def test_a_confidence_equal_to_the_threshold_does_not_exceed_it():
     masked = torch.ones(1, 3, dtype=torch.bool)
     assert int(choose(confidence, masked, 1, 0.5).sum()) == 1
     assert choose(confidence, masked, 1, 0.4).tolist() == [[True, False, True]]  # both exceed 0.4: both go
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, None, 3), (0.7, 0.8, None), (1.3, 0.87, None)])
+def test_llada2_sampled_tokens_follow_the_closed_form(temperature, top_p, top_k):
+    """LLaDA2's sampler (upstream's _sample_with_temperature_topk_topp) draws from softmax(logits /
+    temperature) restricted to the top_k largest, or to the nucleus up to and including the token
+    whose cumulative probability first exceeds top_p: 20000 draws against that distribution (one
+    filter at a time: upstream renormalises after top_k before top_p, Dream's closed form does not)."""
+    from lm_eval_dlmskip.decoding.block_diffusion import sample
+    from lm_eval_dlmskip.decoding.noise import noise_keys
+
+    from .test_dream_sampling import LOGITS_EVEN, assert_distribution, dream_distribution
+
+    W = 20000
+    settings = BlockDiffusionSettings(temperature=temperature, top_p=top_p, top_k=top_k)
+    logits = torch.tensor([LOGITS_EVEN]).expand(1, W, -1)
+    tokens, _ = sample(logits, settings, noise_keys(torch.tensor([7]), 0, 0, torch.arange(W)))
+    assert_distribution(tokens, dream_distribution(LOGITS_EVEN, temperature, top_p, top_k), f"{temperature} {top_p} {top_k}")
