@@ -149,6 +149,15 @@ def test_draws_are_independent_across_positions_and_rows():
         assert p > FALSE_ALARM, f"{what}: p={p:.2e}"
 
 
+def test_token_and_position_streams_of_different_rows_never_coincide():
+    """Callers may key rows with consecutive seeds (0, 1, 2, ...; the tests here do): every (row
+    seed, stream) must be a stream of its own, so no row's position noise repeats another row's
+    token noise (64-bit keys: a chance coincidence among these 2 x 10^5 has probability ~1e-9)."""
+    seeds, positions = torch.arange(1000), torch.arange(100)
+    tokens, commits = noise_keys(seeds, 0, 3, positions), noise_keys(seeds, 1, 3, positions)
+    assert not set(tokens.flatten().tolist()) & set(commits.flatten().tolist())
+
+
 @pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
 def test_drawn_token_and_its_confidence(alg):
     """tokens_and_confidence alone, 60,000 draws: the token's law and maskgit_plus's confidence,

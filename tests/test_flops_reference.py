@@ -269,6 +269,22 @@ def test_padding_is_not_charged(ref_dir):
         assert flops[task]["tflops"] == pytest.approx(alone / 1e12, rel=1e-12)
 
 
+def test_each_task_is_charged_its_own_rows(ref_dir):
+    """Two tasks' likelihood requests in one batch, answers of 1 and 4 tokens: their rows score
+    different numbers of masked positions (the LM head runs at those, flat indices into the
+    batch), and each task is charged what its request costs alone, as counted (choices keep
+    idx 1: no greedy check)."""
+    pairs = {"short": ("t5 t6 t7 t8", " t9"), "long": ("t5", " t30 t31 t32 t33")}
+    requests = [Instance("loglikelihood", {}, pair, 1, (task, 0, 1)) for task, pair in pairs.items()]
+    together, _ = llada_lm(ref_dir, batch_size=2, mc_num=4, mc_batch=2)
+    together.loglikelihood(requests, disable_tqdm=True)
+    flops = together.get_model_info()["dlmskip"]["flops"]
+    for request in requests:
+        lm, ran = llada_lm(ref_dir, batch_size=1, mc_num=4, mc_batch=2)
+        lm.loglikelihood([request], disable_tqdm=True)
+        assert flops[request.task_name]["tflops"] == (ran.flops + 4 * 64 * ran.tokens) / 1e12
+
+
 DREAM_GEN = {"until": [], "max_gen_toks": 8, "steps": 4}
 
 
@@ -458,3 +474,15 @@ def test_what_the_figure_leaves_out_is_named_and_bounded():
     assert router_figure == products.get_total_flops()  # Linear(d, h) and Linear(h, 2), biases aside
     assert {"pow", "mean", "rsqrt", "silu"} <= set(omitted.by_op)
     assert sum(omitted.by_op.values()) < 1e-3 * router_figure
+
+
+def test_the_plain_decoding_baseline_of_a_padded_batch_by_hand(ref_dir):
+    """Prompts of 3 and 5 tokens in one left-padded batch: upstream's uncached decoding of each is
+    4 full forwards over its own real tokens (P + 8), the head over a block of 4; padding is no part
+    of the baseline (the 'vs plain decoding' figure divides the FLOPs spent by it)."""
+    gen = [Instance("generate_until", {}, (p, GEN), 0, ("gen", i, 1)) for i, p in enumerate(("t5 t6 t7", "t20 t21 t22 t23 t24"))]
+    lm, _ = llada_lm(ref_dir, batch_size=2)
+    lm.generate_until(gen, disable_tqdm=True)
+    summary = lm.get_model_info()["dlmskip"]["flops"]["gen"]
+    plain = sum(4 * by_hand(p + G, p + G, BLOCK) for p in (3, 5))
+    assert summary["normalized_flops_vs_plain_decoding"] == pytest.approx(summary["tflops"] * 1e12 / plain, rel=1e-12)

@@ -167,3 +167,25 @@ def test_gumbel_noise_samples_the_softmax():
 def test_sampling_needs_row_seeds():
     with pytest.raises(ValueError, match="row_seeds"):
         generate(lambda *a: None, torch.tensor([[1, 2]]), None, GenerationSettings(4, 4, 4, temperature=1.0), 9)
+
+
+def test_a_mask_inside_the_prompt_is_decoded_as_upstream_does():
+    """Upstream's generate takes every mask token of the canvas up to the current block's end as a
+    candidate, a mask inside the prompt too. Constructed logits make the prompt's mask the most
+    confident position: the first step commits it (one token per step), then the answer's by
+    confidence. The schedule counts the block's tokens (4 over 4 steps) as upstream's
+    get_num_transfer_tokens does, so the least confident answer position stays masked."""
+    V, prompt = 8, [1, MASK_ID, 2]
+    confidence = torch.tensor([0.0, 5.0, 0.0, 1.0, 2.0, 3.0, 4.0])  # per canvas column: the prompt's mask first
+
+    def denoise(ids, attention_mask, logits_at):
+        logits = torch.zeros(ids.shape[0], ids.shape[1], V)
+        logits[..., 6] = confidence  # token 6 predicted everywhere, more or less confidently
+        return logits[:, logits_at]
+
+    seen = []
+    settings = GenerationSettings(gen_length=4, steps=4, block_length=4)
+    out = generate(lambda ids, mask, at: seen.append(ids.clone()) or denoise(ids, mask, at), torch.tensor([prompt]), None,
+                   settings, MASK_ID)
+    assert out[0].tolist() == [1, 6, 2, MASK_ID, 6, 6, 6]
+    assert seen[1][0].tolist() == [1, 6, 2] + [MASK_ID] * 4  # the prompt's mask went first

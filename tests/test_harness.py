@@ -79,6 +79,22 @@ def _record_inputs(lm: LLaDASkipLM) -> list[torch.Tensor]:
     return seen
 
 
+def test_seed_alone_draws_the_random_blocks(ref_dir):
+    """skip_random's blocks follow seed (and the row), never mc_seed: the same forward with another
+    mc_seed runs the same blocks for every row, with another seed other blocks."""
+    ids = torch.randint(0, 200, (8, 12), generator=torch.Generator().manual_seed(0))
+
+    def executed(**seeds) -> torch.Tensor:
+        lm = make_lm(ref_dir, skip_random=3, **seeds)
+        with torch.no_grad():
+            return lm.model(ids, policy=lm.policy)[1].executed
+
+    base = executed(seed=5, mc_seed=1)
+    assert (base.sum(1) == 6 - 3).all()
+    assert torch.equal(executed(seed=5, mc_seed=9), base)
+    assert not torch.equal(executed(seed=6, mc_seed=1), base)
+
+
 def test_mc_seed_alone_draws_the_masks(ref_dir, ref):
     """A random-skip run with its own seed scores with the base run's masks; only mc_seed changes them."""
     requests = ll_requests(ref)[1:]  # answers of several tokens: the masks are random

@@ -193,3 +193,43 @@ def test_greedy_check_recognises_the_models_own_greedy_answer(ref_model):
     assert greedy_matches(denoise, prompts, answers, 0.0, MASK_ID, EOS_ID, CPU) == [True, True]
     wrong = [answers[0], [(t + 1) % 240 for t in answers[1]]]
     assert greedy_matches(denoise, prompts, wrong, 0.0, MASK_ID, EOS_ID, CPU) == [True, False]
+
+
+def test_guided_estimate_of_a_padded_batch_by_hand(ref_model):
+    """With cfg > 0 each masked position scores un + (cfg + 1)(cond - un), where the unconditional
+    logits come from the same row with its prompt masked as well (LLaDA's unsupervised CFG). Given
+    the masks, the estimate of each request of a padded batch equals that computed row by row with
+    full forwards of the row alone: minus the mean over samples of weight x summed CE."""
+    cfg = 0.5
+    prompts, answers = [[5, 6, 7, 8], [20, 21]], [[9, 10, 11], [30, 31]]
+    masks = [(torch.tensor([[True, False, True], [False, True, False]]), torch.tensor([1.5, 3.0])),
+             (torch.tensor([[True, True], [True, False]]), torch.tensor([1.0, 2.0]))]
+    settings = LikelihoodSettings(mc_num=2, mc_batch=2, cfg=cfg)
+    got = mc_loglikelihood(model_denoiser(ref_model), prompts, answers, settings, MASK_ID, EOS_ID, [None, None], CPU,
+                           masks=masks)
+    for prompt, answer, (patterns, weights), value in zip(prompts, answers, masks, got):
+        scores = []
+        for pattern, weight in zip(patterns, weights):
+            masked = [False] * len(prompt) + pattern.tolist()
+            row = torch.tensor([[MASK_ID if m else t for t, m in zip(prompt + answer, masked)]])
+            unconditional = torch.tensor([[MASK_ID] * len(prompt) + row[0, len(prompt):].tolist()])
+            with torch.no_grad():
+                cond, un = ref_model(row)[0][0], ref_model(unconditional)[0][0]
+            mixed = un + (cfg + 1) * (cond - un)
+            where = torch.tensor(masked).nonzero().squeeze(1)
+            targets = torch.tensor(prompt + answer)[where]
+            scores.append(weight.item() * torch.nn.functional.cross_entropy(mixed[where], targets, reduction="sum").item())
+        assert value == pytest.approx(-sum(scores) / len(scores), rel=1e-5)
+
+
+@pytest.mark.parametrize("T, b", [(3, 16), (5, 4), (7, 16), (6, 4)])
+def test_stratified_counts_are_k_plus_i_t_over_b_rounded_half_up(T, b):
+    """The documented rule, slot by slot: l_i = k + round(i T / b) wrapped into 1..T, halves rounded
+    up (exact fractions here); k is slot 0's count."""
+    from fractions import Fraction
+
+    settings = LikelihoodSettings(mc_num=4 * b, mc_batch=b)
+    counts = stratified_counts(T, settings, torch.Generator().manual_seed(T * b)).view(4, b).tolist()
+    for group in counts:
+        k = group[0]
+        assert group == [(k - 1 + math.floor(Fraction(i * T, b) + Fraction(1, 2))) % T + 1 for i in range(b)]

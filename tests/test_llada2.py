@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_eval_dlmskip.decoding.block_diffusion import BlockDiffusionSettings, block_generate
+from lm_eval_dlmskip.decoding.block_diffusion import BlockDiffusionSettings, block_generate, choose
 from lm_eval_dlmskip.decoding.generate import GenerationSettings, generate
+from lm_eval_dlmskip.models.execution import KVCache
 from lm_eval_dlmskip.models.loading import load_model
 from lm_eval_dlmskip.models.moe import route
-from lm_eval_dlmskip.skipping.policies import StaticSkip
+from lm_eval_dlmskip.skipping.policies import RandomSkip, StaticSkip
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LLADA2, LLADA_MOE = FIXTURES / "llada2-reference", FIXTURES / "llada-moe-reference"
@@ -181,3 +182,59 @@ def test_llada2_sampler_runs_equal_generate(llada2):
             theirs = canvas[len(prompt) : len(prompt) + settings.gen_length]
             cut = theirs.index(EOS) + 1 if EOS in theirs else len(theirs)
             assert answers_agree(ours, theirs[:cut]), run
+
+
+def test_llada2_rows_skipping_different_blocks_decode_as_alone(llada2, monkeypatch):
+    """Random skipping draws other blocks per row and forward, so under the exact cache a row may
+    run a block whose keys it skipped earlier: those slots are hidden from it. A padded batch
+    decodes each row as that row alone, with the same per-row draws (keyed by the row's tokens).
+    Slots start at 1e4 rather than conftest's NaN: a hidden slot weighs exactly 0 in attention,
+    but 0 x NaN is NaN, while a slot read by mistake still moves the answer."""
+    allocate = KVCache.allocate
+
+    def poisoned(self, *args, **kwargs) -> None:
+        allocate(self, *args, **kwargs)
+        for storage in (*self.k, *self.v):
+            storage.fill_(1e4)
+
+    monkeypatch.setattr(KVCache, "allocate", poisoned)
+    model, ref, _ = llada2
+    runs = [r for r in ref["generate"]["runs"] if not r["eos_early_stop"]][:4]
+    policy = RandomSkip(2, model.cfg.n_layers, seed=3)
+
+    def denoise(ids, attention_mask, logits_at, cache=None, window=None, **options):
+        return model(ids, attention_mask, policy=policy, logits_at=logits_at, cache=cache, window=window, **options)[0]
+
+    settings = block_settings(runs[0], "blocks")
+    together = block_generate(denoise, [r["prompt"] for r in runs], settings, MASK, EOS, EOS, CPU)
+    for row, run in zip(together.tolist(), runs):
+        alone = block_generate(denoise, [run["prompt"]], settings, MASK, EOS, EOS, CPU)[0].tolist()
+        assert row == alone, run["prompt"]
+
+
+def test_a_confidence_equal_to_the_threshold_does_not_exceed_it():
+    """LLaDA2's rule commits the positions whose confidence exceeds the threshold (upstream's
+    ``confidence > threshold``), else the step's quota of most confident ones: two masked positions
+    at exactly 0.5 with threshold 0.5 and a quota of 1 commit one position, not both."""
+    confidence = torch.tensor([[0.5, 0.25, 0.5]])
+    masked = torch.ones(1, 3, dtype=torch.bool)
+    assert int(choose(confidence, masked, 1, 0.5).sum()) == 1
+    assert choose(confidence, masked, 1, 0.4).tolist() == [[True, False, True]]  # both exceed 0.4: both go
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, None, 3), (0.7, 0.8, None), (1.3, 0.87, None)])
+def test_llada2_sampled_tokens_follow_the_closed_form(temperature, top_p, top_k):
+    """LLaDA2's sampler (upstream's _sample_with_temperature_topk_topp) draws from softmax(logits /
+    temperature) restricted to the top_k largest, or to the nucleus up to and including the token
+    whose cumulative probability first exceeds top_p: 20000 draws against that distribution (one
+    filter at a time: upstream renormalises after top_k before top_p, Dream's closed form does not)."""
+    from lm_eval_dlmskip.decoding.block_diffusion import sample
+    from lm_eval_dlmskip.decoding.noise import noise_keys
+
+    from .test_dream_sampling import LOGITS_EVEN, assert_distribution, dream_distribution
+
+    W = 20000
+    settings = BlockDiffusionSettings(temperature=temperature, top_p=top_p, top_k=top_k)
+    logits = torch.tensor([LOGITS_EVEN]).expand(1, W, -1)
+    tokens, _ = sample(logits, settings, noise_keys(torch.tensor([7]), 0, 0, torch.arange(W)))
+    assert_distribution(tokens, dream_distribution(LOGITS_EVEN, temperature, top_p, top_k), f"{temperature} {top_p} {top_k}")

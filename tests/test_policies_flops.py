@@ -136,3 +136,32 @@ def test_meter_keeps_tasks_apart_and_merges_ranks():
     assert meter.summary()["arc"]["forwards"] == 2
     meter.merge([added])  # as if a second rank had done the same work
     assert meter.summary()["arc"]["forwards"] == 4 and meter.summary()["arc"]["normalized_flops_papers"] == 0.75
+
+
+def test_forwards_are_binned_by_the_masked_fraction_by_hand():
+    """An answer of 10 tokens: 10 and 9 masked fall in the last bin [0.9, 1.0] (1.0 included),
+    5 in [0.5, 0.6), 1 in [0.1, 0.2), none in [0, 0.1); each bin averages its own forwards' blocks."""
+    meter = FlopsMeter(FlopsModel.of(LLADA_8B), torch.device("cpu"))
+    index = meter.start(["t"])
+    for masked, blocks in ((10, 32), (9, 30), (5, 20), (1, 8), (0, 4)):
+        row = [True] * blocks + [False] * (32 - blocks)
+        trace = SkipTrace(torch.tensor([row]), torch.tensor([20]), torch.tensor([10]), torch.tensor([masked]))
+        meter.record(trace, torch.tensor([index["t"]]), answer_len=torch.tensor([10]))
+    meter.flush()
+    bins = {tuple(b["masked_fraction"]): (b["forwards"], b["mean_executed_blocks"])
+            for b in meter.summary()["t"]["by_masked_fraction"]}
+    assert bins == {(0.9, 1.0): (2, 31.0), (0.5, 0.6): (1, 20.0), (0.1, 0.2): (1, 8.0), (0.0, 0.1): (1, 4.0)}
+
+
+def test_rank_zero_adds_the_other_ranks_once():
+    """merge_ranks on rank 0: its own figures (gathered[0]) are in its totals already; the other
+    ranks' are added once, and every task any rank touched is returned."""
+    ranks = [FlopsMeter(FlopsModel.of(LLADA_8B), torch.device("cpu")) for _ in range(2)]
+    gathered = []
+    for meter, (task, batch) in zip(ranks, (("piqa", 3), ("arc", 2))):
+        index = meter.start([task])
+        meter.record(_trace([True] * 32, batch=batch), torch.full((batch,), index[task]))
+        gathered.append([meter.flush()])
+    assert ranks[0].merge_ranks(gathered) == {"piqa", "arc"}
+    summary = ranks[0].summary()
+    assert (summary["piqa"]["forwards"], summary["arc"]["forwards"]) == (3, 2)

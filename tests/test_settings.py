@@ -150,6 +150,17 @@ def test_answer_length_aliases_and_what_defaults_to_it(family, given, task, expe
     assert {k: origin.get(k) for k in expected} == expected
 
 
+@pytest.mark.parametrize("gen_length, refused", [(31, False), (32, True), (33, True)])
+def test_an_answer_as_long_as_max_length_leaves_no_room_for_a_prompt(gen_length, refused):
+    """max_length=32 holds a prompt and the answer: 31 answer tokens leave one for the prompt, 32 none."""
+    gen_kwargs = {"until": [], "max_gen_toks": gen_length, "steps": gen_length, "block_length": gen_length}
+    if not refused:
+        assert resolve_generation(gen_kwargs, {}, max_length=32)[0].gen_length == gen_length
+        return
+    with pytest.raises(ValueError, match=f"gen_length={gen_length} leaves no room for a prompt within max_length=32"):
+        resolve_generation(gen_kwargs, {}, max_length=32)
+
+
 @pytest.mark.parametrize(
     "family, given, task, message",
     [
@@ -321,6 +332,25 @@ def test_the_use_cache_cases_cover_every_model_arg(made):
     changes, cannot = {**CHANGES_ANSWERS, **DECODING_CHANGES[family]}, {**CANNOT_CHANGE, **CANNOT_CHANGE_FAMILY[family]}
     assert not set(changes) & set(cannot)
     assert set(changes) | set(cannot) == all_model_args(made["cls"])
+
+
+def test_a_router_retrained_in_place_is_another_use_cache_key(made, tmp_path):
+    """The same router path holding other weights (retrained in place) can change every answer: the
+    --use_cache key follows the weights, not the path."""
+    path = tmp_path / "router"
+    shutil.copytree(made["router_a"], path)
+    before = _identity(made, {"router": str(path)})
+    assert _identity(made, {"router": str(path)}) == before
+    shutil.rmtree(path)
+    shutil.copytree(made["router_b"], path)
+    assert _identity(made, {"router": str(path)}) != before
+
+
+def test_router_tau_zero_is_a_valid_threshold(made):
+    """router_tau is in [0, 1): 0 skips a block as soon as any masked position votes skip; 1 never could."""
+    assert _lm(made, router="<router_a>", router_tau=0.0).policy.tau == 0.0
+    with pytest.raises(ValueError, match="router_tau=1.0 must be a number in"):
+        _lm(made, router="<router_a>", router_tau=1.0)
 
 
 def test_the_use_cache_key_changes_with_every_setting_that_can_change_an_answer(made):
