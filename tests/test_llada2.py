@@ -238,3 +238,21 @@ def test_llada2_sampled_tokens_follow_the_closed_form(temperature, top_p, top_k)
     logits = torch.tensor([LOGITS_EVEN]).expand(1, W, -1)
     tokens, _ = sample(logits, settings, noise_keys(torch.tensor([7]), 0, 0, torch.arange(W)))
     assert_distribution(tokens, dream_distribution(LOGITS_EVEN, temperature, top_p, top_k), f"{temperature} {top_p} {top_k}")
+
+
+def test_a_window_forward_charges_each_row_the_real_keys_before_the_windows_end(llada2):
+    """FLOPs of a cached block-causal forward count, per row, the keys it attends to: the real
+    (non-padding) columns before the window's end, never the masked canvas after it (hand count)."""
+    model, _, _ = llada2
+    block = 4
+    ids = torch.full((2, 16), MASK)
+    ids[0, :6] = torch.arange(6) + 10  # 6 real prompt tokens
+    ids[1, 2:6] = torch.arange(4) + 10  # 2 padding columns, 4 real prompt tokens
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :2] = 0
+    cache = KVCache()
+    _, fill = model(ids, attention_mask, cache=cache, block_length=block)
+    assert fill.keys.tolist() == [16, 14]  # the fill attends to every real column
+    _, window = model(ids, attention_mask, logits_at=slice(0, 4), cache=cache, window=slice(4, 8), block_length=block)
+    assert window.keys.tolist() == [8, 6]  # columns 0..7, less row 1's two padding columns
+    assert window.seq_lens.tolist() == [4, 4]
