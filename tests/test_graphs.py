@@ -14,9 +14,9 @@ from .conftest import MASK_ID
 from .rows import assert_same_forwards, decode, tiny_routers
 
 
-def _routers(seed: int) -> Routers:
+def _routers(seed: int, keep: tuple[int, ...] = ()) -> Routers:
     torch.manual_seed(seed)
-    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16, init_bias=0.0))
+    routers = Routers(RouterConfig(d_model=64, n_layers=6, hidden=16, init_bias=0.0, keep=keep))
     for r in routers.routers:
         torch.nn.init.normal_(r.net[-1].weight, std=3.0)
     return routers
@@ -28,7 +28,8 @@ def test_runner_equals_the_model_for_every_policy(ref_model, ref_tensors):
     ids[2, 4:9] = MASK_ID
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    policies = [NO_SKIP, StaticSkip({1, 4}), RandomSkip(2, 6, seed=3), RoutedSkip(_routers(0), 0.1)]
+    policies = [NO_SKIP, StaticSkip({1, 4}), RandomSkip(2, 6, seed=3), RoutedSkip(_routers(0), 0.1),
+                RoutedSkip(_routers(0, keep=(0, 3)), 0.1)]  # blocks 0 and 3 run without asking a router
     for policy in policies:
         for attention_mask in (None, mask):
             for logits_at in (None, slice(5, 11)):

@@ -150,8 +150,8 @@ class RoutedSkip:
         return replace(self, decide=torch.compile(routed_decision))
 
     def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision:
-        if layer in self.routers.cfg.keep:
-            return torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        if layer in self.routers.cfg.keep:  # host-known: no router graph, no read-back
+            return True
         params = list(self.routers.routers[layer].net.parameters())
         return self.decide(h, params, batch.masked, self.tau, self.routers.cfg)
 
