@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 class Pair:
     prompt: list[int]
     target: list[int]
+    origin: int = -1  # index of the text it was encoded from (encode_pairs), -1 when made otherwise
 
 
-def _task_manager(task: str, include_path: str | None):
+def task_manager(task: str, include_path: str | None):
     """lm-eval's TaskManager; indexing lm-eval's own thousands of tasks takes seconds, so a task
     found in ``include_path`` alone is loaded without them."""
     from lm_eval.tasks import TaskManager
@@ -65,7 +66,7 @@ def task_texts(
     own; a task that sets 0 keeps 0); ``chat_template`` and ``fewshot_as_multiturn`` are lm-eval's
     (``--apply_chat_template``); ``seed`` seeds the few-shot sampler."""
     texts, notes = [], []
-    for t in _task_manager(task, include_path).load(task)["tasks"].values():
+    for t in task_manager(task, include_path).load(task)["tasks"].values():
         name = t.config.task
         own = t.get_config("num_fewshot")
         shots = (own if num_fewshot is None or own == 0 else num_fewshot) or 0
@@ -190,7 +191,7 @@ def encode_pairs(texts: list[tuple[str, str]], tokenizer, max_length: int) -> li
 
     encoder = SimpleNamespace(tok_encode=lambda s, **_: tokenizer.encode(s, add_special_tokens=False), backend="causal")
     pairs, dropped = [], 0
-    for prompt, target in texts:
+    for origin, (prompt, target) in enumerate(texts):
         if prompt:
             ctx, cont = TemplateLM._encode_pair(encoder, prompt, target)
         else:
@@ -198,7 +199,7 @@ def encode_pairs(texts: list[tuple[str, str]], tokenizer, max_length: int) -> li
         if not cont or len(cont) >= max_length:
             dropped += 1
             continue
-        pairs.append(Pair(ctx[-(max_length - len(cont)) :], cont))
+        pairs.append(Pair(ctx[-(max_length - len(cont)) :], cont, origin))
     if dropped:
         log.warning("%d examples dropped: empty target or longer than max_length=%d", dropped, max_length)
     return pairs

@@ -109,11 +109,30 @@ def _budget_task(root: Path) -> Path:
                f"  steps: {ANSWER}\n  block_length: {ANSWER}\nmetric_list:\n  - metric: exact_match\n")
     yaml = root / "budget_gen.yaml"
     yaml.write_text(yaml.read_text().replace("    test:", f"    train: {root / 'train.jsonl'}\n    test:", 1))
+
+    long = (root / "budget_gen.yaml").read_text().replace("task: budget_gen", "task: budget_long")
+    for key in ("max_gen_toks", "steps", "block_length"):  # a canvas twice the answer, as gsm8k's 256 tokens
+        long = long.replace(f"  {key}: {ANSWER}\n", f"  {key}: {2 * ANSWER}\n")
+    (root / "budget_long.yaml").write_text(long)
+
+    def choices(docs):  # the gold answer and two others of the same length, gold at a varying place
+        for i, d in enumerate(docs):
+            wrong = [words([rng.randrange(240) for _ in range(ANSWER)]) for _ in range(2)]
+            d["choices"] = [" " + c for c in wrong[: i % 3] + [d["answer"]] + wrong[i % 3 :]]
+            d["label"] = i % 3
+        return docs
+
+    (root / "mc_train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in choices(docs(80))))
+    write_task(root, "budget_mc", choices(docs(32)),
+               'training_split: train\noutput_type: multiple_choice\ndoc_to_text: "{{prompt}}"\n'
+               'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n')
+    yaml = root / "budget_mc.yaml"
+    yaml.write_text(yaml.read_text().replace("    test:", f"    train: {root / 'mc_train.jsonl'}\n    test:", 1))
     return root
 
 
-def _train_args(tasks: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(REFERENCE), "--task", "budget_gen", "--include-path", str(tasks), "--output", str(out),
+def _train_args(tasks: Path, out: Path, *extra: str, task: str = "budget_gen") -> list[str]:
+    return ["train", "--model", str(REFERENCE), "--task", task, "--include-path", str(tasks), "--output", str(out),
             "--router-hidden", "16", "--batch-size", "8", "--effective-batch-size", "16", "--lr", "1e-2",
             "--warmup-steps", "2", "--val-fraction", "0.25", "--eval-every", "1000", "--log-every", "5",
             "--dtype", "float32", "--device", "cpu", *extra]
@@ -124,7 +143,8 @@ def test_routers_trained_to_a_target_run_that_share_of_blocks_in_lm_eval(tmp_pat
     """80 steps at --target-ratio 0.75 on the 6-block model; then a real lm-eval evaluation of
     the test split (other documents) with the routers: the papers' normalized FLOPs it reports,
     counted from the blocks each forward ran, is within 0.02 of 0.75. router.json and the closing
-    message give the target, the achieved held-out ratio and the dual variable."""
+    message give the target, the ratio achieved through lm_eval on the held-out documents and the
+    dual variable."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -136,7 +156,7 @@ def test_routers_trained_to_a_target_run_that_share_of_blocks_in_lm_eval(tmp_pat
     meta = json.loads((out / "router.json").read_text())
     budget = meta["budget"]
     assert meta["lambda"] is None and meta["target_ratio"] == 0.75 and budget["target_ratio"] == 0.75
-    assert abs(budget["achieved_ratio"] - 0.75) <= 0.02 and "16 masked draws" in budget["measured_on"]
+    assert abs(budget["achieved_ratio"] - 0.75) <= 0.02 and budget["measured_on"].startswith("lm_eval (llada_skip) over budget_gen: 20 held-out")
     assert budget["uncalibrated_ratio"] < 0.95  # training itself moved the routers toward the target
     printed = capsys.readouterr().out
     assert f"execution ratio: target 0.750, achieved {budget['achieved_ratio']:.4f}" in printed
@@ -146,6 +166,41 @@ def test_routers_trained_to_a_target_run_that_share_of_blocks_in_lm_eval(tmp_pat
     flops = results["config"]["dlmskip"]["flops"]["budget_gen"]
     assert flops["forwards"] == 32 * ANSWER
     assert abs(flops["normalized_flops_papers"] - 0.75) <= 0.02, flops["normalized_flops_papers"]
+
+
+@pytest.mark.slow
+def test_a_budget_is_calibrated_on_the_evaluations_own_forwards(tmp_path):
+    """Multiple choice scores every choice, wrong ones included, with lm_eval's Monte-Carlo masks:
+    the last calibration runs those very forwards over the held-out training documents. The ratio
+    router.json records is the one lm_eval reports for a task made of exactly those documents (the
+    seeded shuffle's first quarter, as --val-fraction 0.25 documents), to the last digit: same
+    requests, same masks, the saved routers as lm_eval loads them. On the test split (other
+    documents) it lands within 0.02 of the target."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_dlmskip.cli import main
+    from lm_eval_dlmskip.harness.llada import LLaDASkipLM
+
+    tasks, out = _budget_task(tmp_path / "tasks"), tmp_path / "r75"
+    extra = ["--target-ratio", "0.75", "--max-steps", "80", "--eval-model-args", "mc_num=8"]
+    assert main(_train_args(tasks, out, *extra, task="budget_mc")) == 0
+    budget = json.loads((out / "router.json").read_text())["budget"]
+    assert budget["measured_on"] == "lm_eval (llada_skip) over budget_mc: 20 held-out documents of its train split, model_args mc_num=8"
+    order = list(range(80))
+    random.Random(0).shuffle(order)  # the held-out slice: --seed 0's shuffle of the 80 training documents
+    train_docs = (tasks / "mc_train.jsonl").read_text().splitlines()
+    held = tmp_path / "held"
+    write_task(held, "budget_mc", [json.loads(train_docs[i]) for i in sorted(order[:20])],
+               (tasks / "budget_mc.yaml").read_text().split("test_split: test\n", 1)[1].replace("training_split: train\n", ""))
+    ratios = {}
+    for name, folder in (("held", held), ("test", tasks)):
+        lm = LLaDASkipLM(pretrained=str(REFERENCE), device="cpu", batch_size=8, router=str(out), mc_num=8)
+        results = simple_evaluate(model=lm, tasks=["budget_mc"], task_manager=TaskManager(include_path=str(folder)))
+        ratios[name] = results["config"]["dlmskip"]["flops"]["budget_mc"]["normalized_flops_papers"]
+    assert ratios["held"] == pytest.approx(budget["achieved_ratio"], abs=1e-12), (ratios, budget)
+    assert abs(budget["achieved_ratio"] - 0.75) <= 0.005
+    assert abs(ratios["test"] - 0.75) <= 0.02, ratios
 
 
 def test_a_budget_run_resumes_exactly(tmp_path, monkeypatch):

@@ -104,18 +104,19 @@ def shift_execute_bias(routers: Routers, offset: float | Tensor) -> None:
             router.net[-1].bias[EXECUTE] += offset
 
 
-def calibrated(routers: Routers, measure_routers: Callable[[Routers], float], target: float) -> Calibration:
+def calibrated(routers: Routers, measure_routers: Callable[[Routers], float], target: float,
+               on: str = "held-out forwards", tolerance: float = CALIBRATION_TOLERANCE) -> Calibration:
     """Shift ``routers`` in place by the offset ``calibrate_offset`` finds, measuring each offset
-    with ``measure_routers`` on a shifted copy."""
+    with ``measure_routers`` on a shifted copy (``on`` says what it measures, for the log)."""
     def measure(offset: float) -> float:
         trial = copy.deepcopy(routers)
         shift_execute_bias(trial, offset)
         return measure_routers(trial)
 
-    result = calibrate_offset(measure, target)
+    result = calibrate_offset(measure, target, tolerance)
     shift_execute_bias(routers, result.offset)
-    log.info("calibrated the routers to --target-ratio %.3f: held-out execution ratio %.4f -> %.4f (execute-logit "
-             "offset %+.4f, %d held-out passes)", target, result.start_ratio, result.ratio, result.offset, result.evaluations)
+    log.info("calibrated the routers to --target-ratio %.3f on %s: execution ratio %.4f -> %.4f (execute-logit "
+             "offset %+.4f, %d passes)", target, on, result.start_ratio, result.ratio, result.offset, result.evaluations)
     return result
 
 

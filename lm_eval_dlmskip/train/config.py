@@ -26,6 +26,8 @@ class TrainConfig:
     alpha_target: float | None = None  # None: DEFAULT_ALPHA_TARGET without target_ratio
     target_ratio: float | None = None  # execution ratio to reach (budget.py); excludes lam and alpha_target
     dual_lr: float = 0.5  # step of the budget's execute-logit offset per unit of execution-ratio error (budget.py)
+    calibrate_on: str | None = None  # --target-ratio's last calibration: "lm_eval" (None: with --task) or "held-out"
+    eval_model_args: str | None = None  # the model_args the routers will be evaluated with (the lm_eval calibration's)
     tau: float = 0.1
     mask_scaling: bool = True
     gumbel_temperature: float = 1.0
@@ -67,9 +69,25 @@ class TrainConfig:
             if self.alpha_target is None:
                 object.__setattr__(self, "alpha_target", DEFAULT_ALPHA_TARGET)
 
+    def calibration(self) -> str | None:
+        """Where --target-ratio's last calibration measures: lm_eval's own forwards over held-out
+        documents of the task, or the held-out training pairs (with --data)."""
+        if self.target_ratio is None:
+            return None
+        return self.calibrate_on or ("lm_eval" if self.task is not None else "held-out")
+
     def check(self) -> None:
         if self.target_ratio is not None:
             check_target_ratio(self)
+        if self.calibrate_on not in (None, "lm_eval", "held-out"):
+            raise ValueError(f"--calibrate-on {self.calibrate_on!r}: give lm_eval or held-out")
+        if self.target_ratio is None and (self.calibrate_on or self.eval_model_args):
+            raise ValueError("--calibrate-on and --eval-model-args set --target-ratio's calibration; give --target-ratio too")
+        if self.calibrate_on == "lm_eval" and self.data is not None:
+            raise ValueError("--calibrate-on lm_eval runs the task's own requests; --data has no task: train with --task, "
+                             "or calibrate on held-out pairs (--calibrate-on held-out)")
+        if self.eval_model_args and self.calibration() != "lm_eval":
+            raise ValueError("--eval-model-args are the lm_eval calibration's; they do nothing with --calibrate-on held-out or --data")
         if (self.task is None) == (self.data is None):
             raise ValueError("give exactly one of --task NAME or --data FILE.jsonl")
         if self.data is not None and (self.num_fewshot is not None or self.apply_chat_template):
@@ -112,7 +130,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--alpha-target", type=float, help=f"target share of skipped blocks of the --lambda recipe (default {DEFAULT_ALPHA_TARGET})")
     a("--target-ratio", type=float, help="train to this execution ratio (fraction of blocks executed, the papers' normalized "
                                          "FLOPs), in (0, 1): an offset on the routers' execute logits follows the measured ratio (dual ascent) and "
-                                         "a held-out calibration lands it within 0.02; instead of --lambda")
+                                         "a calibration on held-out documents lands it (--calibrate-on); instead of --lambda")
+    a("--calibrate-on", choices=["lm_eval", "held-out"],
+      help="with --target-ratio: the last calibration measures the execution ratio on lm_eval's own forwards over the "
+           "task's held-out documents (default with --task: generation decodes them, multiple choice scores every "
+           "choice, with --eval-model-args), or on masked forwards of the held-out pairs (default with --data)")
+    a("--eval-model-args", help="with --target-ratio: the model_args you will evaluate the routers with, in lm_eval's "
+                                "syntax (e.g. mc_num=8,cache=dual,threshold=0.9): the lm_eval calibration runs with them")
     a("--dual-lr", type=float, default=0.5, help="with --target-ratio: step of the routers' execute-logit offset per unit of execution-ratio error")
     a("--tau", type=float, default=0.1, help="skip a block when the share of skip votes exceeds tau")
     a("--no-mask-scaling", dest="mask_scaling", action="store_false", help="do not divide the skip loss by p_mask (ablation)")

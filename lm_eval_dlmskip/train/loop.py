@@ -47,6 +47,7 @@ from ..skipping.router_checkpoints import save_routers
 from ..skipping.routers import RouterConfig, Routers
 from .budget import CALIBRATION_DRAWS, DualAscent, calibrated, initial_skips, start_skipping
 from .config import TrainConfig, check_blocks
+from .eval_calibration import calibrate_evaluation, eval_model_args
 from .objective import VALIDATION_DRAWS, Batch, RouterObjective, collate, validate
 from .state import check_run_folder, load_train_state, resumed_log, save_train_state
 
@@ -183,7 +184,10 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"--effective-batch-size {per_step} is not a multiple of --batch-size x processes ({cfg.batch_size or 1} x {world})")
     device = accelerator.device
 
-    check_blocks(cfg, read_config(resolve_checkpoint(cfg.model, cfg.revision)).n_layers)  # config.json only
+    shape = read_config(resolve_checkpoint(cfg.model, cfg.revision))  # config.json only
+    check_blocks(cfg, shape.n_layers)
+    if cfg.calibration() == "lm_eval":
+        eval_model_args(cfg.eval_model_args, shape.family, cfg.model)
     checkpoint = load_model(cfg.model, cfg.revision, dtype=cfg.dtype if cuda else "float32", device=device)
     backbone = checkpoint.model.requires_grad_(False)
     mcfg = backbone.cfg
@@ -270,8 +274,7 @@ def train(cfg: TrainConfig) -> dict:
     log_lines = resumed_log(out, start) if cfg.resume else []
     if cfg.resume and accelerator.is_main_process:  # the log continues from the checkpoint, one row per point
         write_atomically(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(line + "\n" for line in log_lines)))
-    purge = (start + 1 if start else 0) if cfg.resume else None  # TensorBoard drops what the log drops
-    writer = _tensorboard(out, purge) if accelerator.is_main_process else None
+    writer = _tensorboard(out, log_lines if cfg.resume else None) if accelerator.is_main_process else None
 
     def save(step: int, final: bool) -> None:
         if not accelerator.is_main_process:
@@ -298,9 +301,7 @@ def train(cfg: TrainConfig) -> dict:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(line + "\n")
             if writer is not None:
-                for k, v in entry.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        writer.add_scalar(k, v, entry["step"])
+                _board(writer, entry)
 
     def validated(routers: Routers | None = None, draws: int = VALIDATION_DRAWS) -> dict:
         unwrapped = accelerator.unwrap_model(objective)
@@ -348,11 +349,23 @@ def train(cfg: TrainConfig) -> dict:
         routers_now = accelerator.unwrap_model(objective).routers
         calibration = calibrated(routers_now, lambda trial: validated(trial, CALIBRATION_DRAWS)["val_execution_ratio"],
                                  cfg.target_ratio)
-        metrics = validated()
-        record({"step": total, "calibration_offset": calibration.offset, **metrics})
         budget_result = {"achieved_ratio": calibration.ratio, "uncalibrated_ratio": calibration.start_ratio,
                          "calibration_offset": calibration.offset, "measured_on": f"{len(val_pairs)} held-out examples "
                          f"x {CALIBRATION_DRAWS} masked draws (l of T stratified), in the evaluation dtype"}
+        if cfg.calibration() == "lm_eval" and world > 1:
+            log.warning("--calibrate-on lm_eval runs in one process; under %d processes the routers keep the held-out "
+                        "calibration", world)
+        elif cfg.calibration() == "lm_eval":
+            save(total, final=True)  # the checkpoint lm_eval loads; saved again below with the final offset
+            evaluation, where = calibrate_evaluation(cfg, str(out), routers_now, [p.origin for p in val_pairs],
+                                                     mcfg.family, str(device))
+            budget_result = {"achieved_ratio": evaluation.ratio, "uncalibrated_ratio": evaluation.start_ratio,
+                             "calibration_offset": calibration.offset + evaluation.offset, "measured_on": where,
+                             "held_out_ratio": calibration.ratio}
+        metrics = validated()
+        record({"step": total, "calibration_offset": budget_result["calibration_offset"], **metrics})
+        log.info("--target-ratio %.4f: the routers execute %.4f of the blocks on %s", cfg.target_ratio,
+                 budget_result["achieved_ratio"], budget_result["measured_on"])
     save(total, final=True)
     warning = too_short_warning(log_lines, total, warmup, cfg) if accelerator.is_main_process else None
     if warning:
@@ -392,11 +405,24 @@ def too_short_warning(log_lines: list[str], total: int, warmup: int, cfg: TrainC
     )
 
 
-def _tensorboard(out: Path, purge_step: int | None):
-    """TensorBoard's writer where tensorboard is installed; events at ``purge_step`` and later that an
-    earlier, stopped run wrote are withdrawn (None: a new run)."""
+def _tensorboard(out: Path, kept: list[str] | None):
+    """TensorBoard's writer where tensorboard is installed. A resumed run writes the events anew
+    from the log it keeps (``kept``: its lines up to the checkpoint), so each point shows once:
+    withdrawing the stopped run's later events (``purge_step``) relies on the event files' order,
+    and their names order by a per-process counter as text (".10" before ".9")."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
+    if kept is not None:
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    writer = SummaryWriter(str(out / "tensorboard"))
+    for line in kept or []:
+        _board(writer, json.loads(line))
+    return writer
+
+
+def _board(writer, entry: dict) -> None:
+    for k, v in entry.items():
+        if k != "step" and isinstance(v, (int, float)):
+            writer.add_scalar(k, v, entry["step"])
