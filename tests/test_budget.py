@@ -240,6 +240,10 @@ def test_a_budget_run_resumes_exactly(tmp_path, monkeypatch):
                                                  r"or --lambda \(and --alpha-target\) for the paper's fixed penalty"),
     (["--target-ratio", "0.8", "--alpha-target", "0.3"], r"--target-ratio and --alpha-target both given"),
     (["--target-ratio", "0.8", "--dual-lr", "0"], r"--dual-lr 0.0 must be > 0"),
+    (["--target-ratio", "0.8", "--eval-model-args", "mc_num=8"], r"--eval-model-args are the lm_eval calibration's; "
+                                                                  r"they do nothing with --calibrate-on held-out or --data"),
+    (["--target-ratio", "0.8", "--calibrate-on", "lm_eval"], r"--calibrate-on lm_eval runs the task's own requests; --data has no task"),
+    (["--eval-model-args", "mc_num=8"], r"--calibrate-on and --eval-model-args set --target-ratio's calibration"),
 ])
 def test_bad_budgets_are_refused_before_anything_is_loaded(tmp_path, capsys, extra, message):
     from lm_eval_dlmskip.cli import main
@@ -276,6 +280,28 @@ def test_routers_started_from_a_profile_skip_its_blocks_as_static_skipping_does(
         static_logits, static = ref_model(ids, policy=StaticSkip(frozenset({1, 4})))
     assert routed.executed.tolist() == static.executed.tolist() == [[True, False, True, True, False, True]] * 4
     assert torch.equal(routed_logits, static_logits)
+
+
+@pytest.mark.parametrize("given, message", [
+    ("mc_nm=8", r"--eval-model-args 'mc_nm=8': llada_skip: unknown model_args key 'mc_nm'. Did you mean 'mc_num'\?"),
+    ("router=/r", r"--eval-model-args 'router=/r': router is set by dlmskip train"),
+    ("threshold=2", r"--eval-model-args 'threshold=2': llada_skip: threshold"),
+])
+def test_eval_model_args_are_judged_before_the_weights_load(tmp_path, monkeypatch, capsys, given, message):
+    import re
+
+    import lm_eval_dlmskip.train.loop as train_module
+    from lm_eval_dlmskip.cli import main
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("loaded the weights before judging --eval-model-args")
+
+    monkeypatch.setattr(train_module, "load_model", no_weights)
+    tasks = _budget_task(tmp_path / "tasks")
+    assert main(_train_args(tasks, tmp_path / "r", "--target-ratio", "0.8", "--eval-model-args", given)) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (tmp_path / "r").exists()
 
 
 def test_init_profile_settings_are_checked_before_loading(tmp_path, capsys):

@@ -45,7 +45,10 @@ def eval_model_args(text: str | None, family: str, pretrained: str) -> dict:
     if family not in MODELS:
         raise ValueError(f"--target-ratio calibrates through lm_eval's {', '.join(m.decoding.model for m in MODELS.values())}; "
                          f"a {family} checkpoint has no such model")
-    MODELS[family].check_arguments({"pretrained": pretrained, **given})
+    try:
+        MODELS[family].check_arguments({"pretrained": pretrained, **given})
+    except ValueError as err:
+        raise ValueError(f"--eval-model-args {text!r}: {err}") from None
     return given
 
 
