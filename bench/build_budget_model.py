@@ -70,7 +70,10 @@ CONFIG = {
 
 
 def train_model(cfg: LLaDAConfig, steps: int, device: str, batch: int = 64, seed: int = 0, log_every: int = 100) -> LLaDA:
-    """LLaDA's SFT objective on a mix of the four tasks: a random share of the answer masked, CE / p_mask."""
+    """LLaDA's SFT objective on the four tasks, one task per step in turn (its rows all have one
+    length, so no row is padded, as no prompt is at evaluation: a model trained on rows padded to
+    the batch's longest learned to answer a short task only with padding after its answer), a
+    random share of the answer masked, CE / p_mask."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     index = {w: i for i, w in enumerate(VOCAB)}
@@ -84,8 +87,9 @@ def train_model(cfg: LLaDAConfig, steps: int, device: str, batch: int = 64, seed
     tic = time.time()
     for step in range(steps):
         rows, prompt_lens = [], []
+        make = TASKS[list(TASKS)[step % len(TASKS)]]
         for _ in range(batch):
-            prompt, answer = TASKS[rng.choice(list(TASKS))](rng)
+            prompt, answer = make(rng)
             p, a = [index[w] for w in prompt.split()], [index[w] for w in answer.split()]
             rows.append(p + a)
             prompt_lens.append(len(p))
@@ -133,8 +137,8 @@ def write_tasks(out: Path, n_test: int = 100, n_train: int = 500, seed: int = 1)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=32, help="examples per step")
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=64, help="examples per step")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n-layers", type=int, default=CONFIG["n_layers"])
     parser.add_argument("--d-model", type=int, default=CONFIG["d_model"])
