@@ -57,11 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--max-k", type=int, default=3, help="static and random runs skip 1..K blocks")
     a("--random-seeds", default="0,1,2", help="seeds of the random runs")
     a("--train-args", default=TRAIN_ARGS, help=f"dlmskip train options of the routers (default {TRAIN_ARGS!r})")
-    a("--eval-model-args", help="passed to dlmskip train as --eval-model-args: the model_args the routers are evaluated with")
+    a("--eval-model-args", help="extra model_args of every evaluation (lm-eval syntax, e.g. cache=dual,threshold=0.9), "
+                                "also given to dlmskip train as --eval-model-args so that its routers calibrate on them")
     a("--calibrate-args", default="", help="extra dlmskip calibrate options (after ours: --threshold -1 --max-skip K "
                                            "--mask-fractions 1.0,0.5 --answer-length <the task's max_gen_toks>)")
-    a("--lm-eval-args", default=LM_EVAL_ARGS, help=f"lm_eval options of every evaluation (default {LM_EVAL_ARGS!r}); "
-                                                   "the in-process runs take its --device, --batch_size and --limit")
+    a("--lm-eval-args", help=f"lm_eval options of every evaluation (default {LM_EVAL_ARGS!r}, with --device's device); "
+                             "the in-process runs take its --device, --batch_size and --limit")
     a("--device", help="device of calibrate, train and the evaluations (default: --lm-eval-args' --device, else cpu)")
     args = parser.parse_args(argv)
     check_args(args)
@@ -92,6 +93,8 @@ def check_args(args: argparse.Namespace) -> None:
         if name in shlex.split(args.train_args):
             raise SystemExit(f"--train-args sets {name}; this script sets it (--device, --eval-model-args; "
                              "--init-profile for the second series), leave it out")
+    if args.lm_eval_args is None:
+        args.lm_eval_args = LM_EVAL_ARGS.replace("--device cpu", f"--device {args.device or 'cpu'}")
     args.eval_options = eval_options(args.lm_eval_args)
     listed = args.eval_options.get("device")
     if args.device and listed and args.device != listed:
@@ -171,7 +174,8 @@ def calibrate(args: argparse.Namespace, task: str, folder: Path, log: list[str])
 
 def sweep_command(args: argparse.Namespace, task: str, out: Path, *extra: str) -> list[str]:
     return [*DLMSKIP, "sweep", "--model", str(args.model), "--tasks", task, "--include-path", str(args.task_dir),
-            "--out", str(out), "--mc-seed", str(MC_SEED), "--lm-eval-args", args.lm_eval_args, *extra]
+            "--out", str(out), "--mc-seed", str(MC_SEED), "--lm-eval-args", args.lm_eval_args,
+            *(["--model-args", args.eval_model_args] if args.eval_model_args else []), *extra]
 
 
 def routed_train_args(args: argparse.Namespace, profile: Path | None) -> str:
@@ -186,10 +190,12 @@ def routed_train_args(args: argparse.Namespace, profile: Path | None) -> str:
 def oracle(args: argparse.Namespace, task: str, path: Path) -> dict[str, dict]:
     """Every set of 0..K blocks evaluated in this process: {"2,5": {"accuracy", "ratio"}}, cached in ``path``."""
     from lm_eval import simple_evaluate
+    from lm_eval._cli.utils import key_val_to_dict
     from lm_eval.tasks import TaskManager
 
+    extra = key_val_to_dict(args.eval_model_args) if args.eval_model_args else {}
     key = {"model": str(args.model), "task": task, "include_path": str(args.task_dir), "mc_seed": MC_SEED,
-           "options": args.eval_options}
+           "options": args.eval_options, **({"model_args": extra} if extra else {})}
     cache = json.loads(path.read_text()) if path.exists() else {"key": key, "results": {}}
     if cache["key"] != key:
         raise SystemExit(f"{path} holds results made with {cache['key']}, not {key}; move it away or give another --out")
@@ -202,7 +208,8 @@ def oracle(args: argparse.Namespace, task: str, path: Path) -> dict[str, dict]:
         name = ",".join(map(str, blocks))
         if name in cache["results"]:
             continue
-        model_args = {"pretrained": str(args.model), "mc_seed": MC_SEED, **({"skip_layers": list(blocks)} if blocks else {})}
+        model_args = {"pretrained": str(args.model), "mc_seed": MC_SEED, **extra,
+                      **({"skip_layers": list(blocks)} if blocks else {})}
         result = simple_evaluate(model="llada_skip", model_args=model_args, tasks=[task], task_manager=manager,
                                  verbosity="WARNING", **options)
         scores = result["results"][task]
@@ -253,6 +260,15 @@ def task_rows(data: dict):
                          data["n_layers"]), profile, oracle
 
 
+def longest_timings(path: Path, timings: dict[str, float]) -> dict[str, float]:
+    """Per phase the longest wall time of any call so far (a resumed call reuses finished work and
+    takes seconds), kept in ``path``: what a phase costs, for planning a run."""
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    longest = {phase: max(sec, earlier.get(phase, 0.0)) for phase, sec in timings.items()}
+    write_json(path, longest)
+    return longest
+
+
 def plot(task: str, data: dict, path: Path) -> None:
     """Accuracy vs the papers' normalized FLOPs: routed series as lines, static points and envelopes, random points."""
     import matplotlib
@@ -261,7 +277,7 @@ def plot(task: str, data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows, profile, oracle = task_rows(data)
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     every = list(data["oracle_all"].values())
     ax.scatter([v["ratio"] for v in every], [100 * v["accuracy"] for v in every], s=10, color="0.75",
                label="static (b): every set of 1..K blocks (test documents)", zorder=1)
@@ -285,7 +301,7 @@ def plot(task: str, data: dict, path: Path) -> None:
     ax.set_ylabel(f"accuracy % ({data['metric']})")
     ax.set_title(task)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -319,7 +335,7 @@ def task_markdown(task: str, data: dict, timings: dict) -> str:
             lines.append(f"- {series} vs static {name}: targets within 0.02: {'yes' if v['on_budget'] else 'no'}; "
                          f"≥ static − 1 pt everywhere: {'yes' if v['holds'] else 'no'}; strictly better on {v['better']} of "
                          f"{v['points']}; **done: {'yes' if v['done'] else 'no'}**")
-    lines += ["", "Wall time of this call: " + ", ".join(f"{phase} {sec:.0f} s" for phase, sec in timings.items()), ""]
+    lines += ["", "Longest wall time of a call, per phase: " + ", ".join(f"{phase} {sec:.0f} s" for phase, sec in timings.items()), ""]
     return "\n".join(lines)
 
 
@@ -340,7 +356,7 @@ def report(args: argparse.Namespace, argv: list[str], sections: list[str], comma
         "least half.", "",
     ]
     tail = ["## Commands", "", "Run by the script (the in-process static (b) runs are `lm_eval.simple_evaluate(model="
-            "\"llada_skip\", model_args={pretrained, mc_seed, skip_layers}, tasks=[T], ...)` with --lm-eval-args' device, "
+            "\"llada_skip\", model_args={pretrained, mc_seed, skip_layers, --eval-model-args}, tasks=[T], ...)` with --lm-eval-args' device, "
             "batch size and limit):", "", "```bash", *commands, "```", ""]
     return "\n".join(head + sections + tail)
 
@@ -378,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             tic = time.time()
             run_command(cmd, commands)
             timings[phase] = time.time() - tic
+        timings = longest_timings(folder / "timings.json", timings)
         data = collect(task, folder, n_layers, targets)
         data["timings_s"] = timings
         plot(task, data, folder / f"frontier_{task}.png")
