@@ -66,7 +66,8 @@ class RouterConfig:
         if not 0 <= self.tau < 1:
             raise ValueError(f"tau={self.tau} must be in [0, 1)")
         if len(set(self.keep)) != len(self.keep) or not all(0 <= b < self.n_layers for b in self.keep):
-            raise ValueError(f"blocks kept {list(self.keep)}: give distinct 0-based blocks in 0..{self.n_layers - 1}")
+            raise ValueError(f"--keep-blocks {','.join(map(str, self.keep))} (\"keep\" in router.json): give distinct 0-based "
+                             f"blocks in 0..{self.n_layers - 1} (the papers number them 1..{self.n_layers})")
 
 
 class Router(nn.Module):
