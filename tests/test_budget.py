@@ -321,8 +321,8 @@ def test_init_profile_settings_are_checked_before_loading(tmp_path, capsys):
 def test_kept_blocks_always_run_and_bound_the_budget(ref_model, tmp_path, monkeypatch, capsys):
     """--keep-blocks: those blocks run whatever their routers would vote, in training's routing
     and in RoutedSkip (whose FLOPs count only the routers consulted), the setting survives the
-    checkpoint, and a --target-ratio at or below their share is refused after reading config.json
-    and before any weight is read."""
+    checkpoint, and a --target-ratio at or below their share, or a kept block out of range or given
+    twice, is refused after reading config.json and before any weight is read."""
     import lm_eval_dlmskip.train.loop as train_module
     from lm_eval_dlmskip.cli import main
     from lm_eval_dlmskip.models.loading import load_llada
@@ -351,4 +351,7 @@ def test_kept_blocks_always_run_and_bound_the_budget(ref_model, tmp_path, monkey
     assert ("--target-ratio 0.5 is at or below what the routers can reach: 3 of 6 blocks always run (--keep-blocks), "
             "so at least 0.5000 of the blocks execute") in capsys.readouterr().err
     assert main([*args, "--keep-blocks", "0,6", "--target-ratio", "0.7"]) == 2
-    assert "--keep-blocks 0,6: give distinct 0-based blocks in 0..5" in capsys.readouterr().err
+    assert ('--keep-blocks 0,6 ("keep" in router.json): give distinct 0-based blocks in 0..5 (the papers number them 1..6)'
+            in capsys.readouterr().err)
+    assert main([*args, "--keep-blocks", "2,2", "--target-ratio", "0.7"]) == 2
+    assert '--keep-blocks 2,2 ("keep" in router.json): give distinct 0-based blocks in 0..5' in capsys.readouterr().err

@@ -303,6 +303,24 @@ def test_routed_targets_train_routers_once_and_rerun_when_their_recipe_changes(t
     assert "--resume" in capsys.readouterr().out
 
 
+def test_a_router_trained_with_another_recipe_is_stale_without_results(tmp_path, lm_eval):
+    """A router folder the sweep trained before, whose run has no results yet: its recorded recipe
+    (the file beside it) differs from this call's, so the run is refused, naming the change; a
+    folder without a recorded recipe is refused too. Nothing is trained or evaluated."""
+    routers = tmp_path / "sweep" / "routers"
+    _router(routers / "target0.8")
+    recorded = {"model": "M", "task": "piqa", "include_path": None, "target_ratio": 0.8, "train_args": ["--max-steps", "2"]}
+    (routers / "target0.8.sweep_train.json").write_text(json.dumps({"run": "routed-target0.8", "recipe": recorded}))
+    args = _sweep_args(tmp_path, routed_targets="0.8", train_args="--max-steps 3")
+    with pytest.raises(ValueError, match=r"routed-target0\.8: its router was trained with "
+                                         r"train_args \['--max-steps', '2'\] -> \['--max-steps', '3'\]\n"):
+        sweep.run_sweep(args)
+    (routers / "target0.8.sweep_train.json").unlink()
+    with pytest.raises(ValueError, match=r"routed-target0\.8: its router was trained with .*not recorded"):
+        sweep.run_sweep(args)
+    assert lm_eval.runs == []
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(routed_targets="0.8,1.2"), r"--routed-targets 0.8,1.2: 1.2 is not in \(0, 1\)"),
     (dict(routed_targets="0.8,0.8"), "a target is given twice"),

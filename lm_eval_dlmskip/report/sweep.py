@@ -218,12 +218,13 @@ def run_sweep(args: argparse.Namespace) -> int:
     earlier = read_manifest(out / "sweep.json")
     stale = {run.name: key_changes(recorded_key(out / run.name), run.key) for run in runs
              if has_results(out / run.name) and recorded_key(out / run.name) != run.key}
+    trained = {run.name: trained_recipe(Path(run.train["folder"])) for run in runs if run.train is not None}
     for run in runs:  # a router trained with another recipe (its results, if any, are stale above)
-        folder = None if run.train is None else Path(run.train["folder"])
-        if folder is not None and folder.exists() and trained_recipe(folder) != run.train["recipe"] and run.name not in stale:
+        if run.name not in trained or not Path(run.train["folder"]).exists() or run.name in stale:
+            continue
+        if trained[run.name] != run.train["recipe"]:
             stale[run.name] = "its router was trained with " + key_changes(
-                None if trained_recipe(folder) is None else {"model_args": trained_recipe(folder)},
-                {"model_args": run.train["recipe"]})
+                None if trained[run.name] is None else {"model_args": trained[run.name]}, {"model_args": run.train["recipe"]})
     if stale and not args.rerun_stale:
         lines = "\n".join(f"  {name}: {change}" for name, change in stale.items())
         raise ValueError(f"results under {out} were made with other settings than this sweep's:\n{lines}\n"
@@ -243,7 +244,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 shutil.rmtree(target, ignore_errors=True)
                 if run.train is not None:
                     _remove_trained(Path(run.train["folder"]))
-        if run.train is not None and not _train_router(run, args.dry_run):
+        if run.train is not None and not _train_router(run, trained[run.name], args.dry_run):
             failed.append(run.name)
             continue
         print(f"[{run.name}] {shlex.join(cmd)}", flush=True)
@@ -265,11 +266,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_router(run: Run, dry_run: bool) -> bool:
-    """Train the run's router unless a finished one of the same recipe is there (an unfinished one
-    is resumed); records the recipe beside it. False when training failed."""
+def _train_router(run: Run, recorded: dict | None, dry_run: bool) -> bool:
+    """Train the run's router unless a finished one of the same recipe (``recorded``, read before
+    any run) is there (an unfinished one is resumed); records the recipe beside it. False when
+    training failed."""
     folder = Path(run.train["folder"])
-    if finished_router(folder) and trained_recipe(folder) == run.train["recipe"]:
+    if finished_router(folder) and recorded == run.train["recipe"]:
         print(f"[{run.name}] router {folder} trained with the same recipe, reused", flush=True)
         return True
     cmd = train_command(run.train["recipe"], str(folder), resume=folder.exists())

@@ -66,7 +66,8 @@ class RouterConfig:
         if not 0 <= self.tau < 1:
             raise ValueError(f"tau={self.tau} must be in [0, 1)")
         if len(set(self.keep)) != len(self.keep) or not all(0 <= b < self.n_layers for b in self.keep):
-            raise ValueError(f"blocks kept {list(self.keep)}: give distinct 0-based blocks in 0..{self.n_layers - 1}")
+            raise ValueError(f"--keep-blocks {','.join(map(str, self.keep))} (\"keep\" in router.json): give distinct 0-based "
+                             f"blocks in 0..{self.n_layers - 1} (the papers number them 1..{self.n_layers})")
 
 
 class Router(nn.Module):
@@ -125,12 +126,17 @@ def skip_share(votes_skip: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
     return share, count > 0
 
 
-def routed_decision(h: Tensor, params: list[Tensor], masked: Tensor, tau: float, cfg: RouterConfig) -> Tensor:
-    """[B] bool, True = run the block: argmax votes at the masked positions, skip when their
-    skip share exceeds tau; a row without masked positions runs."""
-    votes_skip = (router_logits(h.to(params[0].dtype), params, cfg).argmax(-1) == SKIP).float()
-    share, has_masked = skip_share(votes_skip, masked.float())
+def runs_block(logits: Tensor, masked: Tensor, tau: float) -> Tensor:
+    """[B] bool, True = run the block: the inference rule, in one place for RoutedSkip and for the
+    budget training measures. Argmax votes of the logits [B, L, 2] at the masked positions [B, L];
+    skip when their skip share exceeds tau; a row without masked positions runs."""
+    share, has_masked = skip_share((logits.argmax(-1) == SKIP).float(), masked.float())
     return ~((share > tau) & has_masked)
+
+
+def routed_decision(h: Tensor, params: list[Tensor], masked: Tensor, tau: float, cfg: RouterConfig) -> Tensor:
+    """[B] bool, True = run the block: ``runs_block`` on the router's logits for ``h``."""
+    return runs_block(router_logits(h.to(params[0].dtype), params, cfg), masked, tau)
 
 
 @dataclass(frozen=True)
@@ -168,7 +174,7 @@ class GumbelRouting:
         self.temperature = temperature
         self.generator = generator
         self.skip_gates: list[Tensor] = []  # [B] per block
-        self.decided: list[Tensor] = []  # [B] per block: 1 = RoutedSkip's rule (argmax votes, > tau) runs it
+        self.decided: list[Tensor] = []  # [B] per block: 1 = runs_block (RoutedSkip's rule) runs it
 
     def noise(self, shape: torch.Size, device: torch.device) -> Tensor:
         """Gumbel(0, 1) samples -log(-log u) from uniforms u of the generator."""
@@ -190,8 +196,7 @@ class GumbelRouting:
         gate = ((share > self.tau) & has_masked).to(share.dtype)
         skip = gate + (share - share.detach())  # exactly 0 or 1 forward, gradient to the share
         self.skip_gates.append(skip)
-        argmax_share, _ = skip_share((logits.argmax(-1) == SKIP).float(), batch.masked.float())
-        self.decided.append((~((argmax_share > self.tau) & has_masked)).float())
+        self.decided.append(runs_block(logits, batch.masked, self.tau).float())
         return 1.0 - skip  # execute gate: h + e1 (f(h) - h)
 
     def alpha(self) -> Tensor:

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from ..data import add_source_arguments
+
+if TYPE_CHECKING:
+    from ..models.config import LLaDAConfig
+    from ..skipping.routers import RouterConfig
 
 DEFAULT_LAMBDA, DEFAULT_ALPHA_TARGET = 0.1, 0.5  # the fixed-penalty recipe's, when no --target-ratio is given
 
@@ -190,18 +195,21 @@ def budget_floor(cfg: TrainConfig, n_layers: int) -> float:
     return len(cfg.keep_blocks) / n_layers
 
 
-def check_blocks(cfg: TrainConfig, n_layers: int) -> None:
-    """What needs the model's block count (read from its config.json, before any weight): the kept
-    blocks exist, and --target-ratio is above what the routers can reach."""
-    bad = [b for b in cfg.keep_blocks if not 0 <= b < n_layers]
-    if bad or len(set(cfg.keep_blocks)) != len(cfg.keep_blocks):
-        raise ValueError(f"--keep-blocks {','.join(map(str, cfg.keep_blocks))}: give distinct 0-based blocks in "
-                         f"0..{n_layers - 1} (the papers number them 1..{n_layers})")
-    floor = budget_floor(cfg, n_layers)
+def router_config(cfg: TrainConfig, model: LLaDAConfig) -> RouterConfig:
+    """The routers' settings from the options and the model's config.json, checked before any weight
+    is read: RouterConfig's own checks (the kept blocks exist, worded as for a router checkpoint),
+    and --target-ratio above what the routers can reach."""
+    from ..skipping.routers import RouterConfig  # imports torch: not when the CLI only parses options
+
+    routers = RouterConfig(model.d_model, model.n_layers, cfg.router_hidden, cfg.router_depth, cfg.norm_first,
+                           cfg.init_bias, cfg.tau, keep=cfg.keep_blocks)
+    routers.check()
+    floor = budget_floor(cfg, model.n_layers)
     if cfg.target_ratio is not None and cfg.target_ratio <= floor:
         raise ValueError(f"--target-ratio {cfg.target_ratio:g} is at or below what the routers can reach: "
-                         f"{len(cfg.keep_blocks)} of {n_layers} blocks always run (--keep-blocks), so at least "
+                         f"{len(cfg.keep_blocks)} of {model.n_layers} blocks always run (--keep-blocks), so at least "
                          f"{floor:.4f} of the blocks execute; ask for more than {floor:.4f} or keep fewer blocks")
+    return routers
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -44,9 +44,9 @@ from ..models.loading import load_model, load_tokenizer, read_config, resolve_ch
 from ..skipping.identity import check_identity, model_identity
 from ..skipping.profiles import read_profile
 from ..skipping.router_checkpoints import save_routers
-from ..skipping.routers import RouterConfig, Routers
+from ..skipping.routers import Routers
 from .budget import CALIBRATION_DRAWS, DualAscent, calibrated, initial_skips, start_skipping
-from .config import TrainConfig, check_blocks
+from .config import TrainConfig, router_config
 from .eval_calibration import calibrate_evaluation, eval_model_args
 from .objective import VALIDATION_DRAWS, Batch, RouterObjective, collate, validate
 from .state import check_run_folder, load_train_state, resumed_log, save_train_state
@@ -185,7 +185,7 @@ def train(cfg: TrainConfig) -> dict:
     device = accelerator.device
 
     shape = read_config(resolve_checkpoint(cfg.model, cfg.revision))  # config.json only
-    check_blocks(cfg, shape.n_layers)
+    router_cfg = router_config(cfg, shape)
     if cfg.calibration() == "lm_eval":
         eval_model_args(cfg.eval_model_args, shape.family, cfg.model)
     checkpoint = load_model(cfg.model, cfg.revision, dtype=cfg.dtype if cuda else "float32", device=device)
@@ -204,8 +204,7 @@ def train(cfg: TrainConfig) -> dict:
     warmup = max(1, min(warmup, total))
 
     torch.manual_seed(cfg.seed)  # router initialisation
-    routers = Routers(RouterConfig(mcfg.d_model, mcfg.n_layers, cfg.router_hidden, cfg.router_depth, cfg.norm_first, cfg.init_bias,
-                                   cfg.tau, keep=cfg.keep_blocks)).to(device)
+    routers = Routers(router_cfg).to(device)
     init_blocks = None
     if cfg.init_profile is not None:
         profile = read_profile(cfg.init_profile)
