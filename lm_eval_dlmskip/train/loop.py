@@ -201,7 +201,7 @@ def train(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)  # router initialisation
     routers = Routers(RouterConfig(mcfg.d_model, mcfg.n_layers, cfg.router_hidden, cfg.router_depth, cfg.norm_first, cfg.init_bias,
-                                   cfg.tau, keep=cfg.keep_blocks)).to(device)
+                                   cfg.tau, keep=cfg.keep_blocks, mask_ratio=cfg.router_mask_ratio)).to(device)
     init_blocks = None
     if cfg.init_profile is not None:
         profile = read_profile(cfg.init_profile)
