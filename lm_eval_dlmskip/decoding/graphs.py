@@ -76,7 +76,7 @@ class _ShapeGraphs:
         self.h = torch.empty_like(x)
         b = ctx.batch
         self.ctx = ForwardContext(
-            ForwardBatch(b.ids.clone(), _static(b.attention_mask), b.masked.clone(), b.row_keys.clone()),
+            ForwardBatch(b.ids.clone(), _static(b.attention_mask), b.masked.clone(), b.row_keys.clone(), b.mask_ratio.clone()),
             ctx.cos.clone(), ctx.sin.clone(), _static(ctx.key_mask),
             None if kv is None else KVCache(*kv),
             _static(ctx.positions), ctx.filling,
@@ -92,7 +92,8 @@ class _ShapeGraphs:
         self.h.copy_(x)
         s, b = self.ctx, ctx.batch
         for mine, theirs in ((s.batch.ids, b.ids), (s.batch.attention_mask, b.attention_mask), (s.batch.masked, b.masked),
-                             (s.batch.row_keys, b.row_keys), (s.cos, ctx.cos), (s.sin, ctx.sin), (s.key_mask, ctx.key_mask),
+                             (s.batch.row_keys, b.row_keys), (s.batch.mask_ratio, b.mask_ratio), (s.cos, ctx.cos),
+                             (s.sin, ctx.sin), (s.key_mask, ctx.key_mask),
                              (s.positions, ctx.positions)):
             if mine is not None:
                 mine.copy_(theirs)

@@ -130,7 +130,8 @@ class LayerSchedule:
 
     def begin(self, ids: Tensor, real: Tensor) -> None:
         """Decide for a call over ``ids`` [B, L], of which ``real`` [B, L] marks the request tokens."""
-        batch = ForwardBatch(ids, real, torch.zeros_like(real, dtype=torch.bool), row_keys(ids, real))
+        batch = ForwardBatch(ids, real, torch.zeros_like(real, dtype=torch.bool), row_keys(ids, real),
+                             torch.zeros(ids.shape[0], device=ids.device))
         # h: static and random policies never read the hidden states, and the call has none yet
         decisions = [self.policy.rows_to_run(layer, None, batch) for layer in range(self.n_layers)]
         self.executed = SkipTrace.from_decisions(decisions, len(ids), ids.device)

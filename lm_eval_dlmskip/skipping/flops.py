@@ -13,7 +13,8 @@ Per token, following Kaplan et al. 2020 (Table 1) and PaLM (Chowdhery et al. 202
 with no causal halving since LLaDA attends in both directions:
 embedding 4d; per block 2d(2d + 2 d_kv) for q,k,v,o, 4 n d for scores and values (4 K d over K
 cached keys in a window forward of cached decoding), 6 d d_ff for the MLP; LM head 2 d V per computed position; router 2(d h + (depth-2) h^2 + 2 h) per evaluated
-block (routers read every position). An MoE block (LLaDA2, LLaDA-MoE) counts the parameters a
+block (routers read every position; like biases and norms, a mask-ratio-aware router's r * w_r,
+one add per hidden unit and position, 1 / (2d) of its first layer, is not counted). An MoE block (LLaDA2, LLaDA-MoE) counts the parameters a
 token actually uses: 2 d E for the expert router, 6 d h for each of its top_k experts and the
 shared expert; the dense first layers count their SwiGLU.
 

@@ -25,24 +25,41 @@ class ForwardBatch:
     attention_mask: Tensor | None  # [B, L] 1 = real token, 0 = padding; None = no padding
     masked: Tensor  # [B, L] bool: mask tokens that are not padding (routers vote only here)
     row_keys: Tensor  # [B] int64 hash of each row's real tokens (seeded random choices)
+    mask_ratio: Tensor  # [B] float32: the whole row's masking ratio (see ``mask_ratio``)
 
     @classmethod
     def of(cls, ids: Tensor, attention_mask: Tensor | None, mask_id: int) -> "ForwardBatch":
         masked = ids == mask_id
         if attention_mask is not None:
             masked = masked & attention_mask.bool()
-        return cls(ids, attention_mask, masked, row_keys(ids, attention_mask))
+        return cls(ids, attention_mask, masked, row_keys(ids, attention_mask), mask_ratio(masked, attention_mask))
 
     def window(self, columns: slice) -> "ForwardBatch":
         """The view of a forward that computes only ``columns`` of the canvas (cached decoding);
-        row keys still hash the whole row."""
+        row keys and the masking ratio still describe the whole row."""
         mask = None if self.attention_mask is None else self.attention_mask[:, columns]
-        return ForwardBatch(self.ids[:, columns], mask, self.masked[:, columns], self.row_keys)
+        return ForwardBatch(self.ids[:, columns], mask, self.masked[:, columns], self.row_keys, self.mask_ratio)
 
     def to(self, device: torch.device) -> "ForwardBatch":
         """The same batch on ``device`` (a block of a model split over devices)."""
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
-        return ForwardBatch(self.ids.to(device), mask, self.masked.to(device), self.row_keys.to(device))
+        return ForwardBatch(self.ids.to(device), mask, self.masked.to(device), self.row_keys.to(device),
+                            self.mask_ratio.to(device))
+
+
+def mask_ratio(masked: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """[B] float32: masked positions over real (non-padding) positions of each row: how far its
+    denoising has come (1 - ratio of a row's answer is decoded), for routers that see it.
+
+    The denominator is the row's real length because that is all every forward knows alike: a
+    training row (prompt + target, right-padded), a likelihood sample, a generation canvas
+    (prompt + answer region, left-padded) and a cached window forward (which takes the ratio of
+    the whole canvas, not of its window) carry ids and an attention mask, but not where the prompt
+    ends. So the ratio is p_mask * T / (P + T) for a prompt of P tokens and an answer of T tokens
+    (p_mask of it masked): padding never counts, so a row's ratio does not depend on its batch."""
+    real = masked.new_full((masked.shape[0],), masked.shape[1], dtype=torch.float32) if attention_mask is None \
+        else attention_mask.sum(1).float()
+    return masked.sum(1).float() / real.clamp(min=1)
 
 
 def row_keys(ids: Tensor, attention_mask: Tensor | None) -> Tensor:

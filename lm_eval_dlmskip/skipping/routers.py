@@ -12,6 +12,13 @@ LLaDA-8B's d = 4096); ``norm_first`` gives ``RMSNorm(d) -> Linear -> SiLU -> Lin
 bias starts with execute ``init_bias`` above skip, so at the start of training almost no token
 votes skip and every block runs.
 
+``mask_ratio`` (opt-in, ``dlmskip train --router-mask-ratio``): the router also reads its row's
+masking ratio r (``ForwardBatch.mask_ratio``: masked over real positions of the whole row), as
+``r * w_r`` added to its first hidden layer, w_r [h] a learned vector that starts at zero (training
+starts from the plain router). The paper scales the skip loss by 1 / p_mask because redundancy grows
+as denoising proceeds; here the router can see how far it has come. One extra parameter at the end
+of the router's parameter list, so ``router_logits`` stays one function of the parameters.
+
 Their checkpoints are router_checkpoints.py's.
 """
 
@@ -47,6 +54,7 @@ class RouterConfig:
     tau: float = 0.1
     eps: float = 1e-5
     keep: tuple[int, ...] = ()  # 0-based blocks that always run: no router decides them
+    mask_ratio: bool = False  # the first hidden layer also gets r * w_r, r the row's masking ratio
 
     def __post_init__(self) -> None:
         if self.hidden is None:
@@ -86,23 +94,37 @@ class Router(nn.Module):
         self.net = nn.Sequential(*layers, nn.Linear(h, 2))
         with torch.no_grad():
             self.net[-1].bias.copy_(torch.tensor([0.0, cfg.init_bias]))
+        if cfg.mask_ratio:
+            self.ratio_weight = nn.Parameter(torch.zeros(h))  # w_r [h]
 
-    def forward(self, h: Tensor) -> Tensor:
-        return router_logits(h.to(self.net[-1].weight.dtype), list(self.net.parameters()), self.cfg)
+    def weights(self) -> list[Tensor]:
+        """The parameters in ``router_logits``' order: ``net``'s, then w_r (``parameters()`` would
+        give w_r first: a module's own parameters come before its children's)."""
+        return [*self.net.parameters(), *([self.ratio_weight] if self.cfg.mask_ratio else [])]
+
+    def forward(self, h: Tensor, ratio: Tensor | None = None) -> Tensor:
+        return router_logits(h.to(self.net[-1].weight.dtype), self.weights(), self.cfg, ratio)
 
 
-def router_logits(h: Tensor, params: list[Tensor], cfg: RouterConfig) -> Tensor:
-    """The router MLP as a function of its parameters (in ``Router.net`` order), so one compiled
-    graph serves the routers of every block."""
+def router_logits(h: Tensor, params: list[Tensor], cfg: RouterConfig, ratio: Tensor | None = None) -> Tensor:
+    """The router MLP as a function of its parameters (``Router.weights()``: ``net``'s, then w_r
+    with ``cfg.mask_ratio``), so one compiled graph serves the routers of every block.
+    h [B, L, d]; ratio [B], each row's masking ratio, read only with ``cfg.mask_ratio``."""
+    shift = None
+    if cfg.mask_ratio:
+        if ratio is None:
+            raise ValueError("these routers read each row's masking ratio (mask_ratio); pass ForwardBatch.mask_ratio")
+        *params, ratio_weight = params
+        shift = ratio.to(ratio_weight.dtype)[:, None, None] * ratio_weight  # [B, 1, h]
     p = iter(params)
     x = h
     if cfg.norm_first:
         x = rms_norm(x, next(p), cfg.eps)
-        for _ in range(cfg.depth - 1):
-            x = F.silu(F.linear(x, next(p), next(p)))
-    else:
-        for _ in range(cfg.depth - 1):
-            x = F.silu(rms_norm(F.linear(x, next(p), next(p)), next(p), cfg.eps))
+    for layer in range(cfg.depth - 1):
+        x = F.linear(x, next(p), next(p))
+        if layer == 0 and shift is not None:
+            x = x + shift
+        x = F.silu(x if cfg.norm_first else rms_norm(x, next(p), cfg.eps))
     return F.linear(x, next(p), next(p))
 
 
@@ -115,8 +137,8 @@ class Routers(nn.Module):
         self.cfg = cfg
         self.routers = nn.ModuleList(Router(cfg) for _ in range(cfg.n_layers))
 
-    def forward(self, layer: int, h: Tensor) -> Tensor:
-        return self.routers[layer](h)
+    def forward(self, layer: int, h: Tensor, ratio: Tensor | None = None) -> Tensor:
+        return self.routers[layer](h, ratio)
 
 
 def skip_share(votes_skip: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,9 +156,11 @@ def runs_block(logits: Tensor, masked: Tensor, tau: float) -> Tensor:
     return ~((share > tau) & has_masked)
 
 
-def routed_decision(h: Tensor, params: list[Tensor], masked: Tensor, tau: float, cfg: RouterConfig) -> Tensor:
-    """[B] bool, True = run the block: ``runs_block`` on the router's logits for ``h``."""
-    return runs_block(router_logits(h.to(params[0].dtype), params, cfg), masked, tau)
+def routed_decision(h: Tensor, params: list[Tensor], masked: Tensor, tau: float, cfg: RouterConfig,
+                    ratio: Tensor | None = None) -> Tensor:
+    """[B] bool, True = run the block: ``runs_block`` on the router's logits for ``h`` (``ratio``:
+    the rows' masking ratios, for routers with ``cfg.mask_ratio``)."""
+    return runs_block(router_logits(h.to(params[0].dtype), params, cfg, ratio), masked, tau)
 
 
 @dataclass(frozen=True)
@@ -158,8 +182,8 @@ class RoutedSkip:
     def rows_to_run(self, layer: int, h: Tensor, batch: ForwardBatch) -> Decision:
         if layer in self.routers.cfg.keep:  # host-known: no router graph, no read-back
             return True
-        params = list(self.routers.routers[layer].net.parameters())
-        return self.decide(h, params, batch.masked, self.tau, self.routers.cfg)
+        params = self.routers.routers[layer].weights()
+        return self.decide(h, params, batch.masked, self.tau, self.routers.cfg, batch.mask_ratio)
 
 
 class GumbelRouting:
@@ -188,7 +212,7 @@ class GumbelRouting:
             self.skip_gates.append(1.0 - run)
             self.decided.append(run)
             return run
-        logits = self.routers(layer, h).float()
+        logits = self.routers(layer, h, batch.mask_ratio).float()
         soft = F.softmax((logits + self.noise(logits.shape, logits.device)) / self.temperature, dim=-1)
         hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
         votes = hard + (soft - soft.detach())  # exactly one-hot forward, softmax gradient

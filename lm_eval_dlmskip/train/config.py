@@ -40,6 +40,7 @@ class TrainConfig:
     router_depth: int = 2
     norm_first: bool = False
     init_bias: float = 4.0
+    router_mask_ratio: bool = False  # routers also read each row's masking ratio (routers.py)
     init_profile: str | None = None  # skip profile (dlmskip calibrate) whose blocks start skipped
     init_k: int | None = None  # how many of its choices; None: the budget's share, else all
     keep_blocks: tuple[int, ...] = ()  # 0-based blocks that always run (no router decides them)
@@ -150,6 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--router-depth", type=int, default=2, help="linear layers per router (2 as in the paper; 4 also tried)")
     a("--norm-first", action="store_true", help="RMSNorm(d) -> Linear -> SiLU -> Linear instead of D-LLM's order")
     a("--init-bias", type=float, default=4.0, help="execute-minus-skip logit bias at start (all blocks run)")
+    a("--router-mask-ratio", action="store_true", help="routers also read each row's masking ratio (masked / non-padding "
+                                                       "positions), learned as r * w_r added to their first hidden layer")
     a("--init-profile", help="skip profile from dlmskip calibrate: its blocks' routers start voting skip (what static "
                              "skipping knows, for the routers to refine); how many: --init-k, else with --target-ratio "
                              "round((1 - R) x blocks) of its choices, else all")
@@ -202,7 +205,7 @@ def router_config(cfg: TrainConfig, model: LLaDAConfig) -> RouterConfig:
     from ..skipping.routers import RouterConfig  # imports torch: not when the CLI only parses options
 
     routers = RouterConfig(model.d_model, model.n_layers, cfg.router_hidden, cfg.router_depth, cfg.norm_first,
-                           cfg.init_bias, cfg.tau, keep=cfg.keep_blocks)
+                           cfg.init_bias, cfg.tau, keep=cfg.keep_blocks, mask_ratio=cfg.router_mask_ratio)
     routers.check()
     floor = budget_floor(cfg, model.n_layers)
     if cfg.target_ratio is not None and cfg.target_ratio <= floor:
