@@ -155,7 +155,9 @@ def generate(
     prompt_has_masks = bool((prompt == mask_id).any())  # sync: once per call
     num_blocks = G // block_length
     schedule = transfer_schedule(block_length, settings.steps // num_blocks)
-    cache = None if settings.cache == "none" else KVCache(reuse_decisions=settings.decide_every == "block")
+    cache = None if settings.cache == "none" else KVCache(
+        reuse_decisions=settings.decide_every == "block", write_skipped=settings.decide_every == "step"
+    )
     # Fast-dLLM ends a block when it has no mask left, after at least one cached forward; with
     # the fixed schedule that is known up front: after the last step that commits a token.
     fixed_steps = len(schedule) if not settings.fast_dllm else max(

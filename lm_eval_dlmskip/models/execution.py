@@ -31,7 +31,11 @@ class KVCache:
     skipped a block there has no keys and values for it, so it skips that block in every window
     forward until the next fill. With ``reuse_decisions`` the window forwards do not ask the skip
     policy at all and run exactly what the fill ran: no router cost and no host read per block
-    there. Storage is allocated by the first fill (or lent by an executor).
+    there. With ``write_skipped`` (decisions asked at every step) the fill also writes the keys and
+    values of the blocks a row skips, from the block's input (their K/V projections only, exactly
+    what running the block would write), so a window forward may run any block the policy asks for:
+    a fill that skipped a block no longer forbids it for the whole semi-autoregressive block.
+    Storage is allocated by the first fill (or lent by an executor).
 
     Under block-causal attention (LLaDA2) the cache is exact instead: every forward is a window
     that writes its own keys and values, and finished blocks never change. The policy is asked at
@@ -44,6 +48,7 @@ class KVCache:
     v: Tensor | list[Tensor] | None = None
     ran: list[bool | list[bool]] = field(default_factory=list)  # per block, host-known
     reuse_decisions: bool = False
+    write_skipped: bool = False
     written: Tensor | None = None  # [n_layers, B, L] bool, block-causal (exact) caches only
     partial: set[int] = field(default_factory=set)
 
@@ -136,6 +141,7 @@ def run_blocks(
     states and the context move to each block's device when it differs from the previous one's."""
     reuse = ctx.cache is not None and not ctx.filling and not ctx.exact and ctx.cache.reuse_decisions
     decisions: list[Decision] = []
+    kv_only: list[bool | list[bool]] = []  # per block of a fill with ``write_skipped``: rows that only wrote K/V
     here = ctx  # the context on the device of the block that runs
     for i, block in enumerate(blocks):
         if block_devices is not None and block_devices[i] != x.device:
@@ -147,21 +153,27 @@ def run_blocks(
         else:
             run = resolve(executor.decide(i, policy, x, here))
             if ctx.filling:
-                ctx.cache.ran.append(run)
+                if ctx.cache.write_skipped and run is not True:
+                    write_skipped_kv(block, i, x, run, here)
+                    kv_only.append(True if run is False else [not r for r in run])
+                else:
+                    kv_only.append(False)
+                ctx.cache.ran.append(True if ctx.cache.write_skipped else run)
             elif ctx.cache is not None and not ctx.exact:
                 run = both(run, ctx.cache.ran[i])
         x = executor.run(i, block, x, run, here)
         decisions.append(run)
-    trace = make_trace(decisions, ctx, 0 if reuse else getattr(policy, "routed_layers", 0))
+    trace = make_trace(decisions, ctx, 0 if reuse else getattr(policy, "routed_layers", 0), kv_only)
     if ctx.exact:
         ctx.cache.partial.update(i for i, run in enumerate(decisions) if run is not True)
         ctx.cache.written[:, :, ctx.positions] |= trace.executed.T[:, :, None]
     return x, trace
 
 
-def make_trace(decisions: list, ctx: ForwardContext, routed_layers: int) -> SkipTrace:
+def make_trace(decisions: list, ctx: ForwardContext, routed_layers: int, kv_only: list | None = None) -> SkipTrace:
     """The trace of one forward (its head positions are filled in once the head has run): the
-    tokens computed per row and the keys each attended to (the whole canvas in a window forward)."""
+    tokens computed per row, the keys each attended to (the whole canvas in a window forward) and
+    the skipped blocks whose keys and values a fill wrote all the same."""
     batch = ctx.batch
     B, W = batch.ids.shape
     device = batch.ids.device
@@ -171,7 +183,8 @@ def make_trace(decisions: list, ctx: ForwardContext, routed_layers: int) -> Skip
         L = ctx.cache.length
         keys = torch.full((B,), L, device=device) if ctx.key_mask is None else ctx.key_mask.flatten(1).sum(1)
     executed = SkipTrace.from_decisions(decisions, B, device)
-    return SkipTrace(executed, computed, computed, batch.masked.sum(1), routed_layers, keys)
+    wrote = SkipTrace.from_decisions(kv_only, B, device) if kv_only and any(k is not False for k in kv_only) else None
+    return SkipTrace(executed, computed, computed, batch.masked.sum(1), routed_layers, keys, kv_only=wrote)
 
 
 def head_positions(logits_at: LogitPositions, B: int, W: int, device: torch.device) -> Tensor:
@@ -199,6 +212,21 @@ def both(run: Decision | list[bool], allowed: bool | list[bool]) -> Decision | l
     if allowed is False or run is True:
         return allowed
     return resolve([a and b for a, b in zip(run, allowed)])
+
+
+def write_skipped_kv(block: nn.Module, layer: int, x: Tensor, run: bool | list[bool], ctx: ForwardContext) -> None:
+    """In a fill with ``write_skipped``: the keys and values of block ``layer`` for the rows that
+    skip it (all when ``run`` is False), from its input ``x``, written into their cache rows."""
+    kv = ctx.kv(layer)
+    if run is False:
+        block.write_kv(x, ctx.cos, ctx.sin, kv, ctx.positions)
+        return
+    rows = torch.tensor([i for i, r in enumerate(run) if not r], device=x.device)
+    sub_kv = (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+    cos, sin = (ctx.cos, ctx.sin) if ctx.cos.dim() == 2 else (ctx.cos.index_select(0, rows), ctx.sin.index_select(0, rows))
+    block.write_kv(x.index_select(0, rows), cos, sin, sub_kv, ctx.positions)
+    kv[0].index_copy_(0, rows, sub_kv[0])
+    kv[1].index_copy_(0, rows, sub_kv[1])
 
 
 def run_block(block: Callable[..., Tensor], layer: int, x: Tensor, run: Decision | list[bool], ctx: ForwardContext) -> Tensor:

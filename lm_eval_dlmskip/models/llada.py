@@ -220,6 +220,21 @@ class Block(nn.Module):
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
+    def write_kv(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], positions: Tensor) -> None:
+        """Write the keys and values this block would write for input ``x`` into ``kv`` at
+        ``positions``, without running it: a block's keys and values depend on its input alone, so
+        a row that skips the block in a cache fill still gets exactly the ones running it would have
+        written (cached decoding with decisions per step, generate.py)."""
+        B, W, _ = x.shape
+        cfg = self.cfg
+        h = self.attn_norm(x)
+        k = self.k_proj(h).view(B, W, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, W, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if self.k_norm is not None:
+            k = rms_norm(k, self.k_norm.weight, cfg.rms_norm_eps)
+        kv[0].index_copy_(2, positions, apply_rotary(k, cos, sin, cfg.rope_full_precision))
+        kv[1].index_copy_(2, positions, v)
+
     def _fused_parts(self) -> list[tuple[str, tuple[str, ...], str]]:
         """(buffer name, projections, parameter) of every fused buffer: the groups' weights (gate/up
         of a dense MLP), and the q/k/v biases where the config has them (Dream)."""

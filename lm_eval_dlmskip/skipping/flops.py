@@ -14,7 +14,8 @@ with no causal halving since LLaDA attends in both directions:
 embedding 4d; per block 2d(2d + 2 d_kv) for q,k,v,o, 4 n d for scores and values (4 K d over K
 cached keys in a window forward of cached decoding), 6 d d_ff for the MLP; LM head 2 d V per computed position; router 2(d h + (depth-2) h^2 + 2 h) per evaluated
 block (routers read every position; like biases and norms, a mask-ratio-aware router's r * w_r,
-one add per hidden unit and position, 1 / (2d) of its first layer, is not counted). An MoE block (LLaDA2, LLaDA-MoE) counts the parameters a
+one add per hidden unit and position, 1 / (2d) of its first layer, is not counted); a skipped block
+whose keys and values a cache fill still writes (decisions per step) 2 d (2 d_kv) per token. An MoE block (LLaDA2, LLaDA-MoE) counts the parameters a
 token actually uses: 2 d E for the expert router, 6 d h for each of its top_k experts and the
 shared expert; the dense first layers count their SwiGLU.
 
@@ -87,6 +88,8 @@ class FlopsModel:
         layers = self.layers(n, None if trace.keys is None else trace.keys.double())
         ran = trace.executed if trace.computed is None else trace.computed
         spent = fixed + (ran.double() * layers).sum(1) + trace.routed_layers * self.router(n)
+        if trace.kv_only is not None:  # skipped blocks whose keys and values a cache fill still wrote
+            spent = spent + trace.kv_only.double().sum(1) * n * 2 * self.d_model * 2 * self.kv_dim
         return spent, fixed + layers.sum(1)
 
 

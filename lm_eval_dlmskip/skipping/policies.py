@@ -177,6 +177,9 @@ class SkipTrace:
     # [B, n_layers] bool: block l's products ran for row b, where that is not ``executed``: hf_skip
     # runs a layer some rows of the batch skip for every row, keeping the output of the others
     computed: Tensor | None = None
+    # [B, n_layers] bool: block l was skipped by row b but its keys and values were computed (a
+    # cache fill whose window forwards ask the policy anew, execution.KVCache.write_skipped)
+    kv_only: Tensor | None = None
 
     @staticmethod
     def from_decisions(decisions: list[Decision | list[bool]], batch_size: int, device: torch.device) -> Tensor:
