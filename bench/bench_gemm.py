@@ -60,7 +60,7 @@ def read_bandwidth(gib: float = 2.0) -> float:
     """Bytes/s of a read-only sum over ``gib`` GiB: the achievable read peak."""
     x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16, device="cuda")
     total = torch.empty((), dtype=torch.float32, device="cuda")
-    seconds = graph_time(lambda: torch.sum(x, dtype=torch.float32, out=total), 4)
+    seconds = graph_time(lambda: torch.sum(x, dim=0, dtype=torch.float32, out=total), 4)
     return x.numel() * x.element_size() / seconds
 
 
